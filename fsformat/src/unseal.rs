@@ -33,14 +33,16 @@ pub fn unseal_layer<S: BlobSource + ?Sized, W: Write>(
     };
     for (number, entry) in layer.index().entries.iter().enumerate() {
         let number = number as u32;
-        let path = layer.path_of(number);
-        if number == 0 {
-            if let EntryKind::Dir { opaque: true } = entry.kind {
-                return Err(FormatError::InvalidArgument(
-                    "the layer root cannot be opaque in a tar".into(),
-                ));
-            }
-            continue;
+        // The root keeps its own metadata as `./`, as container image tars have it.
+        let path = if number == 0 {
+            b"./".to_vec()
+        } else {
+            layer.path_of(number)
+        };
+        if number == 0 && matches!(entry.kind, EntryKind::Dir { opaque: true }) {
+            return Err(FormatError::InvalidArgument(
+                "the layer root cannot be opaque in a tar".into(),
+            ));
         }
         let mut header = tar::Header::new_gnu();
         header.set_mode(entry.mode);

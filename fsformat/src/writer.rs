@@ -558,6 +558,8 @@ impl<W: Write> Sealer<W> {
 
     /// Compresses a chunk and queues it; returns its number.
     fn emit_chunk(&mut self, plain: &[u8]) -> Result<u32> {
+        // The previous chunk is sealed first: chunk numbers follow blob order.
+        self.write_held(false)?;
         let number = u32::try_from(self.index.chunks.len())
             .ok()
             .filter(|&n| n < PENDING_PACK)
@@ -575,7 +577,6 @@ impl<W: Write> Sealer<W> {
             payload.extend_from_slice(plain);
             Compression::Stored
         };
-        self.write_held(false)?;
         self.held = Some((payload, plain.len() as u32, compression));
         Ok(number)
     }
