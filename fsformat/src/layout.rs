@@ -204,6 +204,10 @@ pub enum EntryKind {
     Dir {
         /// OCI opaque directory (`.wh..wh..opq`): hides lower layers' content.
         opaque: bool,
+        /// The tar did not list this directory, only paths below it. Its metadata is a default
+        /// (0755, root, mtime 0); a consumer stacking layers should take a lower layer's
+        /// directory of the same path instead, as extracting the tar would have.
+        implicit: bool,
     },
     /// A symbolic link.
     Symlink {
@@ -322,7 +326,9 @@ impl Index {
                         put_u32(&mut out, extent.len);
                     }
                 }
-                EntryKind::Dir { opaque } => out.push(u8::from(*opaque)),
+                EntryKind::Dir { opaque, implicit } => {
+                    out.push(u8::from(*opaque) | (u8::from(*implicit) << 1))
+                }
                 EntryKind::Symlink { target } => {
                     put_u32(&mut out, len_u32(target.len()));
                     out.extend_from_slice(target);
@@ -532,7 +538,10 @@ fn decode_entry(
             EntryKind::File { size, extents }
         }
         1 => match r.u8()? {
-            flag @ (0 | 1) => EntryKind::Dir { opaque: flag == 1 },
+            flags @ 0..=3 => EntryKind::Dir {
+                opaque: flags & 1 != 0,
+                implicit: flags & 2 != 0,
+            },
             _ => return Err(fail("unknown directory flags")),
         },
         2 => {
@@ -696,9 +705,23 @@ mod tests {
                 compression: Compression::Stored,
             }],
             entries: vec![
-                base(0, b"", EntryKind::Dir { opaque: false }),
+                base(
+                    0,
+                    b"",
+                    EntryKind::Dir {
+                        opaque: false,
+                        implicit: true,
+                    },
+                ),
                 file,
-                base(0, b"d", EntryKind::Dir { opaque: true }),
+                base(
+                    0,
+                    b"d",
+                    EntryKind::Dir {
+                        opaque: true,
+                        implicit: false,
+                    },
+                ),
                 base(2, b"l", EntryKind::HardLink { target: 1 }),
                 base(
                     2,

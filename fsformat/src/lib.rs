@@ -19,7 +19,7 @@
 //! Opening a layer goes one way, and the API makes verification explicit:
 //! ```no_run
 //! # fn demo(blob: &std::fs::File, size: u64, key: &fsformat::PrivateKey,
-//! #         annotations: &std::collections::BTreeMap<String, String>) -> fsformat::Result<()> {
+//! #         annotations: &std::collections::HashMap<String, String>) -> fsformat::Result<()> {
 //! use fsformat::{oci::SealedLayerAnnotations, keywrap::unwrap_layer_key, reader::*};
 //! let facts = SealedLayerAnnotations::read_from(annotations)?;
 //! let layer_key = unwrap_layer_key(&[key], &facts.stanzas)?;

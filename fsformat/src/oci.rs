@@ -4,8 +4,6 @@
 //! needs about a layer without fetching the manifest again. Each value stays well below
 //! containerd's 4096-byte label limit.
 
-use std::collections::BTreeMap;
-
 use crate::error::{FormatError, Result};
 use crate::keywrap::{KeyId, Stanza};
 
@@ -36,20 +34,29 @@ pub struct SealedLayerAnnotations {
 }
 
 impl SealedLayerAnnotations {
-    /// Writes the annotations into `map`, replacing any sealfs keys already there.
-    pub fn write_to(&self, map: &mut BTreeMap<String, String>) {
-        map.retain(|k, _| !k.starts_with("containerd.io/snapshot/sealfs."));
-        map.insert(ANNOTATION_INDEX_DIGEST.into(), self.index_digest.clone());
-        map.insert(ANNOTATION_INDEX_SIZE.into(), self.index_size.to_string());
+    /// The annotations as key/value pairs, to add to a descriptor after removing the old ones
+    /// (see [`is_sealfs_annotation`]).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            (
+                ANNOTATION_INDEX_DIGEST.to_string(),
+                self.index_digest.clone(),
+            ),
+            (
+                ANNOTATION_INDEX_SIZE.to_string(),
+                self.index_size.to_string(),
+            ),
+        ];
         for stanza in &self.stanzas {
-            map.insert(
+            pairs.push((
                 format!("{ANNOTATION_KEY_PREFIX}{}", stanza.key_id),
                 stanza.encode(),
-            );
+            ));
         }
         if let Some(diff_id) = &self.source_diff_id {
-            map.insert(ANNOTATION_SOURCE_DIFF_ID.into(), diff_id.clone());
+            pairs.push((ANNOTATION_SOURCE_DIFF_ID.to_string(), diff_id.clone()));
         }
+        pairs
     }
 
     /// Reads the annotations of a sealed layer descriptor.
@@ -102,4 +109,9 @@ impl SealedLayerAnnotations {
             source_diff_id,
         })
     }
+}
+
+/// Whether a descriptor annotation belongs to sealfs (and is rewritten with the layer's facts).
+pub fn is_sealfs_annotation(key: &str) -> bool {
+    key.starts_with("containerd.io/snapshot/sealfs.")
 }

@@ -39,7 +39,7 @@ pub fn unseal_layer<S: BlobSource + ?Sized, W: Write>(
         } else {
             layer.path_of(number)
         };
-        if number == 0 && matches!(entry.kind, EntryKind::Dir { opaque: true }) {
+        if number == 0 && matches!(entry.kind, EntryKind::Dir { opaque: true, .. }) {
             return Err(FormatError::InvalidArgument(
                 "the layer root cannot be opaque in a tar".into(),
             ));
@@ -68,11 +68,15 @@ pub fn unseal_layer<S: BlobSource + ?Sized, W: Write>(
                 }
                 result.map_err(|e| tar_err(&path, e))?;
             }
-            EntryKind::Dir { opaque } => {
-                header.set_entry_type(tar::EntryType::Directory);
-                builder
-                    .append_data(&mut header, as_path(&path), io::empty())
-                    .map_err(|e| tar_err(&path, e))?;
+            EntryKind::Dir { opaque, implicit } => {
+                // A directory the original tar left implicit stays implicit: listing it would
+                // override the lower layer's directory with default metadata.
+                if !*implicit {
+                    header.set_entry_type(tar::EntryType::Directory);
+                    builder
+                        .append_data(&mut header, as_path(&path), io::empty())
+                        .map_err(|e| tar_err(&path, e))?;
+                }
                 if *opaque {
                     let mut marker = path.clone();
                     marker.extend_from_slice(b"/.wh..wh..opq");

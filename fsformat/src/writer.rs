@@ -200,7 +200,10 @@ impl<W: Write> Sealer<W> {
         let root = Entry {
             parent: 0,
             name: Vec::new(),
-            kind: EntryKind::Dir { opaque: false },
+            kind: EntryKind::Dir {
+                opaque: false,
+                implicit: true,
+            },
             mode: 0o755,
             uid: 0,
             gid: 0,
@@ -249,7 +252,7 @@ impl<W: Write> Sealer<W> {
         // OCI whiteouts: `.wh..wh..opq` marks its directory opaque, `.wh.NAME` deletes NAME.
         if name == OCI_OPAQUE_MARKER {
             let dir = self.ensure_dir(dir_path, shown)?;
-            if let EntryKind::Dir { opaque } = &mut self.index.entries[dir as usize].kind {
+            if let EntryKind::Dir { opaque, .. } = &mut self.index.entries[dir as usize].kind {
                 *opaque = true;
             }
             return Ok(());
@@ -287,7 +290,10 @@ impl<W: Write> Sealer<W> {
                     extents: Vec::new(),
                 }
             }
-            EntryType::Directory => EntryKind::Dir { opaque: false },
+            EntryType::Directory => EntryKind::Dir {
+                opaque: false,
+                implicit: false,
+            },
             EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
@@ -386,11 +392,12 @@ impl<W: Write> Sealer<W> {
             let replacement = build(old.parent);
             match (&old.kind, &replacement.kind) {
                 // A directory listed again keeps its children; it takes the new metadata.
-                (EntryKind::Dir { opaque }, EntryKind::Dir { .. }) => {
+                (EntryKind::Dir { opaque, .. }, EntryKind::Dir { implicit, .. }) => {
+                    let implicit = *implicit;
                     let opaque = *opaque;
                     let slot = &mut self.index.entries[existing as usize];
                     *slot = Entry {
-                        kind: EntryKind::Dir { opaque },
+                        kind: EntryKind::Dir { opaque, implicit },
                         ..replacement
                     };
                     return Ok(existing);
@@ -417,17 +424,6 @@ impl<W: Write> Sealer<W> {
                     return Ok(existing);
                 }
             }
-        }
-        if path.is_empty() {
-            // `./` in the tar: the root's own metadata.
-            let root = &mut self.index.entries[0];
-            let opaque = matches!(root.kind, EntryKind::Dir { opaque: true });
-            *root = Entry {
-                kind: EntryKind::Dir { opaque },
-                parent: 0,
-                ..build(0)
-            };
-            return Ok(0);
         }
         let parent = self.ensure_dir(dir_path, shown)?;
         let number = u32::try_from(self.index.entries.len())
@@ -456,7 +452,11 @@ impl<W: Write> Sealer<W> {
             mtime: Timestamp::default(),
             xattrs: Vec::new(),
         };
-        self.insert(path, EntryKind::Dir { opaque: false }, meta, shown)
+        let implicit = EntryKind::Dir {
+            opaque: false,
+            implicit: true,
+        };
+        self.insert(path, implicit, meta, shown)
     }
 
     fn store_file_data(

@@ -241,7 +241,27 @@ fn every_entry_type_survives_seal_and_unseal() {
             .clone()
     };
     assert_eq!(entry("etc/gone").kind, EntryKind::Whiteout);
-    assert_eq!(entry("var/cache").kind, EntryKind::Dir { opaque: true });
+    assert_eq!(
+        entry("var/cache").kind,
+        EntryKind::Dir {
+            opaque: true,
+            implicit: false
+        }
+    );
+    assert_eq!(
+        entry("bin").kind,
+        EntryKind::Dir {
+            opaque: false,
+            implicit: true
+        }
+    );
+    assert_eq!(
+        entry("etc").kind,
+        EntryKind::Dir {
+            opaque: false,
+            implicit: false
+        }
+    );
     assert!(layer.lookup(b"var/cache/.wh..wh..opq").is_none());
     assert_eq!(entry("bin/ping").mtime.nanos, 250_000_000);
     assert_eq!(entry("tmp").mode, 0o1777);

@@ -1,0 +1,643 @@
+//! Image operations: seal, unseal, inspect, rewrap.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use fsformat::keywrap::unwrap_layer_key;
+use fsformat::oci::{
+    is_sealfs_annotation, SealedLayerAnnotations, ANNOTATION_SEALED_IMAGE, MEDIA_TYPE_SEALED_LAYER,
+};
+use fsformat::reader::{SealedLayer, UnverifiedTail};
+use fsformat::writer::{seal_layer, SealOptions};
+use fsformat::{Identity, KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use oci_spec::image::{Descriptor, ImageManifest, MediaType};
+use sha2::{Digest as _, Sha256};
+use snapshotter::image_ref::ImageRef;
+use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
+
+use crate::keys;
+
+/// Parses sizes like `1M`, `64K`, `1048576`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.trim().to_ascii_uppercase() {
+        t if t.ends_with("MIB") || t.ends_with('M') => (
+            t.trim_end_matches("IB").trim_end_matches('M').to_string(),
+            1 << 20,
+        ),
+        t if t.ends_with("KIB") || t.ends_with('K') => (
+            t.trim_end_matches("IB").trim_end_matches('K').to_string(),
+            1 << 10,
+        ),
+        t => (t, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{text:?} is not a size (examples: 1M, 256K, 65536)"))
+}
+
+fn layout_ref(text: &str) -> Result<(PathBuf, Option<String>)> {
+    match text.parse::<ImageRef>()? {
+        ImageRef::Layout { dir, tag } => Ok((dir, tag)),
+    }
+}
+
+fn open_source(text: &str) -> Result<(OciLayout, ResolvedImage)> {
+    let (dir, tag) = layout_ref(text)?;
+    let layout = OciLayout::open(&dir)?;
+    let image = layout
+        .resolve(tag.as_deref())
+        .with_context(|| format!("resolving {text}"))?;
+    Ok((layout, image))
+}
+
+/// A destination layout; if this command created it and does not finish, it is removed again so
+/// a failed run leaves nothing behind.
+struct Destination {
+    layout: OciLayout,
+    tag: Option<String>,
+    created: bool,
+    finished: bool,
+}
+
+impl Destination {
+    fn open(text: &str, source_tag: Option<String>) -> Result<Self> {
+        let (dir, tag) = layout_ref(text)?;
+        let created = !dir.join("oci-layout").exists();
+        let layout = OciLayout::open_or_create(&dir)
+            .with_context(|| format!("opening destination {text}"))?;
+        Ok(Destination {
+            layout,
+            tag: tag.or(source_tag),
+            created,
+            finished: false,
+        })
+    }
+
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if self.created && !self.finished {
+            let _ = std::fs::remove_dir_all(self.layout.root());
+        }
+    }
+}
+
+fn source_tag(text: &str) -> Option<String> {
+    layout_ref(text).ok().and_then(|(_, tag)| tag)
+}
+
+fn is_sealed(layer: &Descriptor) -> bool {
+    layer.media_type().to_string() == MEDIA_TYPE_SEALED_LAYER
+}
+
+fn is_tar_layer(layer: &Descriptor) -> bool {
+    let media_type = layer.media_type().to_string();
+    media_type.starts_with("application/vnd.oci.image.layer.")
+        || media_type.starts_with("application/vnd.docker.image.rootfs.")
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).context("image config is not JSON")?;
+    value["rootfs"]["diff_ids"]
+        .as_array()
+        .ok_or_else(|| anyhow!("image config has no rootfs.diff_ids"))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("a diff id is not a string"))
+        })
+        .collect()
+}
+
+/// Writes a manifest whose layers (and optionally config) are replaced, and tags it.
+fn write_manifest(
+    destination: &OciLayout,
+    source: &ImageManifest,
+    layers: Vec<Descriptor>,
+    config: Option<Descriptor>,
+    sealed: bool,
+    tag: Option<&str>,
+) -> Result<Descriptor> {
+    let mut manifest = source.clone();
+    manifest.set_layers(layers);
+    manifest.set_media_type(Some(MediaType::ImageManifest));
+    if let Some(config) = config {
+        manifest.set_config(config);
+    } else if manifest.config().media_type().to_string()
+        == "application/vnd.docker.container.image.v1+json"
+    {
+        let mut config = manifest.config().clone();
+        config.set_media_type(MediaType::ImageConfig);
+        manifest.set_config(config);
+    }
+    let mut annotations = manifest.annotations().clone().unwrap_or_default();
+    annotations.remove(ANNOTATION_SEALED_IMAGE);
+    if sealed {
+        annotations.insert(ANNOTATION_SEALED_IMAGE.to_string(), "v1".to_string());
+    }
+    manifest.set_annotations(if annotations.is_empty() {
+        None
+    } else {
+        Some(annotations)
+    });
+    let bytes = serde_json::to_vec(&manifest)?;
+    let (digest, size) = destination.put_blob(&bytes)?;
+    let descriptor = descriptor(MediaType::ImageManifest, &digest, size)?;
+    destination.set_tag(&descriptor, tag)?;
+    Ok(descriptor)
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .expect("static template")
+    .progress_chars("=> ")
+}
+
+/// Runs `work` on every item with as many threads as there are cores; results in item order.
+fn parallel<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(usize, &T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<R>>>> =
+        Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let at = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(at) else { break };
+                let result = work(at, item);
+                let failed = result.is_err();
+                results.lock().expect("no panics while holding the lock")[at] = Some(result);
+                if failed {
+                    // Stop handing out work; the first error is reported.
+                    next.store(items.len(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("threads joined")
+        .into_iter()
+        .flatten()
+        .collect::<Result<Vec<R>>>()
+}
+
+pub fn seal(
+    recipient_files: &[PathBuf],
+    chunk_size: u64,
+    zstd_level: i32,
+    source: &str,
+    destination: &str,
+) -> Result<()> {
+    let recipients: Vec<PublicKey> = recipient_files
+        .iter()
+        .map(|p| keys::load_public(p))
+        .collect::<Result<_>>()?;
+    let mut options = SealOptions::with_chunk_size(chunk_size)?;
+    options.zstd_level = zstd_level;
+    let (src, image) = open_source(source)?;
+    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
+    let diff_ids = diff_ids(&image.config)?;
+    let layers = image.manifest.layers();
+    ensure!(
+        diff_ids.len() == layers.len(),
+        "{source}: the config lists {} diff ids for {} layers; the image is inconsistent",
+        diff_ids.len(),
+        layers.len()
+    );
+    let bars = MultiProgress::new();
+    let sealed = parallel(layers, |number, layer| {
+        let digest = layer.digest().to_string();
+        let which = format!("layer {}/{} ({})", number + 1, layers.len(), short(&digest));
+        if is_sealed(layer) {
+            bail!("{which} is already sealed; unseal the image first or seal the original");
+        }
+        if !is_tar_layer(layer) {
+            bail!(
+                "{which} has media type {} which is not a layer tar",
+                layer.media_type()
+            );
+        }
+        let bar = bars.add(
+            ProgressBar::new(layer.size())
+                .with_style(bar_style())
+                .with_prefix(short(&digest).to_string()),
+        );
+        let input = bar.wrap_read(src.read_blob_verified(&digest)?);
+        let mut output = dst.blob_writer()?;
+        let layer_key = LayerKey::generate()?;
+        let summary = seal_layer(input, &mut output, &layer_key, &options)
+            .with_context(|| format!("sealing {which}"))?;
+        ensure!(
+            summary.input_diff_id == diff_ids[number],
+            "{which}: its uncompressed content hashes to {} but the image config says {}; the source image is corrupt",
+            summary.input_diff_id,
+            diff_ids[number]
+        );
+        let (blob_digest, blob_size) = output.commit()?;
+        let mut stanzas = Vec::new();
+        for recipient in &recipients {
+            stanzas.extend(recipient.wrap(&layer_key)?);
+        }
+        let facts = SealedLayerAnnotations {
+            index_digest: summary.tail_digest.clone(),
+            index_size: summary.tail_size,
+            stanzas,
+            source_diff_id: Some(summary.input_diff_id.clone()),
+        };
+        let mut annotations = layer.annotations().clone().unwrap_or_default();
+        annotations.retain(|k, _| !is_sealfs_annotation(k));
+        annotations.extend(facts.pairs());
+        let mut sealed = descriptor(
+            MediaType::Other(MEDIA_TYPE_SEALED_LAYER.into()),
+            &blob_digest,
+            blob_size,
+        )?;
+        sealed.set_annotations(Some(annotations));
+        bar.finish_with_message(format!(
+            "sealed: {} chunks, {:.2}x",
+            summary.chunk_count,
+            summary.file_bytes as f64 / blob_size.max(1) as f64
+        ));
+        Ok(sealed)
+    })?;
+    dst.import_blob(&src, &image.manifest.config().digest().to_string())?;
+    let manifest = write_manifest(dst, &image.manifest, sealed, None, true, tag.as_deref())?;
+    destination_layout.finish();
+    eprintln!(
+        "sealed {} layer(s) of {source} for {} recipient(s) into {destination} (manifest {})",
+        image.manifest.layers().len(),
+        recipients.len(),
+        manifest.digest()
+    );
+    Ok(())
+}
+
+/// Unwraps a sealed layer's key with the given identities.
+fn layer_key_for(
+    layer: &Descriptor,
+    identities: &[PrivateKey],
+    which: &str,
+) -> Result<(SealedLayerAnnotations, LayerKey)> {
+    let annotations = layer.annotations().clone().unwrap_or_default();
+    let facts = SealedLayerAnnotations::read_from(&annotations)
+        .with_context(|| format!("{which}: bad sealfs annotations"))?;
+    let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
+    let key = unwrap_layer_key(&ids, &facts.stanzas)
+        .with_context(|| format!("{which}: cannot unwrap the layer key"))?;
+    Ok((facts, key))
+}
+
+/// Opens a sealed layer from a layout with the given identities, verifying the pinned index.
+fn open_layer(
+    layout: &OciLayout,
+    layer: &Descriptor,
+    identities: &[PrivateKey],
+    which: &str,
+) -> Result<SealedLayer> {
+    let (facts, layer_key) = layer_key_for(layer, identities, which)?;
+    let blob = layout.open_blob(&layer.digest().to_string())?;
+    let tail = UnverifiedTail::read_sized(&blob, layer.size(), facts.index_size)
+        .with_context(|| format!("{which}: reading the index"))?;
+    tail.open(&layer_key, &facts.index_digest)
+        .with_context(|| format!("{which}: opening the index"))
+}
+
+/// Hashes bytes on their way to `inner` (the diff id of an uncompressed tar) and shows them on
+/// a progress bar.
+struct DiffIdWriter<W> {
+    inner: W,
+    hash: Sha256,
+    bar: ProgressBar,
+}
+
+impl<W: Write> Write for DiffIdWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<()> {
+    let identities = keys::load_privates(key_files)?;
+    let (src, image) = open_source(source)?;
+    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
+    let mut diff_ids = diff_ids(&image.config)?;
+    let layers = image.manifest.layers();
+    let bars = MultiProgress::new();
+    let results = parallel(layers, |number, layer| {
+        let digest = layer.digest().to_string();
+        let which = format!("layer {}/{} ({})", number + 1, layers.len(), short(&digest));
+        if !is_sealed(layer) {
+            dst.import_blob(&src, &digest)?;
+            return Ok((layer.clone(), None));
+        }
+        let opened = open_layer(&src, layer, &identities, &which)?;
+        let blob = src.open_blob(&digest)?;
+        let bar = bars.add(
+            ProgressBar::new(opened.footer().data_bytes)
+                .with_style(bar_style())
+                .with_prefix(short(&digest).to_string()),
+        );
+        let gzip = flate2::write::GzEncoder::new(dst.blob_writer()?, flate2::Compression::fast());
+        let tar = DiffIdWriter {
+            inner: gzip,
+            hash: Sha256::new(),
+            bar: bar.clone(),
+        };
+        let tar = fsformat::unseal::unseal_layer(&opened, &blob, tar)
+            .with_context(|| format!("unsealing {which}"))?;
+        let diff_id = format!("sha256:{}", hex::encode(tar.hash.finalize()));
+        let writer = tar.inner.finish().context("finishing gzip")?;
+        let (blob_digest, blob_size) = writer.commit()?;
+        let mut plain = descriptor(MediaType::ImageLayerGzip, &blob_digest, blob_size)?;
+        let mut annotations = layer.annotations().clone().unwrap_or_default();
+        annotations.retain(|k, _| !is_sealfs_annotation(k));
+        plain.set_annotations(if annotations.is_empty() {
+            None
+        } else {
+            Some(annotations)
+        });
+        bar.finish_with_message("unsealed");
+        Ok((plain, Some(diff_id)))
+    })?;
+    let mut plain_layers = Vec::new();
+    for (number, (layer, diff_id)) in results.into_iter().enumerate() {
+        if let Some(diff_id) = diff_id {
+            diff_ids[number] = diff_id;
+        }
+        plain_layers.push(layer);
+    }
+    // The new tars are not byte-identical to the originals, so the config gets their diff ids.
+    let mut config: serde_json::Value = serde_json::from_slice(&image.config)?;
+    config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+    let config_bytes = serde_json::to_vec(&config)?;
+    let (config_digest, config_size) = dst.put_blob(&config_bytes)?;
+    let config_descriptor = descriptor(MediaType::ImageConfig, &config_digest, config_size)?;
+    let manifest = write_manifest(
+        dst,
+        &image.manifest,
+        plain_layers,
+        Some(config_descriptor),
+        false,
+        tag.as_deref(),
+    )?;
+    destination_layout.finish();
+    eprintln!(
+        "unsealed {source} into {destination} (manifest {})",
+        manifest.digest()
+    );
+    Ok(())
+}
+
+pub fn inspect(key_files: &[PathBuf], source: &str) -> Result<()> {
+    let identities = keys::load_privates(key_files)?;
+    let (src, image) = open_source(source)?;
+    let sealed_image = image
+        .manifest
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_SEALED_IMAGE))
+        .is_some();
+    println!("image     {source}");
+    println!(
+        "manifest  {} ({})",
+        image.descriptor.digest(),
+        if sealed_image {
+            "sealed, sealfs v1"
+        } else {
+            "not sealed"
+        }
+    );
+    println!("config    {}", image.manifest.config().digest());
+    let layers = image.manifest.layers();
+    for (number, layer) in layers.iter().enumerate() {
+        let digest = layer.digest().to_string();
+        let which = format!("layer {}/{}", number + 1, layers.len());
+        println!();
+        println!("{which}  {digest}");
+        println!("  media type   {}", layer.media_type());
+        println!("  blob size    {}", human(layer.size()));
+        if !is_sealed(layer) {
+            continue;
+        }
+        let annotations = layer.annotations().clone().unwrap_or_default();
+        let facts = SealedLayerAnnotations::read_from(&annotations)
+            .with_context(|| format!("{which}: bad sealfs annotations"))?;
+        // The tail is pinned by the manifest, so its footer is trustworthy without a key.
+        let blob = src.open_blob(&digest)?;
+        let tail = UnverifiedTail::read_sized(&blob, layer.size(), facts.index_size)?;
+        ensure!(
+            tail.digest() == facts.index_digest,
+            "{which}: index digest mismatch (expected {}, found {}): the blob is damaged",
+            facts.index_digest,
+            tail.digest()
+        );
+        let footer = tail.footer().clone();
+        println!(
+            "  index        {} ({} verified against the manifest)",
+            human(footer.tail_len()),
+            short(&facts.index_digest)
+        );
+        println!(
+            "  chunks       {} of up to {}",
+            footer.chunk_count,
+            human(u64::from(footer.chunk_size()))
+        );
+        println!(
+            "  data         {} stored in {} ({:.2}x)",
+            human(footer.data_bytes),
+            human(layer.size()),
+            footer.data_bytes as f64 / layer.size().max(1) as f64
+        );
+        let recipients: Vec<String> = facts.stanzas.iter().map(|s| s.key_id.to_string()).collect();
+        println!("  recipients   {}", recipients.join(", "));
+        if identities.is_empty() {
+            continue;
+        }
+        let opened = open_layer(&src, layer, &identities, &which)?;
+        let files = opened
+            .index()
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, fsformat::layout::EntryKind::File { .. }))
+            .count();
+        println!(
+            "  entries      {} ({files} regular files)",
+            opened.index().entries.len()
+        );
+        for (number, entry) in opened.index().entries.iter().enumerate().skip(1) {
+            println!("    {}", describe_entry(&opened, number as u32, entry));
+        }
+    }
+    Ok(())
+}
+
+fn describe_entry(layer: &SealedLayer, number: u32, entry: &fsformat::layout::Entry) -> String {
+    use fsformat::layout::EntryKind;
+    let path = String::from_utf8_lossy(&layer.path_of(number)).into_owned();
+    let (kind, size, extra) = match &entry.kind {
+        EntryKind::File { size, .. } => ('-', *size, String::new()),
+        EntryKind::Dir { opaque, implicit } => {
+            let flags = match (opaque, implicit) {
+                (true, true) => " (opaque, implicit)",
+                (true, false) => " (opaque)",
+                (false, true) => " (implicit)",
+                (false, false) => "",
+            };
+            ('d', 0, flags.to_string())
+        }
+        EntryKind::Symlink { target } => {
+            ('l', 0, format!(" -> {}", String::from_utf8_lossy(target)))
+        }
+        EntryKind::HardLink { target } => (
+            'h',
+            0,
+            format!(" => {}", String::from_utf8_lossy(&layer.path_of(*target))),
+        ),
+        EntryKind::CharDevice { major, minor } => ('c', 0, format!(" ({major},{minor})")),
+        EntryKind::BlockDevice { major, minor } => ('b', 0, format!(" ({major},{minor})")),
+        EntryKind::Fifo => ('p', 0, String::new()),
+        EntryKind::Whiteout => ('w', 0, " (whiteout)".into()),
+    };
+    format!(
+        "{kind}{:04o} {:>6}:{:<6} {size:>10} {path}{extra}",
+        entry.mode, entry.uid, entry.gid
+    )
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn rewrap(
+    key_files: &[PathBuf],
+    add_files: &[PathBuf],
+    remove: &[String],
+    source: &str,
+    destination: &str,
+) -> Result<()> {
+    let identities = keys::load_privates(key_files)?;
+    let added: Vec<PublicKey> = add_files
+        .iter()
+        .map(|p| keys::load_public(p))
+        .collect::<Result<_>>()?;
+    let removed: Vec<KeyId> = remove
+        .iter()
+        .map(|id| {
+            id.parse()
+                .with_context(|| format!("--remove-recipient {id}"))
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        !added.is_empty() || !removed.is_empty(),
+        "nothing to do: pass --add-recipient and/or --remove-recipient"
+    );
+    let (src, image) = open_source(source)?;
+    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
+    let layers = image.manifest.layers();
+    let mut rewrapped = Vec::new();
+    for (number, layer) in layers.iter().enumerate() {
+        let which = format!(
+            "layer {}/{} ({})",
+            number + 1,
+            layers.len(),
+            short(&layer.digest().to_string())
+        );
+        dst.import_blob(&src, &layer.digest().to_string())?;
+        if !is_sealed(layer) {
+            rewrapped.push(layer.clone());
+            continue;
+        }
+        let (mut facts, layer_key) = layer_key_for(layer, &identities, &which)?;
+        // Prove the unwrapped key really opens this layer before handing it to anyone.
+        open_layer(&src, layer, &identities, &which)?;
+        let present: Vec<KeyId> = facts.stanzas.iter().map(|s| s.key_id).collect();
+        if let Some(missing) = removed.iter().find(|id| !present.contains(id)) {
+            bail!(
+                "{which}: key id {missing} is not a recipient (recipients: {})",
+                list(&present)
+            );
+        }
+        facts.stanzas.retain(|s| !removed.contains(&s.key_id));
+        for recipient in &added {
+            if !facts.stanzas.iter().any(|s| s.key_id == recipient.key_id()) {
+                facts.stanzas.extend(recipient.wrap(&layer_key)?);
+            }
+        }
+        ensure!(
+            !facts.stanzas.is_empty(),
+            "{which}: removing {} would leave no recipient",
+            list(&removed)
+        );
+        let mut annotations: HashMap<String, String> =
+            layer.annotations().clone().unwrap_or_default();
+        annotations.retain(|k, _| !is_sealfs_annotation(k));
+        annotations.extend(facts.pairs());
+        let mut descriptor = layer.clone();
+        descriptor.set_annotations(Some(annotations));
+        rewrapped.push(descriptor);
+    }
+    dst.import_blob(&src, &image.manifest.config().digest().to_string())?;
+    let manifest = write_manifest(dst, &image.manifest, rewrapped, None, true, tag.as_deref())?;
+    destination_layout.finish();
+    eprintln!(
+        "rewrapped {source} into {destination}: added [{}], removed [{}] (manifest {}; blobs unchanged)",
+        list(&added.iter().map(PublicKey::key_id).collect::<Vec<_>>()),
+        list(&removed),
+        manifest.digest()
+    );
+    Ok(())
+}
+
+fn list(ids: &[KeyId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,170 @@
+//! `sealctl`: keys, sealing and inspection of sealed OCI images.
+
+mod image;
+mod keys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Make keys for, seal, unseal, inspect and re-key sealfs images.
+///
+/// Images are named with skopeo's transport spelling: oci:DIR[:TAG] for an OCI image layout
+/// directory. A sealed image's layers are encrypted, chunk-indexed blobs that the sealfs
+/// snapshotter mounts lazily; its config is unchanged, so containerd computes the same chain ids.
+#[derive(Parser)]
+#[command(name = "sealctl", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an X25519 key pair for sealing (public) and opening (private) images.
+    Keygen {
+        /// Where to write the private key (created with mode 0600).
+        #[arg(long, value_name = "FILE")]
+        private: PathBuf,
+        /// Where to write the public key, to hand to whoever seals images for you.
+        #[arg(long, value_name = "FILE")]
+        public: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Seal every layer of an image for one or more recipients.
+    ///
+    /// Each layer gets a fresh random key, wrapped for every recipient in the layer
+    /// descriptor's annotations. The source image is not modified.
+    Seal {
+        /// Public key file of a recipient (repeat for several).
+        #[arg(long = "recipient", short = 'r', value_name = "PUB", required = true)]
+        recipients: Vec<PathBuf>,
+        /// Chunk size in bytes: a power of two from 65536 to 16777216 (suffixes K and M work).
+        #[arg(long, value_name = "N", default_value = "1M", value_parser = image::parse_size)]
+        chunk_size: u64,
+        /// zstd level for chunks (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+        /// Source image, e.g. oci:./busybox:latest.
+        source: String,
+        /// Destination image, e.g. oci:./busybox-sealed:latest (created if missing).
+        destination: String,
+    },
+    /// Turn a sealed image back into a plain OCI image with the same file trees.
+    Unseal {
+        /// Private key file that is a recipient of the image (repeat to try several).
+        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
+        keys: Vec<PathBuf>,
+        /// Sealed source image.
+        source: String,
+        /// Plain destination image.
+        destination: String,
+    },
+    /// Show an image's layers, sizes, chunking and recipients; with a key, its files.
+    Inspect {
+        /// Private key file; lists each sealed layer's files and checks the key opens it.
+        #[arg(long = "key", short = 'k', value_name = "PRIV")]
+        keys: Vec<PathBuf>,
+        /// The image to inspect.
+        source: String,
+    },
+    /// Add or remove recipients by rewriting the manifest only; blobs are not touched.
+    ///
+    /// Removing a recipient stops it from opening the image through the new manifest only: a
+    /// recipient that already had the old manifest could unwrap the layer keys then. To revoke
+    /// access for real, seal the image again.
+    Rewrap {
+        /// A private key that is a current recipient, to unwrap the layer keys.
+        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
+        keys: Vec<PathBuf>,
+        /// Public key file to add as a recipient (repeatable).
+        #[arg(long = "add-recipient", value_name = "PUB")]
+        add: Vec<PathBuf>,
+        /// Key id (16 hex digits, as `sealctl inspect` shows) to remove (repeatable).
+        #[arg(long = "remove-recipient", value_name = "KEYID")]
+        remove: Vec<String>,
+        /// Source image.
+        source: String,
+        /// Destination image (may be the same layout with another tag).
+        destination: String,
+    },
+    /// Split a private key into shares, or combine shares into the key.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Split a private key into N shares of which any K recover it.
+    Split {
+        /// How many shares are needed to recover the key (at least 2).
+        #[arg(long, value_name = "K")]
+        threshold: u8,
+        /// How many shares to make (at most 255).
+        #[arg(long, value_name = "N")]
+        shares: u8,
+        /// The private key file to split.
+        private: PathBuf,
+        /// Directory to write share-I-of-N.txt files into (created, mode 0700).
+        outdir: PathBuf,
+    },
+    /// Combine K or more shares into the private key.
+    Combine {
+        /// Where to write the private key (mode 0600); standard output if omitted.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Share files.
+        #[arg(required = true)]
+        shares: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen {
+            private,
+            public,
+            force,
+        } => keys::keygen(&private, &public, force),
+        Command::Seal {
+            recipients,
+            chunk_size,
+            zstd_level,
+            source,
+            destination,
+        } => image::seal(&recipients, chunk_size, zstd_level, &source, &destination),
+        Command::Unseal {
+            keys,
+            source,
+            destination,
+        } => image::unseal(&keys, &source, &destination),
+        Command::Inspect { keys, source } => image::inspect(&keys, &source),
+        Command::Rewrap {
+            keys,
+            add,
+            remove,
+            source,
+            destination,
+        } => image::rewrap(&keys, &add, &remove, &source, &destination),
+        Command::Key(KeyCommand::Split {
+            threshold,
+            shares,
+            private,
+            outdir,
+        }) => keys::split(threshold, shares, &private, &outdir),
+        Command::Key(KeyCommand::Combine { output, shares }) => {
+            keys::combine(&shares, output.as_deref())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sealctl: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! `sealctl` end to end on real images built with umoci from a busybox-static rootfs.
+//!
+//! Needs root (device nodes, ownership), umoci, busybox and setfattr. In CI (`CI` set) a missing
+//! tool is a failure; on a developer machine the test says what is missing and returns.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
+
+fn prerequisites() -> bool {
+    let missing: Vec<&str> = ["umoci", "busybox", "setfattr", "mknod", "mkfifo"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    let root = nix_is_root();
+    if missing.is_empty() && root {
+        return true;
+    }
+    let why = format!("missing tools {missing:?}, root: {root}");
+    if std::env::var_os("CI").is_some() {
+        panic!("prerequisites missing in CI: {why}");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn nix_is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn sealctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(SEALCTL)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn sealctl_ok(dir: &Path, args: &[&str]) -> String {
+    let out = sealctl(dir, args);
+    assert!(
+        out.status.success(),
+        "sealctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sealctl_err(dir: &Path, args: &[&str]) -> String {
+    let out = sealctl(dir, args);
+    assert!(!out.status.success(), "sealctl {args:?} should have failed");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn umoci(dir: &Path, args: &[&str]) {
+    run(Command::new("umoci").current_dir(dir).args(args));
+}
+
+/// Seeded, incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Builds `img:v1`: a busybox rootfs with every file type, then a second layer deleting files.
+fn build_image(work: &Path) {
+    umoci(work, &["init", "--layout", "img"]);
+    umoci(work, &["new", "--image", "img:v1"]);
+    umoci(work, &["unpack", "--image", "img:v1", "bundle"]);
+    let root = work.join("bundle/rootfs");
+    for dir in [
+        "bin",
+        "etc/conf.d",
+        "dev",
+        "run",
+        "data/many",
+        "var/cache/app",
+    ] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    fs::hard_link(root.join("bin/busybox"), root.join("bin/busybox-hardlink")).unwrap();
+    fs::write(root.join("etc/motd"), "sealed with sealfs\n").unwrap();
+    fs::write(root.join("etc/removed"), "gone in layer 2\n").unwrap();
+    fs::write(root.join("var/cache/app/old"), "hidden by an opaque dir\n").unwrap();
+    fs::write(root.join("data/big.bin"), noise(7, 5 << 20)).unwrap();
+    for i in 0..300 {
+        fs::write(
+            root.join(format!("data/many/f{i:03}")),
+            format!("small file {i}\n").repeat(i % 7 + 1),
+        )
+        .unwrap();
+    }
+    fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::chown(root.join("etc/motd"), Some(1000), Some(1001)).unwrap();
+    run(Command::new("mknod")
+        .arg(root.join("dev/null"))
+        .args(["c", "1", "3"]));
+    run(Command::new("mknod")
+        .arg(root.join("dev/loop9"))
+        .args(["b", "7", "9"]));
+    run(Command::new("mkfifo").arg(root.join("run/fifo")));
+    run(Command::new("setfattr")
+        .args(["-n", "user.comment", "-v", "hello xattr"])
+        .arg(root.join("etc/motd")));
+    run(Command::new("setfattr")
+        .args([
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200200000000000000000000000000000",
+        ])
+        .arg(root.join("bin/sh").parent().unwrap().join("busybox")));
+    umoci(
+        work,
+        &["repack", "--refresh-bundle", "--image", "img:v1", "bundle"],
+    );
+    // Layer 2: a deleted file (whiteout) and a replaced directory.
+    fs::remove_file(root.join("etc/removed")).unwrap();
+    fs::remove_dir_all(root.join("var/cache/app")).unwrap();
+    fs::create_dir_all(root.join("var/cache/app")).unwrap();
+    fs::write(root.join("var/cache/app/new"), "layer 2\n").unwrap();
+    umoci(work, &["repack", "--image", "img:v1", "bundle"]);
+    umoci(
+        work,
+        &["config", "--image", "img:v1", "--config.cmd", "/bin/sh"],
+    );
+}
+
+/// Everything observable about a tree: type, mode, owner, size, mtime, device, link, content
+/// hash and xattrs of every path.
+fn snapshot_tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let mut desc = format!(
+                "mode={:o} uid={} gid={} mtime={}",
+                meta.mode(),
+                meta.uid(),
+                meta.gid(),
+                meta.mtime()
+            );
+            let ft = meta.file_type();
+            if ft.is_file() {
+                desc += &format!(
+                    " size={} sha={} nlink={}",
+                    meta.len(),
+                    hex::encode(Sha256::digest(fs::read(&path).unwrap())),
+                    meta.nlink()
+                );
+            } else if ft.is_symlink() {
+                desc += &format!(" link={}", fs::read_link(&path).unwrap().display());
+            } else if ft.is_dir() {
+                stack.push(path.clone());
+            } else {
+                desc += &format!(" rdev={}", meta.rdev());
+            }
+            let mut names: Vec<_> = xattr::list(&path).map(|l| l.collect()).unwrap_or_default();
+            names.sort();
+            for name in names {
+                let value = xattr::get(&path, &name).ok().flatten().unwrap_or_default();
+                desc += &format!(" xattr:{}={}", name.to_string_lossy(), hex::encode(value));
+            }
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+fn unpack(work: &Path, image: &str, bundle: &str) -> BTreeMap<String, String> {
+    umoci(work, &["unpack", "--image", image, bundle]);
+    snapshot_tree(&work.join(bundle).join("rootfs"))
+}
+
+fn manifest_of(work: &Path, layout: &str, tag: &str) -> serde_json::Value {
+    let layout = snapshotter::oci_layout::OciLayout::open(work.join(layout)).unwrap();
+    let image = layout.resolve(Some(tag)).unwrap();
+    serde_json::to_value(&image.manifest).unwrap()
+}
+
+fn keygen(work: &Path, name: &str) -> String {
+    sealctl_ok(
+        work,
+        &[
+            "keygen",
+            "--private",
+            &format!("{name}.priv"),
+            "--public",
+            &format!("{name}.pub"),
+        ],
+    );
+    let text = fs::read_to_string(work.join(format!("{name}.pub"))).unwrap();
+    text.lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn setup() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !prerequisites() {
+        return None;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path().to_path_buf();
+    build_image(&work);
+    Some((temp, work))
+}
+
+#[test]
+fn seal_inspect_unseal_round_trip_of_a_real_image() {
+    let Some((_temp, work)) = setup() else { return };
+    let alice = keygen(&work, "alice");
+    let bob = keygen(&work, "bob");
+    sealctl_ok(
+        &work,
+        &[
+            "seal",
+            "-r",
+            "alice.pub",
+            "-r",
+            "bob.pub",
+            "--chunk-size",
+            "256K",
+            "oci:img:v1",
+            "oci:sealed:v1",
+        ],
+    );
+
+    let plain = manifest_of(&work, "img", "v1");
+    let sealed = manifest_of(&work, "sealed", "v1");
+    assert_eq!(
+        sealed["config"]["digest"], plain["config"]["digest"],
+        "config (diff ids) unchanged"
+    );
+    let layers = sealed["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for layer in layers {
+        assert_eq!(layer["mediaType"], "application/vnd.sealfs.layer.v1");
+        let annotations = layer["annotations"].as_object().unwrap();
+        assert!(annotations.contains_key(&format!("containerd.io/snapshot/sealfs.key.{alice}")));
+        assert!(annotations.contains_key(&format!("containerd.io/snapshot/sealfs.key.{bob}")));
+        assert!(annotations["containerd.io/snapshot/sealfs.index.digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"));
+    }
+    // File names are secret: no plaintext name appears in any sealed blob.
+    for layer in layers {
+        let digest = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        let blob = fs::read(work.join("sealed/blobs/sha256").join(digest)).unwrap();
+        assert!(
+            !blob.windows(8).any(|w| w == b"busybox-"),
+            "a file name leaked into the blob"
+        );
+        assert!(
+            !blob.windows(18).any(|w| w == b"sealed with sealfs"),
+            "file content leaked into the blob"
+        );
+    }
+
+    let summary = sealctl_ok(&work, &["inspect", "oci:sealed:v1"]);
+    assert!(
+        summary.contains(&alice) && summary.contains(&bob),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("chunks") && summary.contains("256.0 KiB"),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains("bin/busybox"),
+        "no file names without a key"
+    );
+    let listing = sealctl_ok(&work, &["inspect", "-k", "bob.priv", "oci:sealed:v1"]);
+    assert!(
+        listing.contains("bin/busybox") && listing.contains("etc/removed (whiteout)"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("var/cache/app (opaque)")
+            || listing.contains("var/cache/app/old (whiteout)"),
+        "{listing}"
+    );
+
+    sealctl_ok(
+        &work,
+        &[
+            "unseal",
+            "-k",
+            "bob.priv",
+            "oci:sealed:v1",
+            "oci:unsealed:v1",
+        ],
+    );
+    let original = unpack(&work, "img:v1", "b-original");
+    let round = unpack(&work, "unsealed:v1", "b-round");
+    assert!(original.contains_key("bin/busybox") && !original.contains_key("etc/removed"));
+    assert!(
+        original["bin/busybox"].contains("xattr:security.capability="),
+        "{}",
+        original["bin/busybox"]
+    );
+    assert!(
+        original["etc/motd"].contains("xattr:user.comment="),
+        "{}",
+        original["etc/motd"]
+    );
+    assert_same_tree(&original, &round);
+}
+
+/// Compares two tree snapshots, reporting only the paths that differ.
+fn assert_same_tree(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
+    let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| want.get(*k) != got.get(*k))
+        .map(|k| format!("{k}:\n  want {:?}\n  got  {:?}", want.get(k), got.get(k)))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} path(s) differ:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn keys_that_do_not_match_are_named_and_nothing_is_written() {
+    let Some((_temp, work)) = setup() else { return };
+    let alice = keygen(&work, "alice");
+    let mallory = keygen(&work, "mallory");
+    sealctl_ok(
+        &work,
+        &["seal", "-r", "alice.pub", "oci:img:v1", "oci:sealed:v1"],
+    );
+    let err = sealctl_err(
+        &work,
+        &[
+            "unseal",
+            "-k",
+            "mallory.priv",
+            "oci:sealed:v1",
+            "oci:out:v1",
+        ],
+    );
+    assert!(
+        err.contains("layer 1/2") && err.contains(&alice) && err.contains(&mallory),
+        "{err}"
+    );
+    assert!(
+        !work.join("out").exists(),
+        "a failed unseal left its destination behind"
+    );
+    let err = sealctl_err(&work, &["inspect", "-k", "mallory.priv", "oci:sealed:v1"]);
+    assert!(err.contains("no key opens this layer"), "{err}");
+    let err = sealctl_err(
+        &work,
+        &["seal", "-r", "alice.priv", "oci:img:v1", "oci:other:v1"],
+    );
+    assert!(err.contains("private key"), "{err}");
+    let err = sealctl_err(
+        &work,
+        &[
+            "seal",
+            "-r",
+            "alice.pub",
+            "--chunk-size",
+            "3000",
+            "oci:img:v1",
+            "oci:other:v1",
+        ],
+    );
+    assert!(err.contains("power of two"), "{err}");
+    let err = sealctl_err(
+        &work,
+        &["seal", "-r", "alice.pub", "oci:sealed:v1", "oci:twice:v1"],
+    );
+    assert!(err.contains("already sealed"), "{err}");
+}
+
+#[test]
+fn rewrap_changes_recipients_without_touching_blobs() {
+    let Some((_temp, work)) = setup() else { return };
+    let alice = keygen(&work, "alice");
+    let carol = keygen(&work, "carol");
+    sealctl_ok(
+        &work,
+        &["seal", "-r", "alice.pub", "oci:img:v1", "oci:sealed:v1"],
+    );
+    sealctl_ok(
+        &work,
+        &[
+            "rewrap",
+            "-k",
+            "alice.priv",
+            "--add-recipient",
+            "carol.pub",
+            "--remove-recipient",
+            &alice,
+            "oci:sealed:v1",
+            "oci:sealed:v2",
+        ],
+    );
+    let (v1, v2) = (
+        manifest_of(&work, "sealed", "v1"),
+        manifest_of(&work, "sealed", "v2"),
+    );
+    for (a, b) in v1["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(v2["layers"].as_array().unwrap())
+    {
+        assert_eq!(a["digest"], b["digest"], "blob changed");
+        let keys: Vec<&String> = b["annotations"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.contains("sealfs.key."))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![&format!("containerd.io/snapshot/sealfs.key.{carol}")]
+        );
+    }
+    sealctl_ok(&work, &["inspect", "-k", "carol.priv", "oci:sealed:v2"]);
+    sealctl_err(&work, &["inspect", "-k", "alice.priv", "oci:sealed:v2"]);
+    let err = sealctl_err(
+        &work,
+        &[
+            "rewrap",
+            "-k",
+            "carol.priv",
+            "--remove-recipient",
+            &carol,
+            "oci:sealed:v2",
+            "oci:sealed:v3",
+        ],
+    );
+    assert!(err.contains("no recipient"), "{err}");
+}
+
+#[test]
+fn key_shares_split_and_combine() {
+    if !nix_is_root() && std::env::var_os("CI").is_none() {
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path();
+    let id = keygen(work, "team");
+    sealctl_ok(
+        work,
+        &[
+            "key",
+            "split",
+            "--threshold",
+            "3",
+            "--shares",
+            "5",
+            "team.priv",
+            "shares",
+        ],
+    );
+    let share = |i: u32| format!("shares/share-{i}-of-5.txt");
+    assert_eq!(
+        fs::metadata(work.join(share(1))).unwrap().mode() & 0o777,
+        0o600
+    );
+    sealctl_ok(
+        work,
+        &[
+            "key",
+            "combine",
+            "-o",
+            "back.priv",
+            &share(5),
+            &share(2),
+            &share(4),
+        ],
+    );
+    let back = fs::read_to_string(work.join("back.priv")).unwrap();
+    assert_eq!(back, fs::read_to_string(work.join("team.priv")).unwrap());
+    let err = sealctl_err(
+        work,
+        &["key", "combine", "-o", "x.priv", &share(1), &share(2)],
+    );
+    assert!(err.contains("needs 3") && err.contains(&id), "{err}");
+    // Corrupt share 2: it is named, not silently combined into a wrong key.
+    let text = fs::read_to_string(work.join(share(2))).unwrap();
+    let line = text.lines().last().unwrap();
+    let mut chars: Vec<char> = line.chars().collect();
+    let at = "sealfs-share1:".len() + 20;
+    chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+    fs::write(work.join(share(2)), chars.into_iter().collect::<String>()).unwrap();
+    let err = sealctl_err(
+        work,
+        &[
+            "key",
+            "combine",
+            "-o",
+            "y.priv",
+            &share(1),
+            &share(2),
+            &share(3),
+        ],
+    );
+    assert!(err.contains("#2") && err.contains("corrupted"), "{err}");
+    assert!(!work.join("y.priv").exists());
+}
+
+/// A complete header for a regular file (the tar crate leaves numeric fields empty otherwise).
+fn file_header(size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    header
+}
+
+/// Writes a one-layer image whose layer is `tar` into an OCI layout at `dir`.
+fn image_with_layer(dir: &Path, tar: &[u8]) {
+    use snapshotter::oci_layout::{descriptor, OciLayout};
+    let layout = OciLayout::open_or_create(dir).unwrap();
+    let (layer, size) = layout.put_blob(tar).unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer]},
+    });
+    let (config_digest, config_size) = layout
+        .put_blob(&serde_json::to_vec(&config).unwrap())
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": size}],
+    });
+    let (digest, size) = layout
+        .put_blob(&serde_json::to_vec(&manifest).unwrap())
+        .unwrap();
+    let desc = descriptor(oci_spec::image::MediaType::ImageManifest, &digest, size).unwrap();
+    layout.set_tag(&desc, Some("v1")).unwrap();
+}
+
+#[test]
+fn hostile_layers_are_refused_and_corrupt_blobs_detected() {
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path();
+    keygen(work, "k");
+    // A tar whose second entry climbs out of the root.
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..14].copy_from_slice(b"../../evil.txt");
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    let mut evil = tar::Builder::new(Vec::new());
+    let mut ok = file_header(2);
+    evil.append_data(&mut ok, "fine.txt", &b"ok"[..]).unwrap();
+    let mut bytes = evil.into_inner().unwrap();
+    bytes.truncate(bytes.len() - 1024);
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[b'x'; 512]);
+    bytes.extend_from_slice(&[0u8; 1024]);
+    image_with_layer(&work.join("evil"), &bytes);
+    let err = sealctl_err(work, &["seal", "-r", "k.pub", "oci:evil:v1", "oci:out:v1"]);
+    assert!(
+        err.contains("../../evil.txt") && err.contains("escapes"),
+        "{err}"
+    );
+    assert!(
+        !work.join("out").exists()
+            && !work.join("evil.txt").exists()
+            && !temp.path().parent().unwrap().join("evil.txt").exists()
+    );
+
+    // A layer blob damaged on disk: its digest no longer matches and sealing stops.
+    let mut good = tar::Builder::new(Vec::new());
+    let mut h = file_header(5);
+    good.append_data(&mut h, "hello", &b"hello"[..]).unwrap();
+    image_with_layer(&work.join("good"), &good.into_inner().unwrap());
+    let manifest = manifest_of(work, "good", "v1");
+    let digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let path = work.join("good/blobs/sha256").join(digest);
+    let mut blob = fs::read(&path).unwrap();
+    blob[600] ^= 1;
+    fs::write(&path, blob).unwrap();
+    let err = sealctl_err(work, &["seal", "-r", "k.pub", "oci:good:v1", "oci:out2:v1"]);
+    assert!(err.contains("corrupt"), "{err}");
+}
