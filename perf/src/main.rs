@@ -1,1 +1,26 @@
-fn main() {}
+//! sealfs benchmarks. Every benchmark prints its baseline measured in the same run, side by
+//! side, with the ratio; nothing here asserts a timing.
+
+mod format;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks for sealfs.
+#[derive(Parser)]
+#[command(name = "perf", max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Seal and decode throughput of the layer format against plain zstd on the same chunks.
+    Format(format::FormatArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().bench {
+        Bench::Format(args) => format::run(&args),
+    }
+}

@@ -282,7 +282,7 @@ impl OciLayout {
         }
         let manifest = ImageManifest::from_reader(&bytes[..])
             .map_err(|e| LayoutError::Invalid(format!("manifest {digest}: {e}")))?;
-        let config = self.read_json_blob(&manifest.config().digest().to_string())?;
+        let config = self.read_json_blob(manifest.config().digest().as_ref())?;
         Ok(ResolvedImage {
             descriptor,
             manifest,

@@ -287,7 +287,7 @@ pub fn seal(
         ));
         Ok(sealed)
     })?;
-    dst.import_blob(&src, &image.manifest.config().digest().to_string())?;
+    dst.import_blob(&src, image.manifest.config().digest().as_ref())?;
     let manifest = write_manifest(dst, &image.manifest, sealed, None, true, tag.as_deref())?;
     destination_layout.finish();
     eprintln!(
@@ -322,7 +322,7 @@ fn open_layer(
     which: &str,
 ) -> Result<SealedLayer> {
     let (facts, layer_key) = layer_key_for(layer, identities, which)?;
-    let blob = layout.open_blob(&layer.digest().to_string())?;
+    let blob = layout.open_blob(layer.digest().as_ref())?;
     let tail = UnverifiedTail::read_sized(&blob, layer.size(), facts.index_size)
         .with_context(|| format!("{which}: reading the index"))?;
     tail.open(&layer_key, &facts.index_digest)
@@ -587,9 +587,9 @@ pub fn rewrap(
             "layer {}/{} ({})",
             number + 1,
             layers.len(),
-            short(&layer.digest().to_string())
+            short(layer.digest().as_ref())
         );
-        dst.import_blob(&src, &layer.digest().to_string())?;
+        dst.import_blob(&src, layer.digest().as_ref())?;
         if !is_sealed(layer) {
             rewrapped.push(layer.clone());
             continue;
@@ -623,7 +623,7 @@ pub fn rewrap(
         descriptor.set_annotations(Some(annotations));
         rewrapped.push(descriptor);
     }
-    dst.import_blob(&src, &image.manifest.config().digest().to_string())?;
+    dst.import_blob(&src, image.manifest.config().digest().as_ref())?;
     let manifest = write_manifest(dst, &image.manifest, rewrapped, None, true, tag.as_deref())?;
     destination_layout.finish();
     eprintln!(
