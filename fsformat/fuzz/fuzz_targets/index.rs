@@ -1,0 +1,14 @@
+//! The decrypted index decoder. A key holder (any image author) controls these bytes, so the
+//! decoder must be robust on its own, behind the AEAD. Decoded indexes must re-encode to the
+//! same bytes (canonical encoding).
+#![no_main]
+use fsformat::layout::Index;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((head, body)) = data.split_first_chunk::<4>() else { return };
+    let chunk_count = u32::from_le_bytes(*head) % 4096;
+    if let Ok(index) = Index::decode(body, chunk_count, 1 << 20) {
+        assert_eq!(index.encode(), body, "decode accepted a non-canonical encoding");
+    }
+});
