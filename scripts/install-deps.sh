@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages sealfs builds and tests against (Debian 12, as root).
+# Idempotent: apt-get skips what is already installed.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps.sh: run as root (it installs packages with apt-get)" >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null; then
+  echo "install-deps.sh: cargo is missing; install a Rust toolchain >= 1.85 (rustup) first" >&2
+  exit 1
+fi
+
+packages=(
+  build-essential pkg-config   # C compilers for zstd-sys and ring
+  protobuf-compiler            # containerd-snapshots' prost-build (snapshotter daemon)
+  containerd runc fuse3        # the node: container runtime and FUSE
+  docker-registry skopeo       # a real registry and a real image mover
+  umoci busybox-static         # building test images from a static busybox
+  attr tar zstd                # setfattr/getfattr, GNU tar, zstd for comparing trees
+)
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${packages[@]}"
