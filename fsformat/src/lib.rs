@@ -14,7 +14,8 @@
 //! - [`unseal`]: sealed blob back to tar;
 //! - [`keywrap`]: X25519 recipients and identities;
 //! - [`shares`]: k-of-n splitting of private keys;
-//! - [`oci`]: media type and annotation names.
+//! - [`oci`]: media type and annotation names;
+//! - [`digest`]: OCI digests computed on the way through readers and writers.
 //!
 //! Opening a layer goes one way, and the API makes verification explicit:
 //! ```no_run
@@ -36,6 +37,7 @@
 #![deny(missing_docs)]
 
 pub mod crypto;
+pub mod digest;
 pub mod error;
 pub mod keywrap;
 pub mod layout;

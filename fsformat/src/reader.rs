@@ -9,9 +9,8 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use sha2::{Digest, Sha256};
-
 use crate::crypto::{ChunkBinding, Compression, LayerId, LayerKey, LayerKeys};
+use crate::digest::digest_of;
 use crate::error::{FormatError, Result};
 use crate::layout::{Entry, EntryKind, Footer, Index, FOOTER_AAD_LEN, FOOTER_LEN};
 
@@ -76,7 +75,7 @@ impl UnverifiedTail {
         }
         let tail = &tail[tail.len() - needed as usize..];
         Ok(UnverifiedTail {
-            digest: format!("sha256:{}", hex::encode(Sha256::digest(tail))),
+            digest: digest_of(tail),
             sealed_index: tail[..tail.len() - FOOTER_LEN].to_vec(),
             footer,
             footer_bytes,

@@ -16,6 +16,7 @@ use std::path::{Component, Path};
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{ChunkBinding, Compression, LayerId, LayerKey, LayerKeys, TAG_LEN};
+use crate::digest::{digest_of, HashingReader, HashingWriter};
 use crate::error::{FormatError, Result};
 use crate::layout::{
     ChunkInfo, Entry, EntryKind, Extent, Footer, Index, Timestamp, DEFAULT_CHUNK_SIZE_LOG2,
@@ -590,7 +591,7 @@ impl<W: Write> Sealer<W> {
         let sealed_len = (payload.len() + TAG_LEN) as u32;
         let binding = ChunkBinding {
             index,
-            offset: self.out.written,
+            offset: self.out.written(),
             sealed_len,
             plain_len,
             compression,
@@ -618,7 +619,7 @@ impl<W: Write> Sealer<W> {
             .ok_or_else(|| FormatError::InvalidArgument("index exceeds the 1 GiB limit".into()))?;
         let mut sealed_index = zstd::bulk::compress(&plain_index, self.zstd_level)
             .map_err(|e| FormatError::io("compressing the index", e))?;
-        let index_offset = self.out.written;
+        let index_offset = self.out.written();
         let mut footer = Footer {
             chunk_size_log2: self.chunk_size.trailing_zeros() as u8,
             chunk_count: self.index.chunks.len() as u32,
@@ -640,19 +641,17 @@ impl<W: Write> Sealer<W> {
         footer.index_sealed_len = sealed_index.len() as u32;
         let encoded = footer.encode();
 
-        let mut tail_hash = Sha256::new();
-        tail_hash.update(&sealed_index);
-        tail_hash.update(encoded);
+        let tail_digest = digest_of(&[&sealed_index[..], &encoded[..]].concat());
         self.out
             .write_all(&sealed_index)
             .and_then(|()| self.out.write_all(&encoded))
             .and_then(|()| self.out.flush())
             .map_err(|e| FormatError::io("writing the index", e))?;
-        let (blob_digest, blob_size) = self.out.finish();
+        let (_, blob_digest, blob_size) = self.out.finish();
         Ok(SealSummary {
             blob_digest,
             blob_size,
-            tail_digest: format!("sha256:{}", hex::encode(tail_hash.finalize())),
+            tail_digest,
             tail_size: footer.tail_len(),
             input_diff_id: String::new(),
             input_tar_size: 0,
@@ -780,74 +779,6 @@ fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
         Some(at) => (&path[..at], &path[at + 1..]),
         None => (&[], path),
-    }
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hash: Sha256,
-    len: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hash: Sha256::new(),
-            len: 0,
-        }
-    }
-
-    fn finish(self) -> (String, u64) {
-        (
-            format!("sha256:{}", hex::encode(self.hash.finalize())),
-            self.len,
-        )
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-}
-
-struct HashingWriter<W> {
-    inner: W,
-    hash: Sha256,
-    written: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hash: Sha256::new(),
-            written: 0,
-        }
-    }
-
-    fn finish(self) -> (String, u64) {
-        (
-            format!("sha256:{}", hex::encode(self.hash.finalize())),
-            self.written,
-        )
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 

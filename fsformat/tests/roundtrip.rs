@@ -8,21 +8,9 @@ use fsformat::layout::{EntryKind, FOOTER_LEN};
 use fsformat::reader::{ChunkDecoder, SealedLayer, UnverifiedTail};
 use fsformat::writer::{seal_layer, SealOptions, SealSummary};
 use fsformat::{FormatError, LayerKey};
+use sealfs_e2e::noise;
 
 const CHUNK: usize = 64 * 1024;
-
-/// Deterministic pseudo-random bytes (incompressible), seeded.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
 
 /// What we expect of each entry after extraction, keyed by path.
 #[derive(Debug, PartialEq, Eq, Clone)]

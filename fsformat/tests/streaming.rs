@@ -26,7 +26,7 @@ impl Read for Pattern {
         while n < buf.len() && self.at < self.size {
             let within = self.at % BLOCK;
             let mut block = template.clone();
-            block[..8].copy_from_slice(&(self.file << 40 | self.at / BLOCK).to_le_bytes());
+            block[..8].copy_from_slice(&((self.file << 40) | (self.at / BLOCK)).to_le_bytes());
             let take = ((BLOCK - within) as usize)
                 .min(buf.len() - n)
                 .min((self.size - self.at) as usize);
@@ -68,12 +68,7 @@ fn a_2_gib_layer_seals_in_bounded_memory() {
     let producer = std::thread::spawn(move || {
         let mut builder = tar::Builder::new(writer);
         for file in 0..FILES {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(FILE_SIZE);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
+            let mut header = sealfs_e2e::regular_header(FILE_SIZE);
             builder
                 .append_data(
                     &mut header,

@@ -10,10 +10,10 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use fsformat::digest::{HashingReader, HashingWriter};
 use oci_spec::image::{
     Descriptor, DescriptorBuilder, Digest, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
 };
-use sha2::{Digest as _, Sha256};
 
 /// The annotation that names a manifest's tag in `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -155,8 +155,7 @@ impl OciLayout {
     /// the digest, so nothing built from a corrupt blob is kept.
     pub fn read_blob_verified(&self, digest: &str) -> Result<VerifyingReader<File>> {
         Ok(VerifyingReader {
-            inner: self.open_blob(digest)?,
-            hash: Sha256::new(),
+            inner: HashingReader::new(self.open_blob(digest)?),
             digest: digest.to_string(),
         })
     }
@@ -298,9 +297,7 @@ impl OciLayout {
             .tempfile_in(&dir)
             .map_err(io_err(&dir))?;
         Ok(BlobWriter {
-            file,
-            hash: Sha256::new(),
-            size: 0,
+            file: HashingWriter::new(file),
             layout: self.clone(),
         })
     }
@@ -392,18 +389,13 @@ pub fn host_platform() -> (&'static str, &'static str) {
 
 /// A new blob being written.
 pub struct BlobWriter {
-    file: tempfile::NamedTempFile,
-    hash: Sha256,
-    size: u64,
+    file: HashingWriter<tempfile::NamedTempFile>,
     layout: OciLayout,
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
+        self.file.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -413,16 +405,16 @@ impl Write for BlobWriter {
 
 impl BlobWriter {
     /// Syncs the blob and names it by its digest; returns digest and size.
-    pub fn commit(mut self) -> Result<(String, u64)> {
-        let digest = format!("sha256:{}", hex::encode(self.hash.finalize()));
+    pub fn commit(self) -> Result<(String, u64)> {
+        let (mut file, digest, size) = self.file.finish();
         let path = self.layout.blob_path(&digest)?;
-        self.file.flush().map_err(io_err(&path))?;
-        self.file.as_file().sync_all().map_err(io_err(&path))?;
-        self.file.persist(&path).map_err(|e| LayoutError::Io {
+        file.flush().map_err(io_err(&path))?;
+        file.as_file().sync_all().map_err(io_err(&path))?;
+        file.persist(&path).map_err(|e| LayoutError::Io {
             path,
             source: e.error,
         })?;
-        Ok((digest, self.size))
+        Ok((digest, size))
     }
 }
 
@@ -467,8 +459,7 @@ impl LayoutError {
 
 /// A reader that checks the digest of everything it read when it reaches the end.
 pub struct VerifyingReader<R> {
-    inner: R,
-    hash: Sha256,
+    inner: HashingReader<R>,
     digest: String,
 }
 
@@ -476,7 +467,7 @@ impl<R: Read> Read for VerifyingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            let actual = format!("sha256:{}", hex::encode(self.hash.clone().finalize()));
+            let actual = self.inner.current_digest();
             if actual != self.digest {
                 let digest = self.digest.clone();
                 return Err(io::Error::new(
@@ -485,7 +476,6 @@ impl<R: Read> Read for VerifyingReader<R> {
                 ));
             }
         }
-        self.hash.update(&buf[..n]);
         Ok(n)
     }
 }

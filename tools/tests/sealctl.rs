@@ -9,6 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sealfs_e2e::{noise, regular_header};
 use sha2::{Digest, Sha256};
 
 const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
@@ -80,19 +81,6 @@ fn sealctl_err(dir: &Path, args: &[&str]) -> String {
 
 fn umoci(dir: &Path, args: &[&str]) {
     run(Command::new("umoci").current_dir(dir).args(args));
-}
-
-/// Seeded, incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 /// Builds `img:v1`: a busybox rootfs with every file type, then a second layer deleting files.
@@ -552,18 +540,6 @@ fn key_shares_split_and_combine() {
     assert!(!work.join("y.priv").exists());
 }
 
-/// A complete header for a regular file (the tar crate leaves numeric fields empty otherwise).
-fn file_header(size: u64) -> tar::Header {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(size);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_cksum();
-    header
-}
-
 /// Writes a one-layer image whose layer is `tar` into an OCI layout at `dir`.
 fn image_with_layer(dir: &Path, tar: &[u8]) {
     use snapshotter::oci_layout::{descriptor, OciLayout};
@@ -604,7 +580,7 @@ fn hostile_layers_are_refused_and_corrupt_blobs_detected() {
     header.set_mtime(0);
     header.set_cksum();
     let mut evil = tar::Builder::new(Vec::new());
-    let mut ok = file_header(2);
+    let mut ok = regular_header(2);
     evil.append_data(&mut ok, "fine.txt", &b"ok"[..]).unwrap();
     let mut bytes = evil.into_inner().unwrap();
     bytes.truncate(bytes.len() - 1024);
@@ -625,7 +601,7 @@ fn hostile_layers_are_refused_and_corrupt_blobs_detected() {
 
     // A layer blob damaged on disk: its digest no longer matches and sealing stops.
     let mut good = tar::Builder::new(Vec::new());
-    let mut h = file_header(5);
+    let mut h = regular_header(5);
     good.append_data(&mut h, "hello", &b"hello"[..]).unwrap();
     image_with_layer(&work.join("good"), &good.into_inner().unwrap());
     let manifest = manifest_of(work, "good", "v1");

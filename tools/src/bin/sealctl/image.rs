@@ -1,22 +1,22 @@
 //! Image operations: seal, unseal, inspect, rewrap.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use fsformat::digest::HashingWriter;
 use fsformat::keywrap::unwrap_layer_key;
 use fsformat::oci::{
     is_sealfs_annotation, SealedLayerAnnotations, ANNOTATION_SEALED_IMAGE, MEDIA_TYPE_SEALED_LAYER,
 };
-use fsformat::reader::{SealedLayer, UnverifiedTail};
+use fsformat::reader::{BlobSource, SealedLayer, UnverifiedTail};
 use fsformat::writer::{seal_layer, SealOptions};
 use fsformat::{Identity, KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{Descriptor, ImageManifest, MediaType};
-use sha2::{Digest as _, Sha256};
 use snapshotter::image_ref::ImageRef;
 use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
 
@@ -329,24 +329,17 @@ fn open_layer(
         .with_context(|| format!("{which}: opening the index"))
 }
 
-/// Hashes bytes on their way to `inner` (the diff id of an uncompressed tar) and shows them on
-/// a progress bar.
-struct DiffIdWriter<W> {
-    inner: W,
-    hash: Sha256,
-    bar: ProgressBar,
+/// A sealed blob read through a progress bar: unsealing reads each chunk once, in order.
+struct ProgressSource<'a> {
+    blob: &'a std::fs::File,
+    bar: &'a ProgressBar,
 }
 
-impl<W: Write> Write for DiffIdWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.bar.inc(n as u64);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+impl BlobSource for ProgressSource<'_> {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        BlobSource::read_exact_at(self.blob, offset, buf)?;
+        self.bar.inc(buf.len() as u64);
+        Ok(())
     }
 }
 
@@ -368,21 +361,19 @@ pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<
         let opened = open_layer(&src, layer, &identities, &which)?;
         let blob = src.open_blob(&digest)?;
         let bar = bars.add(
-            ProgressBar::new(opened.footer().data_bytes)
+            ProgressBar::new(layer.size())
                 .with_style(bar_style())
                 .with_prefix(short(&digest).to_string()),
         );
         let gzip = flate2::write::GzEncoder::new(dst.blob_writer()?, flate2::Compression::fast());
-        let tar = DiffIdWriter {
-            inner: gzip,
-            hash: Sha256::new(),
-            bar: bar.clone(),
+        let source = ProgressSource {
+            blob: &blob,
+            bar: &bar,
         };
-        let tar = fsformat::unseal::unseal_layer(&opened, &blob, tar)
+        let tar = fsformat::unseal::unseal_layer(&opened, &source, HashingWriter::new(gzip))
             .with_context(|| format!("unsealing {which}"))?;
-        let diff_id = format!("sha256:{}", hex::encode(tar.hash.finalize()));
-        let writer = tar.inner.finish().context("finishing gzip")?;
-        let (blob_digest, blob_size) = writer.commit()?;
+        let (gzip, diff_id, _) = tar.finish();
+        let (blob_digest, blob_size) = gzip.finish().context("finishing gzip")?.commit()?;
         let mut plain = descriptor(MediaType::ImageLayerGzip, &blob_digest, blob_size)?;
         let mut annotations = layer.annotations().clone().unwrap_or_default();
         annotations.retain(|k, _| !is_sealfs_annotation(k));
