@@ -1,6 +1,13 @@
 //! Helpers shared by the test suites of every crate (and, with the snapshotter, the end-to-end
 //! tests against containerd, the registry and FUSE that will live in `tests/tests/`).
 
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
 /// Deterministic, incompressible bytes from a seed (xorshift64): test data that neither zstd
 /// nor deduplication can shrink, identical on every run.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -28,4 +35,64 @@ pub fn regular_header(size: u64) -> tar::Header {
     header.set_mtime(0);
     header.set_cksum();
     header
+}
+
+/// Everything observable about a tree: type, mode, owner, size, mtime, device, link, content
+/// hash and xattrs of every path.
+pub fn snapshot_tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let mut desc = format!(
+                "mode={:o} uid={} gid={} mtime={}",
+                meta.mode(),
+                meta.uid(),
+                meta.gid(),
+                meta.mtime()
+            );
+            let ft = meta.file_type();
+            if ft.is_file() {
+                desc += &format!(
+                    " size={} sha={} nlink={}",
+                    meta.len(),
+                    hex::encode(Sha256::digest(fs::read(&path).unwrap())),
+                    meta.nlink()
+                );
+            } else if ft.is_symlink() {
+                desc += &format!(" link={}", fs::read_link(&path).unwrap().display());
+            } else if ft.is_dir() {
+                stack.push(path.clone());
+            } else {
+                desc += &format!(" rdev={}", meta.rdev());
+            }
+            let mut names: Vec<_> = xattr::list(&path).map(|l| l.collect()).unwrap_or_default();
+            names.sort();
+            for name in names {
+                let value = xattr::get(&path, &name).ok().flatten().unwrap_or_default();
+                desc += &format!(" xattr:{}={}", name.to_string_lossy(), hex::encode(value));
+            }
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+/// Compares two tree snapshots, reporting only the paths that differ.
+pub fn assert_same_tree(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
+    let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| want.get(*k) != got.get(*k))
+        .map(|k| format!("{k}:\n  want {:?}\n  got  {:?}", want.get(k), got.get(k)))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} path(s) differ:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }

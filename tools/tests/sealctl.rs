@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sealfs_e2e::{noise, regular_header};
-use sha2::{Digest, Sha256};
 
 const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
 
@@ -149,53 +148,9 @@ fn build_image(work: &Path) {
     );
 }
 
-/// Everything observable about a tree: type, mode, owner, size, mtime, device, link, content
-/// hash and xattrs of every path.
-fn snapshot_tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            let rel = path.strip_prefix(root).unwrap().display().to_string();
-            let mut desc = format!(
-                "mode={:o} uid={} gid={} mtime={}",
-                meta.mode(),
-                meta.uid(),
-                meta.gid(),
-                meta.mtime()
-            );
-            let ft = meta.file_type();
-            if ft.is_file() {
-                desc += &format!(
-                    " size={} sha={} nlink={}",
-                    meta.len(),
-                    hex::encode(Sha256::digest(fs::read(&path).unwrap())),
-                    meta.nlink()
-                );
-            } else if ft.is_symlink() {
-                desc += &format!(" link={}", fs::read_link(&path).unwrap().display());
-            } else if ft.is_dir() {
-                stack.push(path.clone());
-            } else {
-                desc += &format!(" rdev={}", meta.rdev());
-            }
-            let mut names: Vec<_> = xattr::list(&path).map(|l| l.collect()).unwrap_or_default();
-            names.sort();
-            for name in names {
-                let value = xattr::get(&path, &name).ok().flatten().unwrap_or_default();
-                desc += &format!(" xattr:{}={}", name.to_string_lossy(), hex::encode(value));
-            }
-            out.insert(rel, desc);
-        }
-    }
-    out
-}
-
 fn unpack(work: &Path, image: &str, bundle: &str) -> BTreeMap<String, String> {
     umoci(work, &["unpack", "--image", image, bundle]);
-    snapshot_tree(&work.join(bundle).join("rootfs"))
+    sealfs_e2e::snapshot_tree(&work.join(bundle).join("rootfs"))
 }
 
 fn manifest_of(work: &Path, layout: &str, tag: &str) -> serde_json::Value {
@@ -337,23 +292,7 @@ fn seal_inspect_unseal_round_trip_of_a_real_image() {
         "{}",
         original["etc/motd"]
     );
-    assert_same_tree(&original, &round);
-}
-
-/// Compares two tree snapshots, reporting only the paths that differ.
-fn assert_same_tree(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
-    let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| want.get(*k) != got.get(*k))
-        .map(|k| format!("{k}:\n  want {:?}\n  got  {:?}", want.get(k), got.get(k)))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} path(s) differ:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
+    sealfs_e2e::assert_same_tree(&original, &round);
 }
 
 #[test]

@@ -1,0 +1,572 @@
+//! The chunk fetcher of one mounted layer: caches first, then the source, each chunk fetched
+//! once however many readers want it, on-demand reads ahead of background work.
+//!
+//! A read asks [`LayerFetcher::chunk`] for a chunk's plaintext:
+//! 1. the memory cache (plaintext) answers, or
+//! 2. the disk cache (ciphertext) answers after the chunk authenticates; a corrupt entry is
+//!    dropped and fetched again, or
+//! 3. the chunk is fetched: the first reader registers it in the in-flight table and queues an
+//!    *urgent* job; later readers of the same chunk wait on that entry. Every wait is bounded by
+//!    the fetch timeout, so a stalled source gives an error, never a hang (the fetch carries on
+//!    and fills the caches when it completes).
+//!
+//! Worker threads take urgent jobs before background ones. The background fetcher (see
+//! `prefetch`) feeds runs of adjacent missing chunks, merged into one range read each, through
+//! a bounded queue, so it can never crowd out on-demand reads; a token bucket caps its
+//! bandwidth. Cancellation (unmount) stops background work; shutdown joins every thread.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use fsformat::reader::{ChunkDecoder, SealedLayer};
+use fsformat::FormatError;
+
+use crate::cache::{ChunkKey, DiskCache, MemoryCache};
+use crate::source::{ChunkSource, SourceError};
+
+/// Why a chunk could not be served.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The source failed.
+    #[error("layer {layer}: fetching chunk {chunk} failed: {message}")]
+    Source {
+        /// The layer's name.
+        layer: String,
+        /// The chunk.
+        chunk: u32,
+        /// What the source said.
+        message: String,
+    },
+    /// The chunk failed authentication (tampered, truncated or swapped); never served.
+    #[error("layer {layer}: chunk {chunk} failed verification: {reason}")]
+    Verification {
+        /// The layer's name.
+        layer: String,
+        /// The chunk.
+        chunk: u32,
+        /// What failed.
+        reason: String,
+    },
+    /// The fetch did not complete within the timeout.
+    #[error("layer {layer}: chunk {chunk} did not arrive within {after:?}")]
+    Timeout {
+        /// The layer's name.
+        layer: String,
+        /// The chunk.
+        chunk: u32,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The layer is being unmounted.
+    #[error("layer {layer} is shutting down")]
+    Cancelled {
+        /// The layer's name.
+        layer: String,
+    },
+}
+
+/// Tunables of one layer's fetcher (defaults documented in docs/configuration.md).
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Worker threads fetching chunks.
+    pub threads: usize,
+    /// How long a read waits for its chunk before failing with EIO.
+    pub timeout: Duration,
+    /// Fetch the whole layer in the background after mounting.
+    pub background: bool,
+    /// Largest merged range read by the background fetcher.
+    pub merge_bytes: u64,
+    /// Bandwidth cap of the background fetcher, bytes per second (`None`: unlimited).
+    pub background_bytes_per_sec: Option<u64>,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            threads: 4,
+            timeout: Duration::from_secs(30),
+            background: true,
+            merge_bytes: 4 << 20,
+            background_bytes_per_sec: None,
+        }
+    }
+}
+
+/// Counters of one layer's fetcher.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Chunks served from the memory cache.
+    pub memory_hits: AtomicU64,
+    /// Chunks served from the disk cache.
+    pub disk_hits: AtomicU64,
+    /// Chunks fetched from the source for a read.
+    pub urgent_chunks: AtomicU64,
+    /// Chunks fetched from the source in the background.
+    pub background_chunks: AtomicU64,
+    /// Range reads sent to the source.
+    pub source_reads: AtomicU64,
+    /// Sealed bytes read from the source.
+    pub source_bytes: AtomicU64,
+    /// Chunks (from the source or the disk cache) that failed authentication.
+    pub verification_failures: AtomicU64,
+    /// Reads that timed out.
+    pub timeouts: AtomicU64,
+}
+
+/// How far the background fetch of a layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Chunks present in a cache (fetched once).
+    pub chunks_present: u32,
+    /// Chunks in the layer.
+    pub chunks_total: u32,
+    /// Sealed bytes fetched from the source.
+    pub bytes_fetched: u64,
+    /// Sealed bytes of all chunks.
+    pub bytes_total: u64,
+}
+
+type ChunkResult = Result<Arc<Vec<u8>>, FetchError>;
+
+/// One chunk being fetched; readers wait on it.
+struct Pending {
+    result: Mutex<Option<ChunkResult>>,
+    done: Condvar,
+}
+
+/// A run of chunks for the workers.
+pub(crate) struct Job {
+    chunks: Range<u32>,
+    urgent: bool,
+}
+
+impl Job {
+    /// Background work: fetch `chunks` with one range read.
+    pub(crate) fn background(chunks: Range<u32>) -> Self {
+        Job {
+            chunks,
+            urgent: false,
+        }
+    }
+}
+
+/// State shared by a layer's fetcher, its workers and its background fetch.
+pub(crate) struct Shared {
+    name: String,
+    key: u64,
+    layer: Arc<SealedLayer>,
+    source: Arc<dyn ChunkSource>,
+    memory: Arc<MemoryCache>,
+    disk: Option<DiskCache>,
+    config: FetchConfig,
+    inflight: Mutex<HashMap<u32, Arc<Pending>>>,
+    present: Vec<AtomicBool>,
+    stats: Arc<FetchStats>,
+    cancelled: AtomicBool,
+    bucket: Mutex<TokenBucket>,
+}
+
+/// The fetcher of one mounted layer. Dropping it cancels background work and joins its threads.
+pub struct LayerFetcher {
+    shared: Arc<Shared>,
+    urgent: Option<Sender<Job>>,
+    background: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+thread_local! {
+    static DECODER: RefCell<Option<ChunkDecoder>> = const { RefCell::new(None) };
+}
+
+impl LayerFetcher {
+    /// Starts the workers (and, if configured, the background fetch) for `layer`.
+    /// `key` tells this layer's chunks apart in the shared memory cache; `name` (a digest)
+    /// appears in errors and logs.
+    pub fn start(
+        name: String,
+        key: u64,
+        layer: Arc<SealedLayer>,
+        source: Arc<dyn ChunkSource>,
+        memory: Arc<MemoryCache>,
+        disk: Option<DiskCache>,
+        config: FetchConfig,
+    ) -> Self {
+        let chunk_count = layer.index().chunks.len();
+        let present: Vec<AtomicBool> = (0..chunk_count).map(|_| AtomicBool::new(false)).collect();
+        if let Some(disk) = &disk {
+            for (chunk, flag) in present.iter().enumerate() {
+                let sealed_len = layer.index().chunks[chunk].sealed_len as usize;
+                if disk.get(chunk as u32, sealed_len).is_some() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let rate = config.background_bytes_per_sec;
+        let shared = Arc::new(Shared {
+            name,
+            key,
+            layer,
+            source,
+            memory,
+            disk,
+            inflight: Mutex::new(HashMap::new()),
+            present,
+            stats: Arc::new(FetchStats::default()),
+            cancelled: AtomicBool::new(false),
+            bucket: Mutex::new(TokenBucket::new(rate)),
+            config,
+        });
+        let (urgent_tx, urgent_rx) = unbounded::<Job>();
+        // Bounded: the background fetcher blocks instead of queueing the whole layer.
+        let (background_tx, background_rx) = bounded::<Job>(shared.config.threads.max(1));
+        let mut threads = Vec::new();
+        for n in 0..shared.config.threads.max(1) {
+            let (shared, urgent, background) =
+                (shared.clone(), urgent_rx.clone(), background_rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sealfs-fetch-{n}"))
+                    .spawn(move || worker(&shared, &urgent, &background))
+                    .expect("spawning a fetch worker"),
+            );
+        }
+        if shared.config.background {
+            let (shared, sender) = (shared.clone(), background_tx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sealfs-prefetch".into())
+                    .spawn(move || crate::prefetch::run(&shared.prefetch_view(), &sender))
+                    .expect("spawning the background fetcher"),
+            );
+        }
+        LayerFetcher {
+            shared,
+            urgent: Some(urgent_tx),
+            background: Some(background_tx),
+            threads,
+        }
+    }
+
+    /// The plaintext of `chunk`, from a cache or fetched (waiting at most the timeout).
+    pub fn chunk(&self, chunk: u32) -> ChunkResult {
+        let shared = &self.shared;
+        let key = ChunkKey {
+            layer: shared.key,
+            chunk,
+        };
+        if let Some(plain) = shared.memory.get(key) {
+            shared.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(plain);
+        }
+        if let Some(plain) = shared.read_disk_cache(chunk) {
+            shared.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(plain);
+        }
+        let pending = {
+            let mut inflight = shared.inflight.lock().expect("inflight lock");
+            match inflight.get(&chunk) {
+                Some(pending) => pending.clone(),
+                None => {
+                    let pending = Arc::new(Pending {
+                        result: Mutex::new(None),
+                        done: Condvar::new(),
+                    });
+                    inflight.insert(chunk, pending.clone());
+                    let job = Job {
+                        chunks: chunk..chunk + 1,
+                        urgent: true,
+                    };
+                    let queued = self.urgent.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+                    if !queued {
+                        inflight.remove(&chunk);
+                        return Err(FetchError::Cancelled {
+                            layer: shared.name.clone(),
+                        });
+                    }
+                    pending
+                }
+            }
+        };
+        let timeout = shared.config.timeout;
+        let guard = pending.result.lock().expect("pending lock");
+        let (guard, waited) = pending
+            .done
+            .wait_timeout_while(guard, timeout, |result| result.is_none())
+            .expect("pending lock");
+        match guard.as_ref() {
+            Some(result) => result.clone(),
+            None => {
+                debug_assert!(waited.timed_out());
+                shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(layer = %shared.name, chunk, ?timeout, "chunk fetch timed out");
+                Err(FetchError::Timeout {
+                    layer: shared.name.clone(),
+                    chunk,
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<FetchStats> {
+        &self.shared.stats
+    }
+
+    /// How far the layer has been fetched.
+    pub fn progress(&self) -> FetchProgress {
+        let shared = &self.shared;
+        let chunks = &shared.layer.index().chunks;
+        FetchProgress {
+            chunks_present: shared
+                .present
+                .iter()
+                .filter(|p| p.load(Ordering::Relaxed))
+                .count() as u32,
+            chunks_total: chunks.len() as u32,
+            bytes_fetched: shared.stats.source_bytes.load(Ordering::Relaxed),
+            bytes_total: chunks.iter().map(|c| u64::from(c.sealed_len)).sum(),
+        }
+    }
+
+    /// The layer being served.
+    pub fn layer(&self) -> &Arc<SealedLayer> {
+        &self.shared.layer
+    }
+
+    /// Stops background work, wakes the workers and joins every thread.
+    pub fn shutdown(&mut self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        self.urgent.take();
+        self.background.take();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        self.shared.memory.forget_layer(self.shared.key);
+    }
+}
+
+impl Drop for LayerFetcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
+    fn prefetch_view(self: &Arc<Self>) -> crate::prefetch::PrefetchView {
+        crate::prefetch::PrefetchView {
+            layer: self.layer.clone(),
+            present: self.clone(),
+            merge_bytes: self.config.merge_bytes,
+        }
+    }
+
+    fn open(&self, chunk: u32, sealed: &mut [u8]) -> Result<Vec<u8>, FormatError> {
+        DECODER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(ChunkDecoder::new()?);
+            }
+            let decoder = slot.as_mut().expect("just set");
+            self.layer.open_chunk(chunk, sealed, decoder)
+        })
+    }
+
+    fn read_disk_cache(&self, chunk: u32) -> Option<Arc<Vec<u8>>> {
+        let disk = self.disk.as_ref()?;
+        let sealed_len = self.layer.index().chunks.get(chunk as usize)?.sealed_len as usize;
+        let mut mapped = disk.get(chunk, sealed_len)?;
+        match self.open(chunk, &mut mapped) {
+            Ok(plain) => {
+                let plain = Arc::new(plain);
+                self.memory.put(
+                    ChunkKey {
+                        layer: self.key,
+                        chunk,
+                    },
+                    plain.clone(),
+                );
+                Some(plain)
+            }
+            Err(error) => {
+                self.stats
+                    .verification_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(layer = %self.name, chunk, %error, dir = %disk.dir().display(),
+                    "cached chunk failed verification; dropping it and fetching again");
+                disk.remove(chunk);
+                None
+            }
+        }
+    }
+
+    /// Whether a chunk is already in a cache (the background fetch skips it).
+    pub(crate) fn is_present(&self, chunk: u32) -> bool {
+        self.present
+            .get(chunk as usize)
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+            || self
+                .memory
+                .get(ChunkKey {
+                    layer: self.key,
+                    chunk,
+                })
+                .is_some()
+    }
+
+    fn complete(&self, chunk: u32, result: ChunkResult) {
+        let pending = self.inflight.lock().expect("inflight lock").remove(&chunk);
+        if let Some(pending) = pending {
+            *pending.result.lock().expect("pending lock") = Some(result);
+            pending.done.notify_all();
+        }
+    }
+
+    /// Fetches a run of chunks with one range read, stores and verifies each, and completes
+    /// whoever waits for them.
+    fn fetch(&self, job: &Job) {
+        let chunks = &self.layer.index().chunks;
+        let Some((start, _)) = self.layer.chunk_range(job.chunks.start) else {
+            return;
+        };
+        let len: u64 = job
+            .chunks
+            .clone()
+            .map(|c| u64::from(chunks[c as usize].sealed_len))
+            .sum();
+        if !job.urgent {
+            let wait = self.bucket.lock().expect("bucket lock").take(len);
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        self.stats.source_reads.fetch_add(1, Ordering::Relaxed);
+        let bytes = match self.source.read_range(start, len as usize) {
+            Ok(bytes) => bytes,
+            Err(SourceError::Io { source, .. }) => {
+                let message = source.to_string();
+                tracing::warn!(layer = %self.name, chunks = ?job.chunks, %message, "source read failed");
+                for chunk in job.chunks.clone() {
+                    self.complete(
+                        chunk,
+                        Err(FetchError::Source {
+                            layer: self.name.clone(),
+                            chunk,
+                            message: message.clone(),
+                        }),
+                    );
+                }
+                return;
+            }
+        };
+        self.stats.source_bytes.fetch_add(len, Ordering::Relaxed);
+        let counter = if job.urgent {
+            &self.stats.urgent_chunks
+        } else {
+            &self.stats.background_chunks
+        };
+        let mut at = 0usize;
+        for chunk in job.chunks.clone() {
+            let sealed_len = chunks[chunk as usize].sealed_len as usize;
+            let sealed = &bytes[at..at + sealed_len];
+            at += sealed_len;
+            counter.fetch_add(1, Ordering::Relaxed);
+            let mut buf = sealed.to_vec();
+            let result = match self.open(chunk, &mut buf) {
+                Ok(plain) => {
+                    if let Some(disk) = &self.disk {
+                        if let Err(error) = disk.put(chunk, sealed) {
+                            tracing::warn!(layer = %self.name, chunk, %error, "could not write the disk cache");
+                        }
+                    }
+                    self.present[chunk as usize].store(true, Ordering::Relaxed);
+                    let plain = Arc::new(plain);
+                    self.memory.put(
+                        ChunkKey {
+                            layer: self.key,
+                            chunk,
+                        },
+                        plain.clone(),
+                    );
+                    Ok(plain)
+                }
+                Err(error) => {
+                    self.stats
+                        .verification_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(layer = %self.name, chunk, %error, "chunk failed verification; refusing to serve it");
+                    Err(FetchError::Verification {
+                        layer: self.name.clone(),
+                        chunk,
+                        reason: error.to_string(),
+                    })
+                }
+            };
+            self.complete(chunk, result);
+        }
+    }
+}
+
+fn worker(shared: &Shared, urgent: &Receiver<Job>, background: &Receiver<Job>) {
+    loop {
+        // On-demand reads first, always.
+        let job = match urgent.try_recv() {
+            Ok(job) => job,
+            Err(_) => crossbeam_channel::select_biased! {
+                recv(urgent) -> job => match job { Ok(job) => job, Err(_) => break },
+                recv(background) -> job => match job { Ok(job) => job, Err(_) => match urgent.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                } },
+            },
+        };
+        if !job.urgent && shared.cancelled.load(Ordering::Relaxed) {
+            continue;
+        }
+        shared.fetch(&job);
+    }
+}
+
+/// A token bucket: `take(n)` says how long to wait before spending `n` bytes.
+struct TokenBucket {
+    rate: Option<u64>,
+    available: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: Option<u64>) -> Self {
+        TokenBucket {
+            rate,
+            available: rate.unwrap_or(0) as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: u64) -> Duration {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        // At most one second of burst.
+        self.available = (self.available
+            + now.duration_since(self.last).as_secs_f64() * rate as f64)
+            .min(rate as f64);
+        self.last = now;
+        self.available -= bytes as f64;
+        if self.available >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.available / rate as f64)
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The FUSE adapter: the only module that speaks `fuser`. It turns kernel requests into calls
+//! on [`LayerFs`] and its errors into errno values, nothing more.
+//!
+//! Several session threads serve requests, so a read waiting for a slow chunk does not hold up
+//! other requests. Layers are immutable: attributes and entries are cached by the kernel for a
+//! long time, open files keep their page cache (`FOPEN_KEEP_CACHE`), directories are cached
+//! (`FOPEN_CACHE_DIR`), and reads and readahead go up to 1 MiB. FUSE passthrough is not used:
+//! it would need the decrypted file on the node's disk.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::fetcher::FetchError;
+use crate::fs::{Attr, FsError, Ino, LayerFs, NodeType};
+
+/// The kernel may cache attributes and entries this long: a layer never changes.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest read and readahead: one default chunk.
+const MAX_READ: u32 = 1 << 20;
+
+/// Maps an error to the errno the caller sees. Chunk failures of any kind are EIO: the read
+/// fails, it never returns wrong bytes.
+fn errno(error: &FsError) -> Errno {
+    match error {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::NotSymlink => Errno::EINVAL,
+        FsError::NoAttr => Errno::NO_XATTR,
+        FsError::Fetch(
+            FetchError::Cancelled { .. }
+            | FetchError::Source { .. }
+            | FetchError::Timeout { .. }
+            | FetchError::Verification { .. },
+        ) => Errno::EIO,
+    }
+}
+
+fn file_type(kind: NodeType) -> FileType {
+    match kind {
+        NodeType::File => FileType::RegularFile,
+        NodeType::Dir => FileType::Directory,
+        NodeType::Symlink => FileType::Symlink,
+        NodeType::CharDevice => FileType::CharDevice,
+        NodeType::BlockDevice => FileType::BlockDevice,
+        NodeType::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino.0),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: attr.mtime,
+        mtime: attr.mtime,
+        ctime: attr.mtime,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: file_type(attr.kind),
+        perm: attr.perm,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: MAX_READ,
+        flags: 0,
+    }
+}
+
+/// A [`LayerFs`] as a `fuser` filesystem.
+pub struct FuseAdapter {
+    fs: Arc<LayerFs>,
+}
+
+impl FuseAdapter {
+    /// Adapts `fs`.
+    pub fn new(fs: Arc<LayerFs>) -> Self {
+        FuseAdapter { fs }
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_MAX_PAGES,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(Ino(parent.0), name.as_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(Ino(ino.0)) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(Ino(ino.0)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // Opening reads nothing: chunks are fetched by reads.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(Ino(ino.0), offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                tracing::warn!(ino = ino.0, offset, size, error = %e, "read failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(Ino(ino.0)) {
+            Ok(entries) => {
+                for (at, entry) in entries.iter().enumerate().skip(offset as usize) {
+                    let name = OsStr::from_bytes(&entry.name);
+                    if reply.add(
+                        INodeNo(entry.ino.0),
+                        at as u64 + 1,
+                        file_type(entry.kind),
+                        name,
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (bytes, inodes) = self.fs.usage();
+        reply.statfs(bytes.div_ceil(4096), 0, 0, inodes, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(Ino(ino.0), name.as_bytes()) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() <= size as usize => reply.data(&value),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(Ino(ino.0)) {
+            Ok(list) if size == 0 => reply.size(list.len() as u32),
+            Ok(list) if list.len() <= size as usize => reply.data(&list),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// How to mount a layer.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// FUSE request threads.
+    pub threads: usize,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fs_name: String,
+}
+
+/// Mounts `fs` read-only at `mountpoint`; the session runs on background threads until the
+/// returned handle is dropped or unmounted, or someone unmounts the directory.
+pub fn mount(
+    fs: Arc<LayerFs>,
+    mountpoint: &Path,
+    config: &MountConfig,
+) -> io::Result<fuser::BackgroundSession> {
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(config.fs_name.clone()),
+        MountOption::Subtype("sealfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::CUSTOM(format!("max_read={MAX_READ}")),
+    ];
+    // Containers run as any user; permissions are checked by the kernel (DefaultPermissions).
+    options.acl = fuser::SessionACL::All;
+    options.n_threads = Some(config.threads.max(1));
+    options.clone_fd = true;
+    let session = fuser::spawn_mount(FuseAdapter::new(fs), mountpoint, &options)?;
+    raise_readahead(mountpoint);
+    Ok(session)
+}
+
+/// The kernel's readahead for a FUSE mount defaults to 128 KiB; chunk-sized readahead turns a
+/// sequential read into one request per chunk. Best effort: a failure only costs speed.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(error) = std::fs::write(&path, (MAX_READ / 1024).to_string()) {
+        tracing::debug!(%path, %error, "could not raise readahead");
+    }
+}

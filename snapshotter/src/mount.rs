@@ -1,0 +1,322 @@
+//! Mounting sealed images: open a layer (unwrap its key with the node's identities, verify its
+//! index against the digest pinned by the manifest), serve it with FUSE, and for a whole image
+//! stack the layers read-only with overlayfs, as a container would see them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fsformat::keywrap::unwrap_layer_key;
+use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
+use fsformat::reader::{SealedLayer, UnverifiedTail};
+use fsformat::{FormatError, Identity, PrivateKey};
+use oci_spec::image::Descriptor;
+
+use crate::cache::{DiskCache, MemoryCache};
+use crate::fetcher::{FetchConfig, LayerFetcher};
+use crate::fs::LayerFs;
+use crate::fuse::MountConfig;
+use crate::oci_layout::{LayoutError, OciLayout};
+use crate::source::{ChunkSource, LocalBlob};
+
+/// Why a mount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The image could not be read.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A layer is not sealed.
+    #[error("layer {digest} is not a sealed layer (media type {media_type}); only sealed images can be mounted")]
+    NotSealed {
+        /// The layer.
+        digest: String,
+        /// Its media type.
+        media_type: String,
+    },
+    /// A layer's key could not be unwrapped or its index failed verification.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// The layer.
+        digest: String,
+        /// What failed.
+        #[source]
+        source: FormatError,
+    },
+    /// Mounting failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Options shared by every layer of a mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Fetching.
+    pub fetch: FetchConfig,
+    /// FUSE request threads per layer.
+    pub fuse_threads: usize,
+    /// Where sealed chunks are cached on disk (per layer subdirectory); `None`: memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Disk cache bound per layer.
+    pub disk_cache_bytes: u64,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            fetch: FetchConfig::default(),
+            fuse_threads: 8,
+            cache_dir: None,
+            disk_cache_bytes: 10 << 30,
+        }
+    }
+}
+
+/// A sealed layer whose index is open and verified, with a source for its chunks.
+pub struct OpenedLayer {
+    /// The layer digest.
+    pub digest: String,
+    /// The verified index and keys.
+    pub layer: Arc<SealedLayer>,
+    /// Where its chunks come from.
+    pub source: Arc<dyn ChunkSource>,
+}
+
+/// Opens the sealed layer `descriptor` of `layout` with the first identity that can.
+pub fn open_layer(
+    layout: &OciLayout,
+    descriptor: &Descriptor,
+    identities: &[PrivateKey],
+) -> Result<OpenedLayer, MountError> {
+    let digest = descriptor.digest().to_string();
+    if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
+        return Err(MountError::NotSealed {
+            digest,
+            media_type: descriptor.media_type().to_string(),
+        });
+    }
+    let layer_error = |source| MountError::Layer {
+        digest: digest.clone(),
+        source,
+    };
+    let annotations = descriptor.annotations().clone().unwrap_or_default();
+    let facts = SealedLayerAnnotations::read_from(&annotations).map_err(layer_error)?;
+    let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
+    let key = unwrap_layer_key(&ids, &facts.stanzas).map_err(layer_error)?;
+    let blob = layout.open_blob(&digest)?;
+    let tail = UnverifiedTail::read_sized(&blob, descriptor.size(), facts.index_size)
+        .map_err(layer_error)?;
+    let layer = Arc::new(tail.open(&key, &facts.index_digest).map_err(layer_error)?);
+    let path = layout.blob_path(&digest)?;
+    let source = LocalBlob::open(&path).map_err(|source| MountError::Io {
+        what: format!("opening {}", path.display()),
+        source,
+    })?;
+    Ok(OpenedLayer {
+        digest,
+        layer,
+        source: Arc::new(source),
+    })
+}
+
+/// Builds the filesystem of an opened layer: fetcher, caches, background fetch.
+pub fn layer_fs(
+    opened: &OpenedLayer,
+    key: u64,
+    memory: Arc<MemoryCache>,
+    options: &MountOptions,
+) -> Result<LayerFs, MountError> {
+    let disk = match &options.cache_dir {
+        Some(dir) => {
+            let dir = dir.join(opened.digest.replace(':', "-"));
+            Some(
+                DiskCache::open(&dir, options.disk_cache_bytes).map_err(|source| {
+                    MountError::Io {
+                        what: format!("opening cache {}", dir.display()),
+                        source,
+                    }
+                })?,
+            )
+        }
+        None => None,
+    };
+    let fetcher = LayerFetcher::start(
+        opened.digest.clone(),
+        key,
+        opened.layer.clone(),
+        opened.source.clone(),
+        memory,
+        disk,
+        options.fetch.clone(),
+    );
+    Ok(LayerFs::new(fetcher))
+}
+
+/// One layer served over FUSE.
+pub struct MountedLayer {
+    /// The filesystem (progress, statistics).
+    pub fs: Arc<LayerFs>,
+    session: Option<fuser::BackgroundSession>,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+}
+
+impl MountedLayer {
+    /// Mounts `fs` at `mountpoint`.
+    pub fn mount(
+        fs: LayerFs,
+        mountpoint: &Path,
+        options: &MountOptions,
+        name: &str,
+    ) -> Result<Self, MountError> {
+        let fs = Arc::new(fs);
+        let config = MountConfig {
+            threads: options.fuse_threads,
+            fs_name: format!("sealfs:{name}"),
+        };
+        let session = crate::fuse::mount(fs.clone(), mountpoint, &config).map_err(|source| {
+            MountError::Io {
+                what: format!("mounting FUSE at {}", mountpoint.display()),
+                source,
+            }
+        })?;
+        Ok(MountedLayer {
+            fs,
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    /// Blocks until the filesystem is unmounted (by `umount`).
+    pub fn wait(mut self) {
+        if let Some(session) = self.session.take() {
+            let _ = session.join();
+        }
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            // Unmounts and joins the session threads.
+            let _ = session.umount_and_join();
+        }
+    }
+}
+
+/// Mounts a read-only overlay of `lowers` (topmost first) at `target`.
+pub fn mount_overlay(lowers: &[PathBuf], target: &Path) -> Result<(), MountError> {
+    let joined: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let data = format!("lowerdir={}", joined.join(":"));
+    let fail = |source| MountError::Io {
+        what: format!("mounting overlay at {}", target.display()),
+        source,
+    };
+    let c =
+        |s: &[u8]| CString::new(s).map_err(|_| fail(io::Error::other("path contains a NUL byte")));
+    let (source, target_c, fstype, data_c) = (
+        c(b"sealfs")?,
+        c(target.as_os_str().as_bytes())?,
+        c(b"overlay")?,
+        c(data.as_bytes())?,
+    );
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_RDONLY,
+            data_c.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Unmounts `target` (lazily if busy, so a crashed reader cannot pin it).
+pub fn unmount(target: &Path) -> io::Result<()> {
+    let c =
+        CString::new(target.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `target` is a mount point in this mount namespace.
+pub fn is_mounted(target: &Path) -> bool {
+    let Ok(target) = target.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines().any(|line| {
+                line.split(' ')
+                    .nth(4)
+                    .is_some_and(|point| unescape_mountinfo(point) == target.as_os_str().as_bytes())
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Blocks until the mount table changes so that `target` is no longer mounted. Waits on
+/// `/proc/self/mountinfo` becoming readable with POLLPRI, which the kernel signals on every
+/// mount table change: no polling loop with sleeps.
+pub fn wait_until_unmounted(target: &Path) -> io::Result<()> {
+    let file = std::fs::File::open("/proc/self/mountinfo")?;
+    use std::os::unix::io::AsRawFd;
+    loop {
+        if !is_mounted(target) {
+            return Ok(());
+        }
+        let mut poll = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLPRI | libc::POLLERR,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let rc = unsafe { libc::poll(&mut poll, 1, -1) };
+        if rc < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+        // Re-arm: the event stays signalled until the file is read from the start again.
+        let _ = std::fs::read("/proc/self/mountinfo");
+        use std::io::{Read, Seek};
+        let mut reader = &file;
+        let _ = reader.seek(io::SeekFrom::Start(0));
+        let _ = reader.read_to_end(&mut Vec::new());
+    }
+}

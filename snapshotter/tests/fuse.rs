@@ -1,0 +1,523 @@
+//! The layer filesystem through real FUSE mounts (root and /dev/fuse needed; in CI a missing
+//! prerequisite fails, elsewhere the tests say why and return).
+//!
+//! Faults the local blob cannot produce (errors, stalls) come from `FaultySource`, which wraps
+//! the real blob and injects them; the bytes always come from the real sealed blob.
+
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsformat::reader::UnverifiedTail;
+use fsformat::writer::{seal_layer, SealOptions};
+use fsformat::LayerKey;
+use sealfs_e2e::{assert_same_tree, noise, snapshot_tree};
+use snapshotter::cache::{DiskCache, MemoryCache};
+use snapshotter::fetcher::{FetchConfig, LayerFetcher};
+use snapshotter::fs::LayerFs;
+use snapshotter::mount::{MountOptions, MountedLayer};
+use snapshotter::source::faulty::{Faults, FaultySource};
+use snapshotter::source::LocalBlob;
+
+const CHUNK: u64 = 64 * 1024;
+
+fn prerequisites() -> bool {
+    let root = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let fuse = Path::new("/dev/fuse").exists();
+    let tools = ["tar", "setfattr", "mknod", "mkfifo"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if root && fuse && tools {
+        return true;
+    }
+    let why = format!("root: {root}, /dev/fuse: {fuse}, tar/setfattr/mknod/mkfifo: {tools}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "prerequisites missing in CI: {why}"
+    );
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A sealed layer on disk with its key.
+struct Sealed {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    blob: PathBuf,
+    key: LayerKey,
+    tail_digest: String,
+}
+
+impl Sealed {
+    /// Builds `root` with `build`, tars it with GNU tar (xattrs, numeric owners), seals it.
+    fn new(build: impl FnOnce(&Path)) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().to_path_buf();
+        let root = dir.join("root");
+        fs::create_dir(&root).unwrap();
+        build(&root);
+        run(Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-C"])
+            .arg(&root)
+            .args(["-cf"])
+            .arg(dir.join("layer.tar"))
+            .arg("."));
+        let key = LayerKey::generate().unwrap();
+        let blob = dir.join("layer.sealed");
+        let summary = seal_layer(
+            fs::File::open(dir.join("layer.tar")).unwrap(),
+            fs::File::create(&blob).unwrap(),
+            &key,
+            &SealOptions::with_chunk_size(CHUNK).unwrap(),
+        )
+        .unwrap();
+        Sealed {
+            _dir: temp,
+            dir,
+            blob,
+            key,
+            tail_digest: summary.tail_digest,
+        }
+    }
+
+    /// GNU tar's extraction of the same layer.
+    fn extracted(&self) -> PathBuf {
+        let out = self.dir.join("extracted");
+        fs::create_dir_all(&out).unwrap();
+        run(Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "--same-permissions",
+                "-xpf",
+            ])
+            .arg(self.dir.join("layer.tar"))
+            .arg("-C")
+            .arg(&out));
+        out
+    }
+
+    /// Mounts the layer through a fault-injecting wrapper of the real blob.
+    fn mount(
+        &self,
+        config: FetchConfig,
+        cache: Option<&Path>,
+    ) -> (MountedLayer, Arc<Faults>, tempfile::TempDir) {
+        let size = fs::metadata(&self.blob).unwrap().len();
+        let file = fs::File::open(&self.blob).unwrap();
+        let layer = Arc::new(
+            UnverifiedTail::read(&file, size)
+                .unwrap()
+                .open(&self.key, &self.tail_digest)
+                .unwrap(),
+        );
+        let (source, faults) = FaultySource::new(LocalBlob::open(&self.blob).unwrap());
+        let disk = cache.map(|dir| DiskCache::open(dir, 1 << 30).unwrap());
+        let memory = Arc::new(MemoryCache::new(64 << 20));
+        let fetcher = LayerFetcher::start(
+            "sha256:test".into(),
+            1,
+            layer,
+            Arc::new(source),
+            memory,
+            disk,
+            config,
+        );
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mounted = MountedLayer::mount(
+            LayerFs::new(fetcher),
+            mountpoint.path(),
+            &MountOptions::default(),
+            "test",
+        )
+        .unwrap();
+        (mounted, faults, mountpoint)
+    }
+}
+
+fn lazy() -> FetchConfig {
+    FetchConfig {
+        background: false,
+        timeout: Duration::from_secs(5),
+        ..FetchConfig::default()
+    }
+}
+
+fn rich_tree(root: &Path) {
+    for dir in ["bin", "etc/conf.d", "dev", "run", "usr/share/doc", "empty"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::write(root.join("bin/big"), noise(3, 5 * CHUNK as usize + 777)).unwrap();
+    fs::write(root.join("etc/motd"), "hello from a sealed layer\n").unwrap();
+    fs::write(root.join("etc/empty-file"), "").unwrap();
+    for i in 0..150 {
+        fs::write(
+            root.join(format!("usr/share/doc/f{i:03}")),
+            format!("doc {i}\n").repeat(i % 9 + 1),
+        )
+        .unwrap();
+    }
+    fs::write(
+        root.join("usr/share/text"),
+        "compressible text ".repeat(40_000),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../etc/motd", root.join("bin/motd-link")).unwrap();
+    fs::hard_link(root.join("bin/big"), root.join("bin/big-hardlink")).unwrap();
+    run(Command::new("mknod")
+        .arg(root.join("dev/null"))
+        .args(["c", "1", "3"]));
+    run(Command::new("mknod")
+        .arg(root.join("dev/sda"))
+        .args(["b", "8", "0"]));
+    run(Command::new("mkfifo").arg(root.join("run/fifo")));
+    run(Command::new("setfattr")
+        .args(["-n", "user.origin", "-v", "sealfs"])
+        .arg(root.join("etc/motd")));
+    run(Command::new("setfattr")
+        .args([
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200200000000000000000000000000000",
+        ])
+        .arg(root.join("bin/big")));
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(root.join("bin/big"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("empty"), fs::Permissions::from_mode(0o1777)).unwrap();
+    std::os::unix::fs::chown(root.join("etc/motd"), Some(1234), Some(5678)).unwrap();
+}
+
+#[test]
+fn mounted_tree_equals_gnu_tar_extraction() {
+    if !prerequisites() {
+        return;
+    }
+    let sealed = Sealed::new(rich_tree);
+    let want = snapshot_tree(&sealed.extracted());
+    let (mounted, _faults, _mp) = sealed.mount(FetchConfig::default(), None);
+    let got = snapshot_tree(&mounted.mountpoint);
+    assert!(want.len() > 150, "the tree has {} entries", want.len());
+    assert_same_tree(&want, &got);
+    // Read-only: writes fail with EROFS.
+    let err = fs::write(mounted.mountpoint.join("etc/motd"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = fs::create_dir(mounted.mountpoint.join("new")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_look_like_overlayfs_expects() {
+    if !prerequisites() {
+        return;
+    }
+    // A layer tar with OCI whiteout markers, made with the tar crate (GNU tar would not mark).
+    let temp = tempfile::tempdir().unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, size) in [
+        ("etc/.wh.passwd", 0u64),
+        ("var/cache/.wh..wh..opq", 0),
+        ("var/cache/new", 3),
+    ] {
+        let mut header = sealfs_e2e::regular_header(size);
+        builder
+            .append_data(&mut header, path, &b"new"[..size as usize])
+            .unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let key = LayerKey::generate().unwrap();
+    let blob = temp.path().join("blob");
+    let summary = seal_layer(
+        &tar[..],
+        fs::File::create(&blob).unwrap(),
+        &key,
+        &SealOptions::default(),
+    )
+    .unwrap();
+    let sealed = Sealed {
+        dir: temp.path().to_path_buf(),
+        _dir: temp,
+        blob,
+        key,
+        tail_digest: summary.tail_digest,
+    };
+    let (mounted, _faults, _mp) = sealed.mount(lazy(), None);
+    let whiteout = fs::symlink_metadata(mounted.mountpoint.join("etc/passwd")).unwrap();
+    assert!(whiteout.file_type().is_char_device());
+    assert_eq!(std::os::unix::fs::MetadataExt::rdev(&whiteout), 0);
+    assert!(!mounted.mountpoint.join("etc/.wh.passwd").exists());
+    let cache = mounted.mountpoint.join("var/cache");
+    assert_eq!(
+        xattr::get(&cache, "trusted.overlay.opaque")
+            .unwrap()
+            .as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        xattr::get(&cache, "user.overlay.opaque")
+            .unwrap()
+            .as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(!cache.join(".wh..wh..opq").exists());
+    assert_eq!(fs::read(cache.join("new")).unwrap(), b"new");
+}
+
+#[test]
+fn reading_one_small_file_fetches_one_chunk() {
+    if !prerequisites() {
+        return;
+    }
+    let sealed = Sealed::new(|root| {
+        fs::write(root.join("large.bin"), noise(9, 64 * CHUNK as usize)).unwrap();
+        fs::write(root.join("small.txt"), "just this\n").unwrap();
+    });
+    let (mounted, faults, _mp) = sealed.mount(lazy(), None);
+    // Listing, stat and open read nothing.
+    let names: Vec<_> = fs::read_dir(&mounted.mountpoint).unwrap().collect();
+    assert_eq!(names.len(), 2);
+    let file = fs::File::open(mounted.mountpoint.join("large.bin")).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), 64 * CHUNK);
+    assert_eq!(
+        faults.reads.load(Ordering::SeqCst),
+        0,
+        "open or stat fetched data"
+    );
+    assert_eq!(
+        fs::read_to_string(mounted.mountpoint.join("small.txt")).unwrap(),
+        "just this\n"
+    );
+    let (reads, bytes) = (
+        faults.reads.load(Ordering::SeqCst),
+        faults.bytes.load(Ordering::SeqCst),
+    );
+    let blob = fs::metadata(&sealed.blob).unwrap().len();
+    assert_eq!(reads, 1, "one small file, one chunk");
+    assert!(bytes * 50 < blob, "read {bytes} of {blob} bytes");
+    assert_eq!(
+        mounted
+            .fs
+            .fetcher()
+            .stats()
+            .urgent_chunks
+            .load(Ordering::SeqCst),
+        1
+    );
+}
+
+#[test]
+fn source_faults_fail_reads_with_eio_and_recover() {
+    if !prerequisites() {
+        return;
+    }
+    let sealed = Sealed::new(|root| {
+        fs::write(root.join("a.bin"), noise(1, 2 * CHUNK as usize)).unwrap();
+        fs::write(root.join("b.bin"), noise(2, 2 * CHUNK as usize)).unwrap();
+    });
+    let config = FetchConfig {
+        timeout: Duration::from_millis(400),
+        ..lazy()
+    };
+    let (mounted, faults, _mp) = sealed.mount(config, None);
+    let layer = mounted.fs.fetcher().layer().clone();
+    let a_chunk = match &layer.entry(layer.lookup(b"a.bin").unwrap()).unwrap().kind {
+        fsformat::layout::EntryKind::File { extents, .. } => extents[0].chunk,
+        other => panic!("{other:?}"),
+    };
+    let (a_offset, _) = layer.chunk_range(a_chunk).unwrap();
+    faults.fail_offsets.lock().unwrap().insert(a_offset);
+    let err = fs::read(mounted.mountpoint.join("a.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(
+        fs::read(mounted.mountpoint.join("b.bin")).unwrap(),
+        noise(2, 2 * CHUNK as usize)
+    );
+
+    // A stalled source: EIO after the timeout, not a hang; later reads work again.
+    faults.fail_offsets.lock().unwrap().clear();
+    *faults.stall.lock().unwrap() = Duration::from_secs(2);
+    faults.stalled.store(true, Ordering::SeqCst);
+    let mut buf = [0u8; 16];
+    let file = fs::File::open(mounted.mountpoint.join("a.bin")).unwrap();
+    let err = std::os::unix::fs::FileExt::read_at(&file, &mut buf, CHUNK + 5).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(mounted.fs.fetcher().stats().timeouts.load(Ordering::SeqCst) >= 1);
+    faults.stalled.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2100)); // let the stalled fetch finish
+    assert_eq!(
+        fs::read(mounted.mountpoint.join("a.bin")).unwrap(),
+        noise(1, 2 * CHUNK as usize)
+    );
+}
+
+#[test]
+fn a_tampered_chunk_gives_eio_never_wrong_bytes() {
+    if !prerequisites() {
+        return;
+    }
+    let sealed = Sealed::new(|root| {
+        fs::write(root.join("victim"), noise(5, CHUNK as usize)).unwrap();
+        fs::write(root.join("bystander"), noise(6, CHUNK as usize)).unwrap();
+    });
+    let size = fs::metadata(&sealed.blob).unwrap().len();
+    let layer = UnverifiedTail::read(&fs::File::open(&sealed.blob).unwrap(), size)
+        .unwrap()
+        .open(&sealed.key, &sealed.tail_digest)
+        .unwrap();
+    let victim = match &layer.entry(layer.lookup(b"victim").unwrap()).unwrap().kind {
+        fsformat::layout::EntryKind::File { extents, .. } => extents[0].chunk,
+        other => panic!("{other:?}"),
+    };
+    let (offset, _) = layer.chunk_range(victim).unwrap();
+    let mut bytes = fs::read(&sealed.blob).unwrap();
+    bytes[offset as usize + 100] ^= 0x20;
+    fs::write(&sealed.blob, bytes).unwrap();
+    let (mounted, _faults, _mp) = sealed.mount(lazy(), None);
+    let err = fs::read(mounted.mountpoint.join("victim")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(
+        fs::read(mounted.mountpoint.join("bystander")).unwrap(),
+        noise(6, CHUNK as usize)
+    );
+    // Failures are not cached (a transiently bad fetch may succeed later); the kernel may ask
+    // twice (readahead, then the read).
+    assert!(
+        mounted
+            .fs
+            .fetcher()
+            .stats()
+            .verification_failures
+            .load(Ordering::SeqCst)
+            >= 1
+    );
+}
+
+#[test]
+fn sixteen_concurrent_readers_get_the_right_bytes_and_each_chunk_is_fetched_once() {
+    if !prerequisites() {
+        return;
+    }
+    let size = 24 * CHUNK as usize + 99;
+    let sealed = Sealed::new(|root| fs::write(root.join("shared.bin"), noise(11, size)).unwrap());
+    let (mounted, _faults, _mp) = sealed.mount(lazy(), None);
+    let want = Arc::new(noise(11, size));
+    let path = mounted.mountpoint.join("shared.bin");
+    let readers: Vec<_> = (0..16)
+        .map(|n| {
+            let (path, want) = (path.clone(), want.clone());
+            std::thread::spawn(move || {
+                // Each reader starts somewhere else and wraps around, in 100 KiB reads.
+                const STEP: usize = 100 * 1024;
+                let file = fs::File::open(&path).unwrap();
+                let start = n * size / 16;
+                for k in 0..size.div_ceil(STEP) + 1 {
+                    let pos = (start + k * STEP) % size;
+                    let mut buf = vec![0u8; STEP];
+                    let got =
+                        std::os::unix::fs::FileExt::read_at(&file, &mut buf, pos as u64).unwrap();
+                    assert_eq!(got, STEP.min(size - pos), "short read at {pos}");
+                    assert!(buf[..got] == want[pos..pos + got], "wrong bytes at {pos}");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let stats = mounted.fs.fetcher().stats();
+    let chunks = mounted.fs.fetcher().layer().index().chunks.len() as u64;
+    assert_eq!(
+        stats.urgent_chunks.load(Ordering::SeqCst),
+        chunks,
+        "every chunk fetched exactly once"
+    );
+}
+
+#[test]
+fn background_fetch_completes_and_the_disk_cache_holds_only_ciphertext() {
+    if !prerequisites() {
+        return;
+    }
+    let secret = b"PLAINTEXT-MARKER-".repeat(5000);
+    let sealed = Sealed::new(|root| {
+        fs::write(root.join("secret.txt"), &secret).unwrap();
+        fs::write(root.join("other.bin"), noise(8, 10 * CHUNK as usize)).unwrap();
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let config = FetchConfig {
+        background: true,
+        merge_bytes: 4 * CHUNK,
+        ..lazy()
+    };
+    {
+        let (mounted, faults, _mp) = sealed.mount(config.clone(), Some(cache.path()));
+        let fetcher = mounted.fs.fetcher();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while fetcher.progress().chunks_present < fetcher.progress().chunks_total {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "background fetch stuck at {:?}",
+                fetcher.progress()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Merged: fewer range reads than chunks.
+        assert!(faults.reads.load(Ordering::SeqCst) < u64::from(fetcher.progress().chunks_total));
+        assert_eq!(
+            fs::read(mounted.mountpoint.join("secret.txt")).unwrap(),
+            secret
+        );
+    }
+    for entry in fs::read_dir(cache.path()).unwrap() {
+        let bytes = fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"),
+            "plaintext on disk"
+        );
+    }
+    // A corrupt cache entry is detected, dropped and fetched again.
+    let victim = fs::read_dir(cache.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = fs::read(&victim).unwrap();
+    bytes[10] ^= 1;
+    fs::write(&victim, bytes).unwrap();
+    let (mounted, faults, _mp) = sealed.mount(lazy(), Some(cache.path()));
+    assert_eq!(
+        fs::read(mounted.mountpoint.join("secret.txt")).unwrap(),
+        secret
+    );
+    assert_eq!(
+        fs::read(mounted.mountpoint.join("other.bin")).unwrap(),
+        noise(8, 10 * CHUNK as usize)
+    );
+    let stats = mounted.fs.fetcher().stats();
+    assert_eq!(stats.verification_failures.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        faults.reads.load(Ordering::SeqCst),
+        1,
+        "only the corrupt chunk is fetched again"
+    );
+}
