@@ -12,7 +12,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     /// An I/O error from the source or sink, with what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

@@ -36,7 +36,7 @@ pub enum MountError {
         media_type: String,
     },
     /// A layer's key could not be unwrapped or its index failed verification.
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
         /// The layer.
         digest: String,
@@ -45,7 +45,7 @@ pub enum MountError {
         source: FormatError,
     },
     /// Mounting failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,

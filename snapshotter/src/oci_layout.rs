@@ -24,7 +24,7 @@ const MAX_JSON_BLOB: u64 = 8 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     /// File system error on a path.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The path.
         path: PathBuf,

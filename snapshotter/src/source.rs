@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The storage failed; worth retrying.
-    #[error("reading {what} at {offset}+{len}: {source}")]
+    #[error("reading {what} at {offset}+{len}")]
     Io {
         /// The blob.
         what: String,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fsformat::digest::HashingWriter;
@@ -19,8 +19,6 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{Descriptor, ImageManifest, MediaType};
 use snapshotter::image_ref::ImageRef;
 use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
-
-use crate::keys;
 
 /// Parses sizes like `1M`, `64K`, `1048576`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -216,7 +214,7 @@ pub fn seal(
 ) -> Result<()> {
     let recipients: Vec<PublicKey> = recipient_files
         .iter()
-        .map(|p| keys::load_public(p))
+        .map(|p| sealfs_tools::keyfiles::load_public(p))
         .collect::<Result<_>>()?;
     let mut options = SealOptions::with_chunk_size(chunk_size)?;
     options.zstd_level = zstd_level;
@@ -320,13 +318,10 @@ fn open_layer(
     layer: &Descriptor,
     identities: &[PrivateKey],
     which: &str,
-) -> Result<SealedLayer> {
-    let (facts, layer_key) = layer_key_for(layer, identities, which)?;
-    let blob = layout.open_blob(layer.digest().as_ref())?;
-    let tail = UnverifiedTail::read_sized(&blob, layer.size(), facts.index_size)
-        .with_context(|| format!("{which}: reading the index"))?;
-    tail.open(&layer_key, &facts.index_digest)
-        .with_context(|| format!("{which}: opening the index"))
+) -> Result<Arc<SealedLayer>> {
+    let opened = snapshotter::mount::open_layer(layout, layer, identities)
+        .with_context(|| format!("{which}: cannot open the layer"))?;
+    Ok(opened.layer)
 }
 
 /// A sealed blob read through a progress bar: unsealing reads each chunk once, in order.
@@ -344,7 +339,7 @@ impl BlobSource for ProgressSource<'_> {
 }
 
 pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<()> {
-    let identities = keys::load_privates(key_files)?;
+    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
     let (src, image) = open_source(source)?;
     let destination_layout = Destination::open(destination, source_tag(source))?;
     let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
@@ -415,7 +410,7 @@ pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<
 }
 
 pub fn inspect(key_files: &[PathBuf], source: &str) -> Result<()> {
-    let identities = keys::load_privates(key_files)?;
+    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
     let (src, image) = open_source(source)?;
     let sealed_image = image
         .manifest
@@ -552,10 +547,10 @@ pub fn rewrap(
     source: &str,
     destination: &str,
 ) -> Result<()> {
-    let identities = keys::load_privates(key_files)?;
+    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
     let added: Vec<PublicKey> = add_files
         .iter()
-        .map(|p| keys::load_public(p))
+        .map(|p| sealfs_tools::keyfiles::load_public(p))
         .collect::<Result<_>>()?;
     let removed: Vec<KeyId> = remove
         .iter()

@@ -6,8 +6,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use fsformat::shares::{self, KeyShare};
-use fsformat::{PrivateKey, PublicKey};
+use fsformat::shares;
+use fsformat::PrivateKey;
+use sealfs_tools::keyfiles::{load_private, read_share};
 
 /// Writes `text` to a new file with `mode`, refusing to overwrite unless `force`.
 fn write_new(path: &Path, text: &str, mode: u32, force: bool) -> Result<()> {
@@ -54,34 +55,6 @@ pub fn keygen(private: &Path, public: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn load_public(path: &Path) -> Result<PublicKey> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read public key {}", path.display()))?;
-    text.parse()
-        .with_context(|| format!("{} is not a sealfs public key", path.display()))
-}
-
-pub fn load_private(path: &Path) -> Result<PrivateKey> {
-    let meta = fs::metadata(path)
-        .with_context(|| format!("cannot read private key {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        eprintln!(
-            "sealctl: warning: private key {} is readable by others; chmod 600 it",
-            path.display()
-        );
-    }
-    let text = zeroize::Zeroizing::new(
-        fs::read_to_string(path)
-            .with_context(|| format!("cannot read private key {}", path.display()))?,
-    );
-    text.parse()
-        .with_context(|| format!("{} is not a sealfs private key", path.display()))
-}
-
-pub fn load_privates(paths: &[impl AsRef<Path>]) -> Result<Vec<PrivateKey>> {
-    paths.iter().map(|p| load_private(p.as_ref())).collect()
-}
-
 pub fn split(threshold: u8, total: u8, private: &Path, outdir: &Path) -> Result<()> {
     let key = load_private(private)?;
     let shares = shares::split(&key, threshold, total)?;
@@ -102,15 +75,6 @@ pub fn split(threshold: u8, total: u8, private: &Path, outdir: &Path) -> Result<
         outdir.display()
     );
     Ok(())
-}
-
-pub fn read_share(path: &Path) -> Result<KeyShare> {
-    let text = zeroize::Zeroizing::new(
-        fs::read_to_string(path)
-            .with_context(|| format!("cannot read share {}", path.display()))?,
-    );
-    KeyShare::from_text(&text)
-        .with_context(|| format!("{} is not a sealfs key share", path.display()))
 }
 
 pub fn combine(paths: &[impl AsRef<Path>], output: Option<&Path>) -> Result<()> {

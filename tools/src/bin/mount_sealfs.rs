@@ -1,0 +1,391 @@
+//! `mount.sealfs`: mount a sealed image or one of its layers read-only, lazily.
+//!
+//! Usage as a mount helper: `mount.sealfs SOURCE MOUNTPOINT [-o OPTIONS] [-f]`, so that
+//! `mount -t sealfs SOURCE DIR -o key=...` works once this binary is installed as
+//! `/sbin/mount.sealfs`. It opens and verifies every layer's index first, then forks: the
+//! child serves the mount, the parent exits 0 once the mount is up, or non-zero with the
+//! child's error (nothing stays mounted). `umount DIR` ends the child cleanly.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use fsformat::PrivateKey;
+use snapshotter::cache::MemoryCache;
+use snapshotter::fetcher::FetchConfig;
+use snapshotter::image_ref::ImageRef;
+use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
+use snapshotter::oci_layout::OciLayout;
+
+/// Mount a sealed image (all layers, merged read-only with overlayfs as a container sees them)
+/// or one sealed layer, fetching and decrypting chunks only when they are read.
+#[derive(Parser)]
+#[command(name = "mount.sealfs", version, max_term_width = 100, after_help = OPTIONS_HELP)]
+struct Cli {
+    /// oci:DIR[:TAG] for a whole image, oci:DIR[:TAG]@sha256:DIGEST for one layer.
+    source: String,
+    /// Where to mount it (an existing directory).
+    mountpoint: PathBuf,
+    /// Comma-separated mount options (see below); may be repeated.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Stay in the foreground (logs go to standard error).
+    #[arg(short = 'f')]
+    foreground: bool,
+    /// Accepted for mount(8) compatibility: do not write /etc/mtab (never written anyway).
+    #[arg(short = 'n', hide = true)]
+    no_mtab: bool,
+    /// Accepted for mount(8) compatibility: sloppy options, verbose.
+    #[arg(short = 's', hide = true)]
+    sloppy: bool,
+    #[arg(short = 'v', hide = true)]
+    verbose: bool,
+    /// Accepted for mount(8) compatibility: the type (sealfs).
+    #[arg(short = 't', hide = true)]
+    fs_type: Option<String>,
+}
+
+const OPTIONS_HELP: &str = "\
+Options (-o):
+  key=FILE         private key that is a recipient of the image (repeat for several)
+  shares=DIR       combine the key shares in DIR into the private key
+  cache=DIR        keep fetched chunks (ciphertext only) under DIR [default: memory only]
+  prefetch=on|off  fetch the whole image in the background after mounting [on]
+  threads=N        chunk fetch threads per layer [4]
+  timeout=SECS     a read waits at most this long for its chunk, then fails with EIO [30]
+  memory=MIB       plaintext chunk cache in memory, all layers [256]
+  log=FILE         where the background process logs [/var/log/sealfs/mount.log]
+  debug            log every fetch
+Accepted and ignored: rw (mount(8) passes it by default; the mount is read-only anyway), ro, defaults, nosuid, nodev, noexec, noatime, relatime, auto, noauto,
+user, nouser, _netdev, nofail, x-*.
+
+Examples:
+  mount.sealfs oci:/srv/images/app:1.0 /mnt/app -o key=/etc/sealfs/keys/node.key
+  mount -t sealfs oci:/srv/images/app:1.0 /mnt/app -o key=/etc/sealfs/keys/node.key,cache=/var/cache/sealfs
+  umount /mnt/app";
+
+struct Options {
+    keys: Vec<PathBuf>,
+    shares: Option<PathBuf>,
+    mount: MountOptions,
+    memory_bytes: u64,
+    log: PathBuf,
+    debug: bool,
+}
+
+fn parse_options(raw: &[String]) -> Result<Options> {
+    let mut options = Options {
+        keys: Vec::new(),
+        shares: None,
+        mount: MountOptions {
+            fetch: FetchConfig::default(),
+            ..MountOptions::default()
+        },
+        memory_bytes: 256 << 20,
+        log: PathBuf::from("/var/log/sealfs/mount.log"),
+        debug: false,
+    };
+    for option in raw
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        let (name, value) = match option.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (option, None),
+        };
+        let need = || value.with_context(|| format!("option {name} needs a value ({name}=...)"));
+        let number = |what: &str| -> Result<u64> {
+            need()?
+                .parse::<u64>()
+                .with_context(|| format!("option {what} takes a whole number"))
+        };
+        match name {
+            "key" => options.keys.push(PathBuf::from(need()?)),
+            "shares" => options.shares = Some(PathBuf::from(need()?)),
+            "cache" => options.mount.cache_dir = Some(PathBuf::from(need()?)),
+            "prefetch" => {
+                options.mount.fetch.background = match need()? {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("prefetch={other}: use prefetch=on or prefetch=off"),
+                }
+            }
+            "threads" => options.mount.fetch.threads = number("threads")?.clamp(1, 256) as usize,
+            "timeout" => {
+                options.mount.fetch.timeout =
+                    std::time::Duration::from_secs(number("timeout")?.max(1))
+            }
+            "memory" => options.memory_bytes = number("memory")? << 20,
+            "log" => options.log = PathBuf::from(need()?),
+            "debug" => options.debug = true,
+            // mount(8) passes rw unless told otherwise; the mount is read-only regardless.
+            "rw" | "ro" | "defaults" | "nosuid" | "nodev" | "noexec" | "noatime" | "relatime"
+            | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
+            other if other.starts_with("x-") => {}
+            other => bail!("unknown option {other:?} (see mount.sealfs --help)"),
+        }
+    }
+    if options.keys.is_empty() && options.shares.is_none() {
+        bail!("no key given: pass -o key=PRIVATE_KEY_FILE (or shares=DIR)");
+    }
+    Ok(options)
+}
+
+/// Splits `oci:DIR[:TAG][@sha256:HEX]`.
+fn parse_source(text: &str) -> Result<(PathBuf, Option<String>, Option<String>)> {
+    let (image, layer) = match text.rsplit_once('@') {
+        Some((image, digest)) if digest.starts_with("sha256:") => (image, Some(digest.to_string())),
+        _ => (text, None),
+    };
+    match image.parse::<ImageRef>()? {
+        ImageRef::Layout { dir, tag } => Ok((dir, tag, layer)),
+    }
+}
+
+fn identities(options: &Options) -> Result<Vec<PrivateKey>> {
+    let mut keys = sealfs_tools::keyfiles::load_privates(&options.keys)?;
+    if let Some(dir) = &options.shares {
+        keys.push(sealfs_tools::keyfiles::combine_share_dir(dir)?);
+    }
+    Ok(keys)
+}
+
+/// Opens and verifies every layer to mount, bottom first.
+fn open_layers(source: &str, identities: &[PrivateKey]) -> Result<Vec<OpenedLayer>> {
+    let (dir, tag, layer) = parse_source(source)?;
+    let layout = OciLayout::open(&dir)?;
+    let image = layout
+        .resolve(tag.as_deref())
+        .with_context(|| format!("resolving {source}"))?;
+    let layers = image.manifest.layers();
+    let chosen: Vec<_> = match &layer {
+        Some(digest) => {
+            let found: Vec<_> = layers
+                .iter()
+                .filter(|l| l.digest().to_string() == *digest)
+                .collect();
+            if found.is_empty() {
+                bail!("{digest} is not a layer of {source}");
+            }
+            found
+        }
+        None => layers.iter().collect(),
+    };
+    chosen
+        .into_iter()
+        .map(|descriptor| {
+            mount::open_layer(&layout, descriptor, identities).map_err(anyhow::Error::from)
+        })
+        .collect()
+}
+
+/// Mounted state of the child; dropping it unmounts everything.
+struct Served {
+    layers: Vec<MountedLayer>,
+    overlay: Option<PathBuf>,
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(target) = self.overlay.take() {
+            if mount::is_mounted(&target) {
+                let _ = mount::unmount(&target);
+            }
+        }
+        self.layers.clear();
+        if let Some(dir) = self.scratch.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Result<Served> {
+    let memory = Arc::new(MemoryCache::new(options.memory_bytes));
+    let mut fss = Vec::new();
+    for (number, layer) in opened.iter().enumerate() {
+        let mut fs = mount::layer_fs(layer, number as u64, memory.clone(), &options.mount)?;
+        let lowers: Vec<_> = opened[..number].iter().rev().map(|l| &*l.layer).collect();
+        fs.inherit_implicit_dirs(&lowers);
+        fss.push(fs);
+    }
+    if fss.len() == 1 {
+        let fs = fss.pop().expect("one layer");
+        let layer = MountedLayer::mount(fs, mountpoint, &options.mount, &opened[0].digest)?;
+        return Ok(Served {
+            layers: vec![layer],
+            overlay: None,
+            scratch: None,
+        });
+    }
+    // Each layer gets a private mount point; overlayfs stacks them at the target.
+    let scratch = PathBuf::from(format!("/run/sealfs/mount.sealfs/{}", std::process::id()));
+    let mut served = Served {
+        layers: Vec::new(),
+        overlay: None,
+        scratch: Some(scratch.clone()),
+    };
+    for (number, fs) in fss.into_iter().enumerate() {
+        let dir = scratch.join(number.to_string());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        served.layers.push(MountedLayer::mount(
+            fs,
+            &dir,
+            &options.mount,
+            &opened[number].digest,
+        )?);
+    }
+    let lowers: Vec<PathBuf> = served
+        .layers
+        .iter()
+        .rev()
+        .map(|l| l.mountpoint.clone())
+        .collect();
+    mount::mount_overlay(&lowers, mountpoint)?;
+    served.overlay = Some(mountpoint.to_path_buf());
+    Ok(served)
+}
+
+fn init_logging(options: &Options, foreground: bool) -> Result<()> {
+    let level = if options.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    if foreground {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return Ok(());
+    }
+    if let Some(dir) = options.log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&options.log)
+        .with_context(|| format!("opening log file {}", options.log.display()))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .init();
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let options = parse_options(&cli.options)?;
+    if !cli.mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not a directory",
+            cli.mountpoint.display()
+        );
+    }
+    let mountpoint = cli.mountpoint.canonicalize()?;
+    // Everything that can fail for a user's reason fails here, before forking.
+    let identities = identities(&options)?;
+    let opened = open_layers(&cli.source, &identities)?;
+    drop(identities);
+
+    if cli.foreground {
+        init_logging(&options, true)?;
+        let served = serve(opened, &mountpoint, &options)?;
+        tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");
+        return wait_and_unmount(served, &mountpoint);
+    }
+
+    // No thread exists yet (layers were only opened), so forking is safe.
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a pipe");
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: single-threaded at this point (see above); the child only continues with Rust
+    // code that does not depend on other threads.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            drop(read_end);
+            let mut status = std::fs::File::from(write_end);
+            // SAFETY: plain syscall; detaches from the caller's session and terminal.
+            unsafe { libc::setsid() };
+            let served =
+                init_logging(&options, false).and_then(|()| serve(opened, &mountpoint, &options));
+            match served {
+                Ok(served) => {
+                    let _ = status.write_all(b"ok");
+                    drop(status);
+                    detach_stdio();
+                    tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");
+                    if let Err(error) = wait_and_unmount(served, &mountpoint) {
+                        tracing::error!(%error, "serving the mount failed");
+                        std::process::exit(1);
+                    }
+                    std::process::exit(0);
+                }
+                Err(error) => {
+                    let _ = status.write_all(format!("{error:#}").as_bytes());
+                    std::process::exit(1);
+                }
+            }
+        }
+        _child => {
+            drop(write_end);
+            let mut message = String::new();
+            std::fs::File::from(read_end)
+                .read_to_string(&mut message)
+                .context("waiting for the mount")?;
+            match message.as_str() {
+                "ok" => Ok(()),
+                "" => bail!("the mount process died before mounting"),
+                error => bail!("{error}"),
+            }
+        }
+    }
+}
+
+/// Waits until the user unmounts the mount point, then unmounts the layers.
+fn wait_and_unmount(mut served: Served, mountpoint: &Path) -> Result<()> {
+    if served.overlay.is_some() {
+        mount::wait_until_unmounted(mountpoint).context("watching the mount table")?;
+        served.overlay = None;
+    } else if let Some(layer) = served.layers.pop() {
+        layer.wait();
+    }
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+/// Points standard input, output and error at /dev/null: the caller's terminal is gone.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors with a valid open descriptor.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mount.sealfs: {error:#}");
+            ExitCode::from(32) // mount(8)'s "mount failure"
+        }
+    }
+}

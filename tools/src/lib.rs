@@ -1,0 +1,3 @@
+//! Shared code of the sealfs command-line tools.
+
+pub mod keyfiles;

@@ -1,0 +1,190 @@
+//! Helpers shared by the tools' integration tests: real images built with umoci from a
+//! busybox-static rootfs, keys, and running the binaries.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sealfs_e2e::noise;
+
+pub const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
+
+pub fn prerequisites() -> bool {
+    let missing: Vec<&str> = ["umoci", "busybox", "setfattr", "mknod", "mkfifo"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    let root = nix_is_root();
+    if missing.is_empty() && root {
+        return true;
+    }
+    let why = format!("missing tools {missing:?}, root: {root}");
+    if std::env::var_os("CI").is_some() {
+        panic!("prerequisites missing in CI: {why}");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+pub fn nix_is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sealctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(SEALCTL)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn sealctl_ok(dir: &Path, args: &[&str]) -> String {
+    let out = sealctl(dir, args);
+    assert!(
+        out.status.success(),
+        "sealctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn sealctl_err(dir: &Path, args: &[&str]) -> String {
+    let out = sealctl(dir, args);
+    assert!(!out.status.success(), "sealctl {args:?} should have failed");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+pub fn umoci(dir: &Path, args: &[&str]) {
+    run(Command::new("umoci").current_dir(dir).args(args));
+}
+
+/// Builds `img:v1`: a busybox rootfs with every file type, then a second layer deleting files.
+pub fn build_image(work: &Path) {
+    umoci(work, &["init", "--layout", "img"]);
+    umoci(work, &["new", "--image", "img:v1"]);
+    umoci(work, &["unpack", "--image", "img:v1", "bundle"]);
+    let root = work.join("bundle/rootfs");
+    for dir in [
+        "bin",
+        "etc/conf.d",
+        "dev",
+        "run",
+        "data/many",
+        "var/cache/app",
+    ] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    fs::hard_link(root.join("bin/busybox"), root.join("bin/busybox-hardlink")).unwrap();
+    fs::write(root.join("etc/motd"), "sealed with sealfs\n").unwrap();
+    fs::write(root.join("etc/removed"), "gone in layer 2\n").unwrap();
+    fs::write(root.join("var/cache/app/old"), "hidden by an opaque dir\n").unwrap();
+    fs::write(root.join("data/big.bin"), noise(7, 5 << 20)).unwrap();
+    for i in 0..300 {
+        fs::write(
+            root.join(format!("data/many/f{i:03}")),
+            format!("small file {i}\n").repeat(i % 7 + 1),
+        )
+        .unwrap();
+    }
+    fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::chown(root.join("etc/motd"), Some(1000), Some(1001)).unwrap();
+    run(Command::new("mknod")
+        .arg(root.join("dev/null"))
+        .args(["c", "1", "3"]));
+    run(Command::new("mknod")
+        .arg(root.join("dev/loop9"))
+        .args(["b", "7", "9"]));
+    run(Command::new("mkfifo").arg(root.join("run/fifo")));
+    run(Command::new("setfattr")
+        .args(["-n", "user.comment", "-v", "hello xattr"])
+        .arg(root.join("etc/motd")));
+    run(Command::new("setfattr")
+        .args([
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200200000000000000000000000000000",
+        ])
+        .arg(root.join("bin/sh").parent().unwrap().join("busybox")));
+    umoci(
+        work,
+        &["repack", "--refresh-bundle", "--image", "img:v1", "bundle"],
+    );
+    // Layer 2: a deleted file (whiteout) and a replaced directory.
+    fs::remove_file(root.join("etc/removed")).unwrap();
+    fs::remove_dir_all(root.join("var/cache/app")).unwrap();
+    fs::create_dir_all(root.join("var/cache/app")).unwrap();
+    fs::write(root.join("var/cache/app/new"), "layer 2\n").unwrap();
+    umoci(work, &["repack", "--image", "img:v1", "bundle"]);
+    umoci(
+        work,
+        &["config", "--image", "img:v1", "--config.cmd", "/bin/sh"],
+    );
+}
+
+pub fn unpack(work: &Path, image: &str, bundle: &str) -> BTreeMap<String, String> {
+    umoci(work, &["unpack", "--image", image, bundle]);
+    sealfs_e2e::snapshot_tree(&work.join(bundle).join("rootfs"))
+}
+
+pub fn manifest_of(work: &Path, layout: &str, tag: &str) -> serde_json::Value {
+    let layout = snapshotter::oci_layout::OciLayout::open(work.join(layout)).unwrap();
+    let image = layout.resolve(Some(tag)).unwrap();
+    serde_json::to_value(&image.manifest).unwrap()
+}
+
+pub fn keygen(work: &Path, name: &str) -> String {
+    sealctl_ok(
+        work,
+        &[
+            "keygen",
+            "--private",
+            &format!("{name}.priv"),
+            "--public",
+            &format!("{name}.pub"),
+        ],
+    );
+    let text = fs::read_to_string(work.join(format!("{name}.pub"))).unwrap();
+    text.lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+pub fn setup() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !prerequisites() {
+        return None;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path().to_path_buf();
+    build_image(&work);
+    Some((temp, work))
+}

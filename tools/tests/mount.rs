@@ -1,0 +1,229 @@
+//! `mount.sealfs` end to end: real FUSE and overlay mounts of images built with umoci.
+//! Needs root, /dev/fuse, umoci, busybox and setfattr (a failure in CI, a skip elsewhere).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MOUNT: &str = env!("CARGO_BIN_EXE_mount-sealfs");
+
+fn mount_sealfs(args: &[&str]) -> std::process::Output {
+    Command::new(MOUNT).args(args).output().unwrap()
+}
+
+/// Mount entries of this test's layers (other tests may have their own mounted meanwhile).
+fn our_mounts(digests: &[String]) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|line| digests.iter().any(|d| line.contains(d.as_str())))
+        .map(str::to_string)
+        .collect()
+}
+
+fn layer_digests(work: &Path) -> Vec<String> {
+    manifest_of(work, "sealed", "v1")["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (bounded) for a condition that depends on another process exiting.
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what} did not happen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sealed_image() -> Option<(tempfile::TempDir, PathBuf, Vec<String>)> {
+    if !Path::new("/dev/fuse").exists() && std::env::var_os("CI").is_none() {
+        eprintln!("skipping: no /dev/fuse");
+        return None;
+    }
+    let (temp, work) = setup()?;
+    keygen(&work, "alice");
+    keygen(&work, "mallory");
+    sealctl_ok(
+        &work,
+        &[
+            "seal",
+            "-r",
+            "alice.pub",
+            "--chunk-size",
+            "64K",
+            "oci:img:v1",
+            "oci:sealed:v1",
+        ],
+    );
+    let digests = layer_digests(&work);
+    Some((temp, work, digests))
+}
+
+#[test]
+fn whole_image_mount_equals_umoci_unpack_and_umount_ends_it() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = Command::new(MOUNT)
+        .current_dir(&work)
+        .args([
+            "oci:sealed:v1",
+            "mnt",
+            "-o",
+            "key=alice.priv,prefetch=off",
+            "-o",
+            "threads=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(our_mounts(&digests).len(), 2, "one FUSE mount per layer");
+
+    let want = unpack(&work, "img:v1", "bundle-plain");
+    let got = sealfs_e2e::snapshot_tree(&mnt);
+    sealfs_e2e::assert_same_tree(&want, &got);
+
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+}
+
+#[test]
+fn one_layer_mounts_with_overlay_markers_and_through_mount_t() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let top = &digests[1];
+    let mnt = work.join("top");
+    fs::create_dir(&mnt).unwrap();
+    let source = format!("oci:{}:v1@{top}", work.join("sealed").display());
+    let out = mount_sealfs(&[
+        &source,
+        mnt.to_str().unwrap(),
+        "-o",
+        &format!("key={}", work.join("alice.priv").display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whiteout = fs::symlink_metadata(mnt.join("etc/removed")).unwrap();
+    assert!(
+        whiteout.file_type().is_char_device() && whiteout.rdev() == 0,
+        "whiteout as 0/0 char device"
+    );
+    // umoci marks the replaced directory either opaque or with a whiteout per removed file.
+    let opaque = xattr::get(mnt.join("var/cache/app"), "trusted.overlay.opaque").unwrap();
+    let old = fs::symlink_metadata(mnt.join("var/cache/app/old"));
+    let old_whited_out = old.is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0);
+    assert!(
+        opaque.as_deref() == Some(&b"y"[..]) || old_whited_out,
+        "var/cache/app/old is still visible"
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+        "layer 2\n"
+    );
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mount going away", || {
+        our_mounts(std::slice::from_ref(top)).is_empty()
+    });
+
+    // `mount -t sealfs` finds the helper in /sbin. Install it for the test if nothing is there.
+    let helper = Path::new("/sbin/mount.sealfs");
+    let installed_here = !helper.exists() && std::os::unix::fs::symlink(MOUNT, helper).is_ok();
+    if helper.exists() {
+        let out = Command::new("mount")
+            .args(["-t", "sealfs", &source])
+            .arg(&mnt)
+            .args(["-o", &format!("key={}", work.join("alice.priv").display())])
+            .output()
+            .unwrap();
+        if installed_here {
+            fs::remove_file(helper).unwrap();
+        }
+        assert!(
+            out.status.success(),
+            "mount -t sealfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+            "layer 2\n"
+        );
+        run(Command::new("umount").arg(&mnt));
+        eventually("the layer mount going away", || {
+            our_mounts(std::slice::from_ref(top)).is_empty()
+        });
+    }
+}
+
+#[test]
+fn a_failed_mount_says_why_and_leaves_nothing_mounted() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mallory = fs::read_to_string(work.join("mallory.pub")).unwrap();
+    let mallory_id = mallory
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let key = format!("key={}", work.join("mallory.priv").display());
+    let out = mount_sealfs(&[
+        &format!("oci:{}:v1", work.join("sealed").display()),
+        mnt.to_str().unwrap(),
+        "-o",
+        &key,
+    ]);
+    assert_eq!(out.status.code(), Some(32));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&digests[0])
+            && err.contains(&mallory_id)
+            && err.contains("no key opens this layer"),
+        "{err}"
+    );
+    assert!(our_mounts(&digests).is_empty());
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0);
+
+    let out = mount_sealfs(&[
+        "oci:nowhere:v1",
+        mnt.to_str().unwrap(),
+        "-o",
+        "key=x,bogus=1",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown option \"bogus\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mount_sealfs(&[
+        &format!("oci:{}:v1", work.join("sealed").display()),
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key given"));
+}
