@@ -34,43 +34,6 @@ pub struct FormatArgs {
     passes: u32,
 }
 
-fn build_tar(root: &PathBuf, limit: u64) -> Result<(Vec<u8>, u64, usize)> {
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
-    let (mut total, mut files) = (0u64, 0usize);
-    let mut stack = vec![root.clone()];
-    'walk: while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for path in entries {
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                let Ok(data) = std::fs::read(&path) else {
-                    continue;
-                };
-                let name = path.strip_prefix(root).unwrap_or(&path);
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata(&meta);
-                header.set_size(data.len() as u64);
-                builder.append_data(&mut header, name, &data[..])?;
-                total += data.len() as u64;
-                files += 1;
-                if total >= limit {
-                    break 'walk;
-                }
-            }
-        }
-    }
-    Ok((builder.into_inner()?, total, files))
-}
-
 fn best_of<T>(passes: u32, mut work: impl FnMut() -> T) -> (Duration, T) {
     let mut best = Duration::MAX;
     let mut last = None;
@@ -88,7 +51,7 @@ fn mbps(bytes: u64, time: Duration) -> f64 {
 }
 
 pub fn run(args: &FormatArgs) -> Result<()> {
-    let (tar, file_bytes, files) = build_tar(&args.from, args.size_mib << 20)
+    let (tar, file_bytes, files) = crate::data::tar_from_dir(&args.from, args.size_mib << 20)
         .with_context(|| format!("reading {}", args.from.display()))?;
     println!(
         "layer: {files} files, {:.1} MiB of file data from {}",

@@ -1,7 +1,9 @@
 //! sealfs benchmarks. Every benchmark prints its baseline measured in the same run, side by
 //! side, with the ratio; nothing here asserts a timing.
 
+mod data;
 mod format;
+mod fuse;
 
 use clap::{Parser, Subcommand};
 
@@ -17,10 +19,13 @@ struct Cli {
 enum Bench {
     /// Seal and decode throughput of the layer format against plain zstd on the same chunks.
     Format(format::FormatArgs),
+    /// Reads through a sealfs mount against local disk, cold and warm; mount cost of 100k files.
+    Fuse(fuse::FuseArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Format(args) => format::run(&args),
+        Bench::Fuse(args) => fuse::run(&args),
     }
 }

@@ -167,6 +167,8 @@ pub(crate) struct Shared {
     config: FetchConfig,
     inflight: Mutex<HashMap<u32, Arc<Pending>>>,
     present: Vec<AtomicBool>,
+    /// How many of `present` are set.
+    present_count: AtomicU64,
     stats: Arc<FetchStats>,
     cancelled: AtomicBool,
     bucket: Mutex<TokenBucket>,
@@ -207,6 +209,7 @@ impl LayerFetcher {
                 }
             }
         }
+        let already = present.iter().filter(|p| p.load(Ordering::Relaxed)).count() as u64;
         let rate = config.background_bytes_per_sec;
         let shared = Arc::new(Shared {
             name,
@@ -217,6 +220,7 @@ impl LayerFetcher {
             disk,
             inflight: Mutex::new(HashMap::new()),
             present,
+            present_count: AtomicU64::new(already),
             stats: Arc::new(FetchStats::default()),
             cancelled: AtomicBool::new(false),
             bucket: Mutex::new(TokenBucket::new(rate)),
@@ -420,6 +424,20 @@ impl Shared {
                 .is_some()
     }
 
+    /// Records that a chunk is cached; logs the background fetch's progress every 10%.
+    fn mark_present(&self, chunk: u32) {
+        if self.present[chunk as usize].swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let total = self.present.len() as u64;
+        let now = self.present_count.fetch_add(1, Ordering::Relaxed) + 1;
+        if now * 10 / total != (now - 1) * 10 / total {
+            let fetched = self.stats.source_bytes.load(Ordering::Relaxed);
+            tracing::info!(layer = %self.name, chunks = now, of = total, bytes_fetched = fetched,
+                "layer fetched to {}%", now * 100 / total);
+        }
+    }
+
     fn complete(&self, chunk: u32, result: ChunkResult) {
         let pending = self.inflight.lock().expect("inflight lock").remove(&chunk);
         if let Some(pending) = pending {
@@ -488,7 +506,7 @@ impl Shared {
                             tracing::warn!(layer = %self.name, chunk, %error, "could not write the disk cache");
                         }
                     }
-                    self.present[chunk as usize].store(true, Ordering::Relaxed);
+                    self.mark_present(chunk);
                     let plain = Arc::new(plain);
                     self.memory.put(
                         ChunkKey {

@@ -251,12 +251,14 @@ impl LayerFs {
         }
     }
 
-    /// The entries of a directory, `.` and `..` first, then by name.
-    pub fn readdir(&self, ino: Ino) -> Result<Vec<DirEntry>, FsError> {
+    /// Up to `max` entries of a directory starting at position `offset`: `.` and `..` first,
+    /// then the children by name. Positions are stable for the mount, so a listing resumes
+    /// where the kernel's buffer filled up, without rebuilding what came before.
+    pub fn readdir(&self, ino: Ino, offset: usize, max: usize) -> Result<Vec<DirEntry>, FsError> {
         let number = self.directory(ino)?;
         let layer = self.layer();
         let parent = layer.entry(number).expect("checked").parent;
-        let mut out = vec![
+        let dots = [
             DirEntry {
                 ino,
                 kind: NodeType::Dir,
@@ -268,16 +270,21 @@ impl LayerFs {
                 name: b"..".to_vec(),
             },
         ];
-        for &child in layer.children(number) {
+        let children = layer.children(number).iter().map(|&child| {
             let attr = self.attr_of(child);
             let name = layer.entry(child).expect("child exists").name.clone();
-            out.push(DirEntry {
+            DirEntry {
                 ino: attr.ino,
                 kind: attr.kind,
                 name,
-            });
-        }
-        Ok(out)
+            }
+        });
+        Ok(dots
+            .into_iter()
+            .chain(children)
+            .skip(offset)
+            .take(max)
+            .collect())
     }
 
     /// A symlink's target.

@@ -3,8 +3,9 @@
 //!
 //! Several session threads serve requests, so a read waiting for a slow chunk does not hold up
 //! other requests. Layers are immutable: attributes and entries are cached by the kernel for a
-//! long time, open files keep their page cache (`FOPEN_KEEP_CACHE`), directories are cached
-//! (`FOPEN_CACHE_DIR`), and reads and readahead go up to 1 MiB. FUSE passthrough is not used:
+//! long time, open and opendir are declined (the kernel then skips them and keeps file and
+//! directory caches across opens), directory listings carry attributes (READDIRPLUS), and
+//! reads and readahead go up to 1 MiB. FUSE passthrough is not used:
 //! it would need the decrypted file on the node's disk.
 
 use std::ffi::OsStr;
@@ -15,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::fetcher::FetchError;
@@ -25,6 +26,8 @@ use crate::fs::{Attr, FsError, Ino, LayerFs, NodeType};
 
 /// The kernel may cache attributes and entries this long: a layer never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Entries prepared per readdir request: more than a kernel buffer of entries ever holds.
+const READDIR_BATCH: usize = 512;
 /// Largest read and readahead: one default chunk.
 const MAX_READ: u32 = 1 << 20;
 
@@ -92,11 +95,17 @@ impl FuseAdapter {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_readahead(MAX_READ);
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_CACHE_SYMLINKS
-                | InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_MAX_PAGES,
-        );
+        // One at a time: the kernel may lack some, and a refused set would enable none.
+        for wanted in [
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DO_READDIRPLUS,
+        ] {
+            if let Err(missing) = config.add_capabilities(wanted) {
+                tracing::debug!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
         Ok(())
     }
 
@@ -121,12 +130,11 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        // Opening reads nothing: chunks are fetched by reads.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS tells the kernel (FUSE_NO_OPEN_SUPPORT) to stop sending open and release for
+        // this mount and to keep the page cache of files across opens: two round trips fewer
+        // per file. Writes never get here: the mount is read-only (EROFS from the VFS).
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -150,10 +158,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-        );
+        // As for open: no opendir/releasedir round trips, directory contents cached.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -164,15 +170,43 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(Ino(ino.0)) {
+        match self.fs.readdir(Ino(ino.0), offset as usize, READDIR_BATCH) {
             Ok(entries) => {
-                for (at, entry) in entries.iter().enumerate().skip(offset as usize) {
+                for (at, entry) in (offset..).zip(&entries) {
+                    let name = OsStr::from_bytes(&entry.name);
+                    if reply.add(INodeNo(entry.ino.0), at + 1, file_type(entry.kind), name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // Entries come with their attributes, so listing a directory needs no LOOKUP per entry.
+        match self.fs.readdir(Ino(ino.0), offset as usize, READDIR_BATCH) {
+            Ok(entries) => {
+                for (at, entry) in (offset..).zip(&entries) {
+                    let Ok(attr) = self.fs.getattr(entry.ino) else {
+                        continue;
+                    };
                     let name = OsStr::from_bytes(&entry.name);
                     if reply.add(
                         INodeNo(entry.ino.0),
-                        at as u64 + 1,
-                        file_type(entry.kind),
+                        at + 1,
                         name,
+                        &TTL,
+                        &file_attr(&attr),
+                        Generation(0),
                     ) {
                         break;
                     }
