@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, for now: build a small image with umoci from busybox-static, make a key, seal
-# the image, show `sealctl inspect` without and with the key, and unseal it again, checking
-# that the file tree survived. Later issues turn this into "run a container lazily".
+# the image, show `sealctl inspect` without and with the key, mount the sealed image lazily with
+# mount.sealfs and read from it, and unseal it again, checking that the file tree survived.
+# Later issues turn this into "run a container lazily".
 #
 # Usage: sudo bash scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
 set -euo pipefail
@@ -12,12 +13,14 @@ mkdir -p "$work"
 if [ "${SEALFS_SKIP_DEPS:-}" != 1 ]; then
   bash "$here/scripts/install-deps.sh"
 fi
-echo "==> building sealctl (release)"
+echo "==> building sealctl and mount.sealfs (release)"
 cargo build --release --quiet --manifest-path "$here/Cargo.toml" -p sealfs-tools
 sealctl="$here/target/release/sealctl"
+mount_sealfs="$here/target/release/mount-sealfs"
 
 cd "$work"
-rm -rf demo-image demo-sealed demo-unsealed bundle unpacked-* demo.priv demo.pub
+if mountpoint -q mnt 2>/dev/null; then umount mnt; fi
+rm -rf demo-image demo-sealed demo-unsealed bundle unpacked-* demo.priv demo.pub mnt
 echo "==> building a busybox image with umoci in $work/demo-image"
 umoci init --layout demo-image
 umoci new --image demo-image:latest
@@ -37,6 +40,13 @@ echo "==> sealctl inspect (no key: sizes, chunks, recipients; names stay secret)
 "$sealctl" inspect oci:demo-sealed:latest
 echo "==> sealctl inspect --key (the file list)"
 "$sealctl" inspect --key demo.priv oci:demo-sealed:latest | head -20
+echo "==> mount.sealfs: mount the sealed image read-only; chunks are fetched when read"
+mkdir -p mnt
+"$mount_sealfs" oci:demo-sealed:latest mnt -o key=demo.priv,log="$work/mount.log"
+grep " $work/mnt " /proc/mounts || true
+echo "--- cat mnt/etc/motd"
+cat mnt/etc/motd
+umount mnt
 echo "==> sealctl unseal, and compare with the original"
 "$sealctl" unseal --key demo.priv oci:demo-sealed:latest oci:demo-unsealed:latest
 umoci unpack --image demo-image:latest unpacked-original >/dev/null

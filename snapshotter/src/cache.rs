@@ -189,6 +189,16 @@ impl DiskCache {
         }
     }
 
+    /// Whether the cache lists the chunk with the expected length (no I/O).
+    pub fn contains(&self, chunk: u32, sealed_len: u64) -> bool {
+        self.state
+            .lock()
+            .expect("disk cache lock")
+            .sizes
+            .get(&chunk)
+            == Some(&sealed_len)
+    }
+
     /// Stores a sealed chunk (atomically: temp file, then rename).
     pub fn put(&self, chunk: u32, sealed: &[u8]) -> io::Result<()> {
         let len = sealed.len() as u64;
@@ -237,24 +247,6 @@ impl DiskCache {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-}
-
-/// Tunables that size the caches (defaults documented in docs/configuration.md).
-#[derive(Clone, Debug)]
-pub struct CacheLimits {
-    /// Plaintext held in memory, all layers together.
-    pub memory_bytes: u64,
-    /// Ciphertext held on disk per layer.
-    pub disk_bytes: u64,
-}
-
-impl Default for CacheLimits {
-    fn default() -> Self {
-        CacheLimits {
-            memory_bytes: 256 << 20,
-            disk_bytes: 10 << 30,
-        }
     }
 }
 

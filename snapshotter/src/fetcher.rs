@@ -203,10 +203,8 @@ impl LayerFetcher {
         let present: Vec<AtomicBool> = (0..chunk_count).map(|_| AtomicBool::new(false)).collect();
         if let Some(disk) = &disk {
             for (chunk, flag) in present.iter().enumerate() {
-                let sealed_len = layer.index().chunks[chunk].sealed_len as usize;
-                if disk.get(chunk as u32, sealed_len).is_some() {
-                    flag.store(true, Ordering::Relaxed);
-                }
+                let sealed_len = layer.index().chunks[chunk].sealed_len as u64;
+                flag.store(disk.contains(chunk as u32, sealed_len), Ordering::Relaxed);
             }
         }
         let already = present.iter().filter(|p| p.load(Ordering::Relaxed)).count() as u64;
@@ -274,6 +272,12 @@ impl LayerFetcher {
         }
         let pending = {
             let mut inflight = shared.inflight.lock().expect("inflight lock");
+            // A fetch may have completed since the cache was checked; completion fills the
+            // cache before it leaves the in-flight table, so under the lock this is exact.
+            if let Some(plain) = shared.memory.get(key) {
+                shared.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(plain);
+            }
             match inflight.get(&chunk) {
                 Some(pending) => pending.clone(),
                 None => {
