@@ -82,9 +82,9 @@ fn whole_image_mount_equals_umoci_unpack_and_umount_ends_it() {
             "oci:sealed:v1",
             "mnt",
             "-o",
-            "key=alice.priv,prefetch=off",
+            "key=alice.priv,prefetch=on",
             "-o",
-            "threads=2",
+            "threads=2,merge=256,bandwidth=50",
         ])
         .output()
         .unwrap();

@@ -56,6 +56,8 @@ Options (-o):
   cache=DIR        keep fetched chunks (ciphertext only) under DIR [default: memory only]
   prefetch=on|off  fetch the whole image in the background after mounting [on]
   threads=N        chunk fetch threads per layer [4]
+  merge=KIB        largest merged range read of the background fetch [4096]
+  bandwidth=MIB    cap the background fetch at MIB MiB/s per layer [no cap]
   timeout=SECS     a read waits at most this long for its chunk, then fails with EIO [30]
   memory=MIB       plaintext chunk cache in memory, all layers [256]
   log=FILE         where the background process logs [/var/log/sealfs/mount.log]
@@ -116,6 +118,11 @@ fn parse_options(raw: &[String]) -> Result<Options> {
                 }
             }
             "threads" => options.mount.fetch.threads = number("threads")?.clamp(1, 256) as usize,
+            "merge" => options.mount.fetch.merge_bytes = number("merge")?.max(1) << 10,
+            "bandwidth" => {
+                options.mount.fetch.background_bytes_per_sec =
+                    Some(number("bandwidth")?.max(1) << 20)
+            }
             "timeout" => {
                 options.mount.fetch.timeout =
                     std::time::Duration::from_secs(number("timeout")?.max(1))
