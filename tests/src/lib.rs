@@ -1,6 +1,8 @@
 //! Helpers shared by the test suites of every crate (and, with the snapshotter, the end-to-end
 //! tests against containerd, the registry and FUSE that will live in `tests/tests/`).
 
+pub mod containerd;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;

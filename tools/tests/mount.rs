@@ -227,3 +227,98 @@ fn a_failed_mount_says_why_and_leaves_nothing_mounted() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no key given"));
 }
+
+#[test]
+fn whole_image_mount_equals_containerds_own_unpacking() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    if Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "containerd missing in CI");
+        eprintln!("skipping: containerd not installed");
+        return;
+    }
+    // containerd imports the plain image from an OCI archive and unpacks it with overlayfs.
+    let containerd = sealfs_e2e::containerd::Containerd::start();
+    let archive = work.join("img.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(work.join("img"))
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    containerd.ctr_ok(&[
+        "images",
+        "import",
+        "--base-name",
+        "sealfs.test/img",
+        archive.to_str().unwrap(),
+    ]);
+    let config = snapshotter::oci_layout::OciLayout::open(work.join("img"))
+        .unwrap()
+        .resolve(Some("v1"))
+        .unwrap()
+        .config;
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    let top = sealfs_e2e::containerd::chain_ids(&diff_ids).pop().unwrap();
+    let theirs = work.join("containerd-view");
+    fs::create_dir(&theirs).unwrap();
+    // One call: the view itself is unreferenced once ctr exits (garbage collection may take
+    // it), but its mount only names the image's committed snapshots, which the image keeps.
+    let target = theirs.to_str().unwrap();
+    let view = [
+        "snapshots",
+        "--snapshotter",
+        "overlayfs",
+        "view",
+        "--target",
+        target,
+        "sealfs-compare",
+        &top,
+    ];
+    let mounts = containerd.ctr_ok(&view);
+    run(Command::new("sh").arg("-c").arg(mounts.trim()));
+
+    let ours = work.join("sealfs-view");
+    fs::create_dir(&ours).unwrap();
+    let source = format!("oci:{}:v1", work.join("sealed").display());
+    let key = format!("key={}", work.join("alice.priv").display());
+    let out = mount_sealfs(&[&source, ours.to_str().unwrap(), "-o", &key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (want, got) = (
+        sealfs_e2e::snapshot_tree(&theirs),
+        sealfs_e2e::snapshot_tree(&ours),
+    );
+    run(Command::new("umount").arg(&ours));
+    run(Command::new("umount").arg(&theirs));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+    // containerd's applier gives a directory that a layer tar leaves implicit (here `var`,
+    // parent of the replaced `var/cache/app`) the time of unpacking as its mtime, a side
+    // effect of extracting into it; that differs from run to run. Directory mtimes are compared
+    // exactly against umoci's unpacking in the test above; here they are left out.
+    let without_dir_mtimes = |tree: std::collections::BTreeMap<String, String>| -> std::collections::BTreeMap<String, String> {
+        tree.into_iter()
+            .map(|(path, desc)| {
+                let desc = if desc.starts_with("mode=40") { desc.split(" mtime=").next().unwrap().to_string() } else { desc };
+                (path, desc)
+            })
+            .collect()
+    };
+    sealfs_e2e::assert_same_tree(&without_dir_mtimes(want), &without_dir_mtimes(got));
+}
