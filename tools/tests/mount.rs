@@ -147,6 +147,37 @@ fn one_layer_mounts_with_overlay_markers_and_through_mount_t() {
         our_mounts(std::slice::from_ref(top)).is_empty()
     });
 
+    // The key may come as k-of-n shares instead of a key file.
+    sealctl_ok(
+        &work,
+        &[
+            "key",
+            "split",
+            "--threshold",
+            "2",
+            "--shares",
+            "3",
+            "alice.priv",
+            "alice-shares",
+        ],
+    );
+    fs::remove_file(work.join("alice-shares/share-2-of-3.txt")).unwrap();
+    let shares = format!("shares={}", work.join("alice-shares").display());
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &shares]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+        "layer 2\n"
+    );
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mount going away", || {
+        our_mounts(std::slice::from_ref(top)).is_empty()
+    });
+
     // `mount -t sealfs` finds the helper in /sbin. Install it for the test if nothing is there.
     let helper = Path::new("/sbin/mount.sealfs");
     let installed_here = !helper.exists() && std::os::unix::fs::symlink(MOUNT, helper).is_ok();
