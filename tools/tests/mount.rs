@@ -45,6 +45,24 @@ fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// After a mount command ran: it succeeded, the top layer's new file reads back, and
+/// unmounting ends the mount.
+fn check_top_layer_mount(out: &std::process::Output, mnt: &Path, top: &str) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+        "layer 2\n"
+    );
+    run(Command::new("umount").arg(mnt));
+    eventually("the layer mount going away", || {
+        our_mounts(&[top.to_string()]).is_empty()
+    });
+}
+
 fn sealed_image() -> Option<(tempfile::TempDir, PathBuf, Vec<String>)> {
     if !Path::new("/dev/fuse").exists() && std::env::var_os("CI").is_none() {
         eprintln!("skipping: no /dev/fuse");
@@ -164,19 +182,7 @@ fn one_layer_mounts_with_overlay_markers_and_through_mount_t() {
     fs::remove_file(work.join("alice-shares/share-2-of-3.txt")).unwrap();
     let shares = format!("shares={}", work.join("alice-shares").display());
     let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &shares]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
-        "layer 2\n"
-    );
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mount going away", || {
-        our_mounts(std::slice::from_ref(top)).is_empty()
-    });
+    check_top_layer_mount(&out, &mnt, top);
 
     // `mount -t sealfs` finds the helper in /sbin. Install it for the test if nothing is there.
     let helper = Path::new("/sbin/mount.sealfs");
@@ -191,19 +197,7 @@ fn one_layer_mounts_with_overlay_markers_and_through_mount_t() {
         if installed_here {
             fs::remove_file(helper).unwrap();
         }
-        assert!(
-            out.status.success(),
-            "mount -t sealfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
-            "layer 2\n"
-        );
-        run(Command::new("umount").arg(&mnt));
-        eventually("the layer mount going away", || {
-            our_mounts(std::slice::from_ref(top)).is_empty()
-        });
+        check_top_layer_mount(&out, &mnt, top);
     }
 }
 
