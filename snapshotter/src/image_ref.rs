@@ -13,6 +13,11 @@ pub enum ImageRef {
         /// The tag (`org.opencontainers.image.ref.name`), if given.
         tag: Option<String>,
     },
+    /// `docker://HOST/REPO[:TAG][@DIGEST]`: an image in a registry.
+    Registry {
+        /// The reference without the transport prefix.
+        reference: String,
+    },
 }
 
 /// An image reference that does not parse.
@@ -48,12 +53,19 @@ impl std::str::FromStr for ImageRef {
                 tag: tag.map(str::to_string),
             });
         }
-        if text.starts_with("docker://") {
-            return Err(fail(
-                "registry transport (docker://) is not supported yet; use oci:DIR[:TAG]",
-            ));
+        if let Some(reference) = text.strip_prefix("docker://") {
+            if reference.is_empty() || !reference.contains('/') {
+                return Err(fail(
+                    "the docker:// transport needs HOST/REPOSITORY[:TAG][@DIGEST]",
+                ));
+            }
+            return Ok(ImageRef::Registry {
+                reference: reference.to_string(),
+            });
         }
-        Err(fail("expected a transport prefix: oci:DIR[:TAG]"))
+        Err(fail(
+            "expected a transport prefix: oci:DIR[:TAG] or docker://HOST/REPO[:TAG]",
+        ))
     }
 }
 
@@ -65,6 +77,7 @@ impl fmt::Display for ImageRef {
                 tag: Some(tag),
             } => write!(f, "oci:{}:{tag}", dir.display()),
             ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+            ImageRef::Registry { reference } => write!(f, "docker://{reference}"),
         }
     }
 }
@@ -93,10 +106,13 @@ mod tests {
         );
         assert!("oci:".parse::<ImageRef>().is_err());
         assert!("img".parse::<ImageRef>().is_err());
-        assert!("docker://x/y"
-            .parse::<ImageRef>()
-            .unwrap_err()
-            .to_string()
-            .contains("not supported yet"));
+        let r: ImageRef = "docker://127.0.0.1:5000/app:v1".parse().unwrap();
+        assert_eq!(
+            r,
+            ImageRef::Registry {
+                reference: "127.0.0.1:5000/app:v1".into()
+            }
+        );
+        assert!("docker://".parse::<ImageRef>().is_err());
     }
 }

@@ -20,4 +20,5 @@ pub mod image_ref;
 pub mod mount;
 pub mod oci_layout;
 mod prefetch;
+pub mod registry;
 pub mod source;

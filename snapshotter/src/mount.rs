@@ -44,6 +44,15 @@ pub enum MountError {
         #[source]
         source: FormatError,
     },
+    /// The layer's blob could not be read.
+    #[error("layer {digest}: reading its index")]
+    Source {
+        /// The layer.
+        digest: String,
+        /// The error.
+        #[source]
+        source: crate::source::SourceError,
+    },
     /// Mounting failed.
     #[error("{what}")]
     Io {
@@ -95,6 +104,22 @@ pub fn open_layer(
     descriptor: &Descriptor,
     identities: &[PrivateKey],
 ) -> Result<OpenedLayer, MountError> {
+    let path = layout.blob_path(descriptor.digest().as_ref())?;
+    let source = LocalBlob::open(&path).map_err(|source| MountError::Io {
+        what: format!("opening {}", path.display()),
+        source,
+    })?;
+    open_sealed_layer(descriptor, Arc::new(source), identities)
+}
+
+/// Opens a sealed layer whose blob is read through `source` (a local file, a registry): unwraps
+/// its key with the first identity that can, fetches the tail with one range read and verifies
+/// it against the digest the descriptor pins.
+pub fn open_sealed_layer(
+    descriptor: &Descriptor,
+    source: Arc<dyn ChunkSource>,
+    identities: &[PrivateKey],
+) -> Result<OpenedLayer, MountError> {
     let digest = descriptor.digest().to_string();
     if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
         return Err(MountError::NotSealed {
@@ -110,21 +135,30 @@ pub fn open_layer(
     let facts = SealedLayerAnnotations::read_from(&annotations).map_err(layer_error)?;
     let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
     let key = unwrap_layer_key(&ids, &facts.stanzas).map_err(layer_error)?;
-    let blob = layout.open_blob(&digest)?;
-    let tail = UnverifiedTail::read_sized(&blob, descriptor.size(), facts.index_size)
-        .map_err(layer_error)?;
+    let size = descriptor.size();
+    if facts.index_size > size || facts.index_size > MAX_TAIL_BYTES {
+        return Err(layer_error(FormatError::BadFooter(format!(
+            "index size {} is out of range",
+            facts.index_size
+        ))));
+    }
+    let tail = source
+        .read_range(size - facts.index_size, facts.index_size as usize)
+        .map_err(|source| MountError::Source {
+            digest: digest.clone(),
+            source,
+        })?;
+    let tail = UnverifiedTail::parse(size, &tail).map_err(layer_error)?;
     let layer = Arc::new(tail.open(&key, &facts.index_digest).map_err(layer_error)?);
-    let path = layout.blob_path(&digest)?;
-    let source = LocalBlob::open(&path).map_err(|source| MountError::Io {
-        what: format!("opening {}", path.display()),
-        source,
-    })?;
     Ok(OpenedLayer {
         digest,
         layer,
-        source: Arc::new(source),
+        source,
     })
 }
+
+/// Largest tail (index plus footer) a mount fetches: bounds memory on a hostile annotation.
+const MAX_TAIL_BYTES: u64 = 1 << 30;
 
 /// Builds the filesystem of an opened layer: fetcher, caches, background fetch.
 pub fn layer_fs(

@@ -2,6 +2,7 @@
 //! tests against containerd, the registry and FUSE that will live in `tests/tests/`).
 
 pub mod containerd;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -347,3 +347,40 @@ fn whole_image_mount_equals_containerds_own_unpacking() {
     };
     sealfs_e2e::assert_same_tree(&without_dir_mtimes(want), &without_dir_mtimes(got));
 }
+
+#[test]
+fn mounts_lazily_from_a_registry() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let registry = sealfs_e2e::registry::DockerRegistry::start();
+    let reference = registry.push(&work.join("sealed"), "v1", "sealed/busybox");
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let key = format!("key={}", work.join("alice.priv").display());
+    let out = mount_sealfs(&[
+        &format!("docker://{reference}"),
+        mnt.to_str().unwrap(),
+        "-o",
+        &key,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = unpack(&work, "img:v1", "bundle-plain");
+    sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+
+    let missing = format!("docker://{}/no/such:v1", registry.host);
+    let out = mount_sealfs(&[&missing, mnt.to_str().unwrap(), "-o", &key]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&registry.host) && err.contains("manifest unknown"),
+        "{err}"
+    );
+}

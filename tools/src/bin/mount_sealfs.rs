@@ -15,18 +15,22 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fsformat::PrivateKey;
+use oci_client::secrets::RegistryAuth;
+use oci_spec::image::Descriptor;
 use snapshotter::cache::MemoryCache;
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::image_ref::ImageRef;
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
 use snapshotter::oci_layout::OciLayout;
+use snapshotter::registry::{Registry, RegistryOptions};
 
 /// Mount a sealed image (all layers, merged read-only with overlayfs as a container sees them)
 /// or one sealed layer, fetching and decrypting chunks only when they are read.
 #[derive(Parser)]
 #[command(name = "mount.sealfs", version, max_term_width = 100, after_help = OPTIONS_HELP)]
 struct Cli {
-    /// oci:DIR[:TAG] for a whole image, oci:DIR[:TAG]@sha256:DIGEST for one layer.
+    /// oci:DIR[:TAG] or docker://HOST/REPO[:TAG] for a whole image; append @sha256:DIGEST
+    /// for one layer.
     source: String,
     /// Where to mount it (an existing directory).
     mountpoint: PathBuf,
@@ -67,6 +71,7 @@ user, nouser, _netdev, nofail, x-*.
 
 Examples:
   mount.sealfs oci:/srv/images/app:1.0 /mnt/app -o key=/etc/sealfs/keys/node.key
+  mount.sealfs docker://registry.example.com/app:1.0 /mnt/app -o key=node.key
   mount -t sealfs oci:/srv/images/app:1.0 /mnt/app -o key=/etc/sealfs/keys/node.key,cache=/var/cache/sealfs
   umount /mnt/app";
 
@@ -143,15 +148,37 @@ fn parse_options(raw: &[String]) -> Result<Options> {
     Ok(options)
 }
 
-/// Splits `oci:DIR[:TAG][@sha256:HEX]`.
-fn parse_source(text: &str) -> Result<(PathBuf, Option<String>, Option<String>)> {
+/// Where the image is, and which layer (all if `None`).
+struct Source {
+    image: ImageRef,
+    layer: Option<String>,
+}
+
+/// Splits `oci:DIR[:TAG][@sha256:LAYER]` or `docker://HOST/REPO[:TAG][@sha256:MANIFEST][@sha256:LAYER]`.
+/// For a registry, a trailing digest selects a layer only after a tag or a manifest digest, so
+/// `docker://host/repo@sha256:...` still names a whole image by its manifest digest.
+fn parse_source(text: &str) -> Result<Source> {
     let (image, layer) = match text.rsplit_once('@') {
-        Some((image, digest)) if digest.starts_with("sha256:") => (image, Some(digest.to_string())),
+        Some((image, digest)) if digest.starts_with("sha256:") => {
+            let names_layer = match image.strip_prefix("docker://") {
+                Some(reference) => {
+                    let last = reference.rsplit('/').next().unwrap_or_default();
+                    reference.contains('@') || last.contains(':')
+                }
+                None => true,
+            };
+            if names_layer {
+                (image, Some(digest.to_string()))
+            } else {
+                (text, None)
+            }
+        }
         _ => (text, None),
     };
-    match image.parse::<ImageRef>()? {
-        ImageRef::Layout { dir, tag } => Ok((dir, tag, layer)),
-    }
+    Ok(Source {
+        image: image.parse()?,
+        layer,
+    })
 }
 
 fn identities(options: &Options) -> Result<Vec<PrivateKey>> {
@@ -162,15 +189,13 @@ fn identities(options: &Options) -> Result<Vec<PrivateKey>> {
     Ok(keys)
 }
 
-/// Opens and verifies every layer to mount, bottom first.
-fn open_layers(source: &str, identities: &[PrivateKey]) -> Result<Vec<OpenedLayer>> {
-    let (dir, tag, layer) = parse_source(source)?;
-    let layout = OciLayout::open(&dir)?;
-    let image = layout
-        .resolve(tag.as_deref())
-        .with_context(|| format!("resolving {source}"))?;
-    let layers = image.manifest.layers();
-    let chosen: Vec<_> = match &layer {
+/// The layers chosen from a manifest, bottom first.
+fn chosen_layers<'a>(
+    layers: &'a [Descriptor],
+    layer: &Option<String>,
+    source: &str,
+) -> Result<Vec<&'a Descriptor>> {
+    match layer {
         Some(digest) => {
             let found: Vec<_> = layers
                 .iter()
@@ -179,16 +204,62 @@ fn open_layers(source: &str, identities: &[PrivateKey]) -> Result<Vec<OpenedLaye
             if found.is_empty() {
                 bail!("{digest} is not a layer of {source}");
             }
-            found
+            Ok(found)
         }
-        None => layers.iter().collect(),
-    };
-    chosen
-        .into_iter()
-        .map(|descriptor| {
-            mount::open_layer(&layout, descriptor, identities).map_err(anyhow::Error::from)
-        })
-        .collect()
+        None => Ok(layers.iter().collect()),
+    }
+}
+
+/// Opens and verifies every layer to mount, bottom first. A registry source also returns the
+/// runtime its requests run on, which must live as long as the mount.
+fn open_layers(
+    text: &str,
+    identities: &[PrivateKey],
+) -> Result<(Vec<OpenedLayer>, Option<tokio::runtime::Runtime>)> {
+    let source = parse_source(text)?;
+    match &source.image {
+        ImageRef::Layout { dir, tag } => {
+            let layout = OciLayout::open(dir)?;
+            let image = layout
+                .resolve(tag.as_deref())
+                .with_context(|| format!("resolving {text}"))?;
+            let opened = chosen_layers(image.manifest.layers(), &source.layer, text)?
+                .into_iter()
+                .map(|descriptor| {
+                    mount::open_layer(&layout, descriptor, identities).map_err(anyhow::Error::from)
+                })
+                .collect::<Result<_>>()?;
+            Ok((opened, None))
+        }
+        ImageRef::Registry { reference } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("sealfs-registry")
+                .enable_all()
+                .build()
+                .context("starting the registry client")?;
+            let parsed = Registry::parse(reference)?;
+            let host = parsed.resolve_registry().to_string();
+            let registry = Registry::new(
+                runtime.handle().clone(),
+                RegistryAuth::Anonymous,
+                RegistryOptions::default(),
+                &[&host],
+            );
+            let image = registry
+                .resolve(&parsed)
+                .with_context(|| format!("resolving {text}"))?;
+            let opened = chosen_layers(image.image.manifest.layers(), &source.layer, text)?
+                .into_iter()
+                .map(|descriptor| {
+                    let blob = Arc::new(registry.layer(&image, descriptor));
+                    mount::open_sealed_layer(descriptor, blob, identities)
+                        .map_err(anyhow::Error::from)
+                })
+                .collect::<Result<_>>()?;
+            Ok((opened, Some(runtime)))
+        }
+    }
 }
 
 /// Mounted state of the child; dropping it unmounts everything.
@@ -285,8 +356,23 @@ fn init_logging(options: &Options, foreground: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens every layer and mounts them; what a failed mount reports.
+fn prepare(
+    cli: &Cli,
+    options: &Options,
+    mountpoint: &Path,
+) -> Result<(Served, Option<tokio::runtime::Runtime>)> {
+    let identities = identities(options)?;
+    let (opened, runtime) = open_layers(&cli.source, &identities)?;
+    drop(identities);
+    let served = serve(opened, mountpoint, options)?;
+    tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");
+    Ok((served, runtime))
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let options = parse_options(&cli.options)?;
+    parse_source(&cli.source)?;
     if !cli.mountpoint.is_dir() {
         bail!(
             "mount point {} is not a directory",
@@ -294,19 +380,16 @@ fn run(cli: &Cli) -> Result<()> {
         );
     }
     let mountpoint = cli.mountpoint.canonicalize()?;
-    // Everything that can fail for a user's reason fails here, before forking.
-    let identities = identities(&options)?;
-    let opened = open_layers(&cli.source, &identities)?;
-    drop(identities);
 
     if cli.foreground {
         init_logging(&options, true)?;
-        let served = serve(opened, &mountpoint, &options)?;
-        tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");
+        let (served, _runtime) = prepare(cli, &options, &mountpoint)?;
         return wait_and_unmount(served, &mountpoint);
     }
 
-    // No thread exists yet (layers were only opened), so forking is safe.
+    // Fork before anything starts a thread (FUSE sessions, fetch workers, the registry
+    // client's runtime): the child does all the work and reports success or its error through
+    // a pipe, so the caller still gets a precise exit status and message.
     let mut fds = [0i32; 2];
     // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -315,8 +398,7 @@ fn run(cli: &Cli) -> Result<()> {
     // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: single-threaded at this point (see above); the child only continues with Rust
-    // code that does not depend on other threads.
+    // SAFETY: the process is single-threaded here (nothing above starts a thread).
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()).context("fork"),
         0 => {
@@ -324,14 +406,13 @@ fn run(cli: &Cli) -> Result<()> {
             let mut status = std::fs::File::from(write_end);
             // SAFETY: plain syscall; detaches from the caller's session and terminal.
             unsafe { libc::setsid() };
-            let served =
-                init_logging(&options, false).and_then(|()| serve(opened, &mountpoint, &options));
-            match served {
-                Ok(served) => {
+            let prepared =
+                init_logging(&options, false).and_then(|()| prepare(cli, &options, &mountpoint));
+            match prepared {
+                Ok((served, _runtime)) => {
                     let _ = status.write_all(b"ok");
                     drop(status);
                     detach_stdio();
-                    tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");
                     if let Err(error) = wait_and_unmount(served, &mountpoint) {
                         tracing::error!(%error, "serving the mount failed");
                         std::process::exit(1);
@@ -339,6 +420,7 @@ fn run(cli: &Cli) -> Result<()> {
                     std::process::exit(0);
                 }
                 Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "mount failed");
                     let _ = status.write_all(format!("{error:#}").as_bytes());
                     std::process::exit(1);
                 }

@@ -43,6 +43,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 fn layout_ref(text: &str) -> Result<(PathBuf, Option<String>)> {
     match text.parse::<ImageRef>()? {
         ImageRef::Layout { dir, tag } => Ok((dir, tag)),
+        ImageRef::Registry { .. } => {
+            bail!("{text}: sealctl reads and writes oci:DIR[:TAG] layouts only for now; copy registry images with skopeo (mount.sealfs reads docker:// directly)")
+        }
     }
 }
 

@@ -1,0 +1,182 @@
+//! Lazy reads from a real `docker-registry` on 127.0.0.1 (started by the test; the image is
+//! pushed with skopeo). Needs root, /dev/fuse, docker-registry and skopeo: a failure in CI, a
+//! skip elsewhere.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
+use fsformat::writer::{seal_layer, SealOptions};
+use fsformat::{LayerKey, PrivateKey, Recipient};
+use oci_spec::image::MediaType;
+use sealfs_e2e::noise;
+use sealfs_e2e::registry::DockerRegistry;
+use snapshotter::cache::MemoryCache;
+use snapshotter::fetcher::FetchConfig;
+use snapshotter::mount::{self, MountOptions, MountedLayer};
+use snapshotter::oci_layout::{descriptor, OciLayout};
+use snapshotter::registry::{Registry, RegistryOptions};
+
+const CHUNK: usize = 64 * 1024;
+
+fn prerequisites() -> bool {
+    let have = |tool: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let ok = Path::new("/dev/fuse").exists() && have("docker-registry") && have("skopeo");
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "docker-registry, skopeo or /dev/fuse missing in CI"
+        );
+        eprintln!("skipping: docker-registry, skopeo or /dev/fuse missing");
+    }
+    ok
+}
+
+/// A one-layer sealed image in an OCI layout: a 4 MiB file and a small one.
+fn sealed_layout(dir: &Path, key: &PrivateKey) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("big.bin", noise(21, 64 * CHUNK)),
+        ("small.txt", b"lazy from a registry\n".to_vec()),
+    ] {
+        let mut header = sealfs_e2e::regular_header(data.len() as u64);
+        builder.append_data(&mut header, name, &data[..]).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let layout = OciLayout::open_or_create(dir).unwrap();
+    let layer_key = LayerKey::generate().unwrap();
+    let mut writer = layout.blob_writer().unwrap();
+    let summary = seal_layer(
+        &tar[..],
+        &mut writer,
+        &layer_key,
+        &SealOptions::with_chunk_size(CHUNK as u64).unwrap(),
+    )
+    .unwrap();
+    let (digest, size) = writer.commit().unwrap();
+    let facts = SealedLayerAnnotations {
+        index_digest: summary.tail_digest,
+        index_size: summary.tail_size,
+        stanzas: key.public().wrap(&layer_key).unwrap(),
+        source_diff_id: Some(summary.input_diff_id.clone()),
+    };
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [summary.input_diff_id]}});
+    let (config_digest, config_size) = layout
+        .put_blob(&serde_json::to_vec(&config).unwrap())
+        .unwrap();
+    let annotations: serde_json::Map<String, serde_json::Value> = facts
+        .pairs()
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": MEDIA_TYPE_SEALED_LAYER, "digest": digest, "size": size, "annotations": annotations}],
+    });
+    let (manifest_digest, manifest_size) = layout
+        .put_blob(&serde_json::to_vec(&manifest).unwrap())
+        .unwrap();
+    layout
+        .set_tag(
+            &descriptor(MediaType::ImageManifest, &manifest_digest, manifest_size).unwrap(),
+            Some("v1"),
+        )
+        .unwrap();
+}
+
+#[test]
+fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let key = PrivateKey::generate().unwrap();
+    sealed_layout(&work.path().join("layout"), &key);
+    let mut registry = DockerRegistry::start();
+    let reference = registry.push(&work.path().join("layout"), "v1", "lazy");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let options = RegistryOptions {
+        request_timeout: Duration::from_secs(2),
+        retries: 1,
+        backoff: Duration::from_millis(50),
+        ..RegistryOptions::default()
+    };
+    let client = Registry::new(
+        runtime.handle().clone(),
+        oci_client::secrets::RegistryAuth::Anonymous,
+        options,
+        &[&registry.host],
+    );
+    let image = client
+        .resolve(&Registry::parse(&reference).unwrap())
+        .unwrap();
+    let layer = &image.image.manifest.layers()[0];
+    let opened = mount::open_sealed_layer(
+        layer,
+        Arc::new(client.layer(&image, layer)),
+        std::slice::from_ref(&key),
+    )
+    .unwrap();
+    let fetch = FetchConfig {
+        background: false,
+        timeout: Duration::from_secs(8),
+        ..FetchConfig::default()
+    };
+    let fs = mount::layer_fs(
+        &opened,
+        1,
+        Arc::new(MemoryCache::new(64 << 20)),
+        &MountOptions {
+            fetch,
+            ..MountOptions::default()
+        },
+    )
+    .unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted =
+        MountedLayer::mount(fs, mnt.path(), &MountOptions::default(), "registry-test").unwrap();
+
+    // One small file costs one chunk from the registry, a small fraction of the layer.
+    assert_eq!(
+        fs::read_to_string(mnt.path().join("small.txt")).unwrap(),
+        "lazy from a registry\n"
+    );
+    let fetched = mounted
+        .fs
+        .fetcher()
+        .stats()
+        .source_bytes
+        .load(Ordering::SeqCst);
+    assert!(
+        fetched > 0 && fetched * 20 < layer.size(),
+        "fetched {fetched} of {} bytes",
+        layer.size()
+    );
+
+    // Registry gone: a read fails with EIO (bounded retries), it does not hang.
+    registry.stop();
+    let file = fs::File::open(mnt.path().join("big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = std::os::unix::fs::FileExt::read_at(&file, &mut buf, 10 * CHUNK as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Back again: the same read succeeds, nothing was poisoned.
+    registry.resume();
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 10 * CHUNK as u64).unwrap();
+    assert_eq!(buf, noise(21, 64 * CHUNK)[10 * CHUNK..10 * CHUNK + 4096]);
+    assert_eq!(
+        fs::read(mnt.path().join("big.bin")).unwrap(),
+        noise(21, 64 * CHUNK)
+    );
+    drop(mounted);
+}

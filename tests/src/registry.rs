@@ -1,0 +1,97 @@
+//! A real `docker-registry` (distribution) for tests, on a free loopback port with its storage
+//! in a temporary directory. It can be stopped and started again on the same port and storage,
+//! to test what clients do while it is away.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running (or stopped) registry.
+pub struct DockerRegistry {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+}
+
+impl DockerRegistry {
+    /// Starts a registry without authentication.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("writing the registry config");
+        let mut registry = DockerRegistry {
+            dir,
+            child: None,
+            host,
+        };
+        registry.resume();
+        registry
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.yml")
+    }
+
+    /// Starts the registry process again (same port, same storage); waits until it accepts
+    /// connections.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).expect("log file");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry (is it installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&self.host).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the registry process (storage is kept).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Pushes an OCI layout image with skopeo to `NAME:TAG` here; returns `HOST/NAME:TAG`.
+    pub fn push(&self, layout: &std::path::Path, tag: &str, name: &str) -> String {
+        let target = format!("{}/{name}:{tag}", self.host);
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{target}"))
+            .output()
+            .expect("running skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target
+    }
+}
+
+impl Drop for DockerRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
