@@ -13,6 +13,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cache;
+pub mod credentials;
 pub mod fetcher;
 pub mod fs;
 pub mod fuse;

@@ -18,20 +18,36 @@ pub struct DockerRegistry {
 impl DockerRegistry {
     /// Starts a registry without authentication.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry that wants HTTP basic authentication as `user` with `password`
+    /// (an htpasswd file with a bcrypt hash, as the registry requires).
+    pub fn start_with_password(user: &str, password: &str) -> Self {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(credentials: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let host = format!("127.0.0.1:{port}");
-        std::fs::write(
-            dir.path().join("config.yml"),
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("writing the registry config");
+        let mut config = format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = credentials {
+            let hash = bcrypt::hash(password, 5).expect("bcrypt");
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("writing htpasswd");
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: sealfs-test\n    path: {}\n",
+                htpasswd.display()
+            );
+        }
+        std::fs::write(dir.path().join("config.yml"), config).expect("writing the registry config");
         let mut registry = DockerRegistry {
             dir,
             child: None,
@@ -74,9 +90,24 @@ impl DockerRegistry {
 
     /// Pushes an OCI layout image with skopeo to `NAME:TAG` here; returns `HOST/NAME:TAG`.
     pub fn push(&self, layout: &std::path::Path, tag: &str, name: &str) -> String {
+        self.push_as(layout, tag, name, None)
+    }
+
+    /// Like [`Self::push`], logging in as `user:password`.
+    pub fn push_as(
+        &self,
+        layout: &std::path::Path,
+        tag: &str,
+        name: &str,
+        credentials: Option<&str>,
+    ) -> String {
         let target = format!("{}/{name}:{tag}", self.host);
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let mut command = Command::new("skopeo");
+        command.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(credentials) = credentials {
+            command.arg(format!("--dest-creds={credentials}"));
+        }
+        let out = command
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{target}"))
             .output()

@@ -384,3 +384,76 @@ fn mounts_lazily_from_a_registry() {
         "{err}"
     );
 }
+
+#[test]
+fn registry_credentials_come_from_docker_config() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let registry = sealfs_e2e::registry::DockerRegistry::start_with_password("alice", "s3cret");
+    let reference = registry.push_as(
+        &work.join("sealed"),
+        "v1",
+        "private/busybox",
+        Some("alice:s3cret"),
+    );
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let write_config = |name: &str, password: &str| {
+        let path = work.join(name);
+        let auth = base64_encode(&format!("alice:{password}"));
+        fs::write(
+            &path,
+            format!(
+                r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+                registry.host
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let key = format!("key={}", work.join("alice.priv").display());
+    let source = format!("docker://{reference}");
+
+    // No credentials, then wrong ones: refused, naming the registry.
+    let anonymous = format!("auth={}", work.join("none.json").display());
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key, "-o", &anonymous]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&registry.host),
+        "{err}"
+    );
+    let wrong = format!("auth={}", write_config("wrong.json", "guess").display());
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key, "-o", &wrong]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&registry.host)
+            && err.to_lowercase().contains("auth"),
+        "{err}"
+    );
+    assert!(our_mounts(&digests).is_empty());
+
+    // The right password from the config: mounted, and lazy reads authenticate too.
+    let right = format!("auth={}", write_config("right.json", "s3cret").display());
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key, "-o", &right]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+        "layer 2\n"
+    );
+    assert!(fs::read(mnt.join("bin/busybox")).unwrap().len() > 100_000);
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

@@ -18,6 +18,7 @@ use fsformat::PrivateKey;
 use oci_client::secrets::RegistryAuth;
 use oci_spec::image::Descriptor;
 use snapshotter::cache::MemoryCache;
+use snapshotter::credentials::{self, DockerConfig};
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::image_ref::ImageRef;
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
@@ -64,6 +65,8 @@ Options (-o):
   bandwidth=MIB    cap the background fetch at MIB MiB/s per layer [no cap]
   timeout=SECS     a read waits at most this long for its chunk, then fails with EIO [30]
   memory=MIB       plaintext chunk cache in memory, all layers [256]
+  auth=FILE        docker config.json with registry credentials (auths, credHelpers,
+                   credsStore) [$DOCKER_CONFIG/config.json, else ~/.docker/config.json]
   log=FILE         where the background process logs [/var/log/sealfs/mount.log]
   debug            log every fetch
 Accepted and ignored: rw (mount(8) passes it by default; the mount is read-only anyway), ro, defaults, nosuid, nodev, noexec, noatime, relatime, auto, noauto,
@@ -82,6 +85,7 @@ struct Options {
     memory_bytes: u64,
     log: PathBuf,
     debug: bool,
+    docker_config: Option<PathBuf>,
 }
 
 fn parse_options(raw: &[String]) -> Result<Options> {
@@ -95,6 +99,7 @@ fn parse_options(raw: &[String]) -> Result<Options> {
         memory_bytes: 256 << 20,
         log: PathBuf::from("/var/log/sealfs/mount.log"),
         debug: false,
+        docker_config: None,
     };
     for option in raw
         .iter()
@@ -134,6 +139,7 @@ fn parse_options(raw: &[String]) -> Result<Options> {
             }
             "memory" => options.memory_bytes = number("memory")? << 20,
             "log" => options.log = PathBuf::from(need()?),
+            "auth" => options.docker_config = Some(PathBuf::from(need()?)),
             "debug" => options.debug = true,
             // mount(8) passes rw unless told otherwise; the mount is read-only regardless.
             "rw" | "ro" | "defaults" | "nosuid" | "nodev" | "noexec" | "noatime" | "relatime"
@@ -210,11 +216,23 @@ fn chosen_layers<'a>(
     }
 }
 
+/// Credentials for `host` from docker's config (`path`, or the default location).
+fn registry_auth(host: &str, path: Option<&Path>) -> Result<RegistryAuth> {
+    let Some(path) = path
+        .map(Path::to_path_buf)
+        .or_else(credentials::default_path)
+    else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    Ok(DockerConfig::load(&path)?.auth_for(host)?)
+}
+
 /// Opens and verifies every layer to mount, bottom first. A registry source also returns the
 /// runtime its requests run on, which must live as long as the mount.
 fn open_layers(
     text: &str,
     identities: &[PrivateKey],
+    docker_config: Option<&Path>,
 ) -> Result<(Vec<OpenedLayer>, Option<tokio::runtime::Runtime>)> {
     let source = parse_source(text)?;
     match &source.image {
@@ -240,9 +258,10 @@ fn open_layers(
                 .context("starting the registry client")?;
             let parsed = Registry::parse(reference)?;
             let host = parsed.resolve_registry().to_string();
+            let auth = registry_auth(&host, docker_config)?;
             let registry = Registry::new(
                 runtime.handle().clone(),
-                RegistryAuth::Anonymous,
+                auth,
                 RegistryOptions::default(),
                 &[&host],
             );
@@ -363,7 +382,8 @@ fn prepare(
     mountpoint: &Path,
 ) -> Result<(Served, Option<tokio::runtime::Runtime>)> {
     let identities = identities(options)?;
-    let (opened, runtime) = open_layers(&cli.source, &identities)?;
+    let (opened, runtime) =
+        open_layers(&cli.source, &identities, options.docker_config.as_deref())?;
     drop(identities);
     let served = serve(opened, mountpoint, options)?;
     tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");

@@ -1,0 +1,232 @@
+//! Registry credentials from docker's `config.json`, as docker and containerd's tooling read
+//! them: `auths` entries (base64 `user:password`, or `username`/`password`), and credential
+//! helpers (`credHelpers` per registry, `credsStore` for all) run as
+//! `docker-credential-NAME get` with the registry on standard input. Secrets are handed to the
+//! registry client and never logged.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use oci_client::secrets::RegistryAuth;
+
+/// Why credentials could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The config file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A credential helper failed.
+    #[error("credential helper docker-credential-{helper} for {registry}: {reason}")]
+    Helper {
+        /// The helper's name.
+        helper: String,
+        /// The registry asked for.
+        registry: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct AuthEntry {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    identitytoken: Option<String>,
+}
+
+/// A parsed `config.json`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, AuthEntry>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+/// Where docker keeps its config: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+pub fn default_path() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
+}
+
+/// `auths` keys come as `host`, `host:port`, `https://host/v1/`...: compare hosts only.
+fn normalize(key: &str) -> &str {
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    key.split('/').next().unwrap_or(key)
+}
+
+impl DockerConfig {
+    /// Reads `path`; a missing file is an empty config (anonymous access).
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let fail = |reason: String| CredentialsError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(DockerConfig::default())
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let mut config: DockerConfig =
+            serde_json::from_str(&text).map_err(|e| fail(format!("not a docker config: {e}")))?;
+        config.path = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// The credentials for `registry` (`host[:port]`), anonymous if none are configured.
+    pub fn auth_for(&self, registry: &str) -> Result<RegistryAuth, CredentialsError> {
+        if let Some(helper) = self
+            .cred_helpers
+            .get(registry)
+            .or(self.creds_store.as_ref())
+        {
+            if let Some(auth) = run_helper(helper, registry)? {
+                return Ok(auth);
+            }
+        }
+        let Some(entry) = self
+            .auths
+            .iter()
+            .find(|(key, _)| normalize(key) == registry)
+            .map(|(_, e)| e)
+        else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        if let Some(token) = &entry.identitytoken {
+            return Ok(RegistryAuth::Bearer(token.clone()));
+        }
+        if let (Some(user), Some(password)) = (&entry.username, &entry.password) {
+            return Ok(RegistryAuth::Basic(user.clone(), password.clone()));
+        }
+        let fail = |reason: &str| CredentialsError::Config {
+            path: self.path.clone(),
+            reason: format!("auths entry for {registry}: {reason}"),
+        };
+        let encoded = entry
+            .auth
+            .as_deref()
+            .ok_or_else(|| fail("has neither auth nor username/password"))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| fail("auth is not base64"))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| fail("auth is not UTF-8"))?;
+        let (user, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| fail("auth is not user:password"))?;
+        Ok(RegistryAuth::Basic(user.to_string(), password.to_string()))
+    }
+}
+
+/// Runs `docker-credential-NAME get`; `None` when the helper has no credentials for `registry`.
+fn run_helper(helper: &str, registry: &str) -> Result<Option<RegistryAuth>, CredentialsError> {
+    let fail = |reason: String| CredentialsError::Helper {
+        helper: helper.to_string(),
+        registry: registry.to_string(),
+        reason,
+    };
+    let mut child = Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run it: {e}")))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(registry.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        let message = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // The helper protocol's answer when it holds nothing for this registry.
+        if message.contains("credentials not found") {
+            return Ok(None);
+        }
+        return Err(fail(format!("exited with {}: {message}", out.status)));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let answer: Answer = serde_json::from_slice(&out.stdout)
+        .map_err(|_| fail("answered something that is not {Username, Secret}".into()))?;
+    // `<token>` as user name means the secret is an identity token.
+    if answer.username == "<token>" {
+        return Ok(Some(RegistryAuth::Bearer(answer.secret)));
+    }
+    Ok(Some(RegistryAuth::Basic(answer.username, answer.secret)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(auth: RegistryAuth) -> (String, String) {
+        match auth {
+            RegistryAuth::Basic(user, password) => (user, password),
+            other => panic!("expected basic auth, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn auths_entries_in_every_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            &path,
+            format!(r#"{{"auths": {{"https://reg.example.com/v1/": {{"auth": "{encoded}"}}, "127.0.0.1:5000": {{"username": "bob", "password": "pw"}}}}}}"#),
+        )
+        .unwrap();
+        let config = DockerConfig::load(&path).unwrap();
+        assert_eq!(
+            basic(config.auth_for("reg.example.com").unwrap()),
+            ("alice".into(), "s3cret".into())
+        );
+        assert_eq!(
+            basic(config.auth_for("127.0.0.1:5000").unwrap()),
+            ("bob".into(), "pw".into())
+        );
+        assert!(matches!(
+            config.auth_for("other.example.com").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            DockerConfig::load(&dir.path().join("missing.json"))
+                .unwrap()
+                .auth_for("x")
+                .unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        std::fs::write(&path, "not json").unwrap();
+        assert!(DockerConfig::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not a docker config"));
+    }
+}
