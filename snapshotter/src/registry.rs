@@ -10,6 +10,7 @@
 //! Callers are synchronous threads (FUSE and fetch workers); each request runs on the shared
 //! tokio runtime through its `Handle`, never from a runtime thread.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -129,6 +130,8 @@ pub struct RemoteImage {
     pub reference: Reference,
     /// Manifest and config.
     pub image: ResolvedImage,
+    /// The manifest exactly as the registry sent it (its digest is the image's).
+    pub raw_manifest: Vec<u8>,
 }
 
 impl Registry {
@@ -274,6 +277,7 @@ impl Registry {
                     manifest,
                     config,
                 },
+                raw_manifest: bytes.to_vec(),
             });
         }
         Err(invalid("image indexes nested too deep".into()))
@@ -305,6 +309,117 @@ impl Registry {
         Ok(bytes)
     }
 
+    /// Whether the repository of `reference` already has the blob.
+    pub fn has_blob(&self, reference: &Reference, digest: &str) -> Result<bool, RegistryError> {
+        let registry = reference.resolve_registry().to_string();
+        self.call(&registry, &format!("checking blob {digest}"), || async {
+            self.client
+                .store_auth_if_needed(reference.resolve_registry(), &self.auth)
+                .await;
+            self.client.blob_exists(reference, digest).await
+        })
+    }
+
+    /// Pushes the blob in file `path` (streamed, never whole in memory) to the repository of
+    /// `reference`; `progress` is told how many bytes went out.
+    pub fn push_blob(
+        &self,
+        reference: &Reference,
+        path: &Path,
+        digest: &str,
+        progress: std::sync::Arc<dyn Fn(u64) + Send + Sync>,
+    ) -> Result<(), RegistryError> {
+        let registry = reference.resolve_registry().to_string();
+        let size = std::fs::metadata(path).map(|m| m.len()).ok();
+        self.call(&registry, &format!("pushing blob {digest}"), || async {
+            self.client
+                .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
+                .await?;
+            let file = std::fs::File::open(path)?;
+            let stream = futures_util::stream::unfold(file, |mut file| async move {
+                use std::io::Read;
+                let mut buf = vec![0u8; 4 << 20];
+                match file.read(&mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(bytes::Bytes::from(buf)), file))
+                    }
+                    Err(e) => Some((Err(OciDistributionError::IoError(e)), file)),
+                }
+            });
+            let progress = progress.clone();
+            let counted = stream.inspect(move |chunk| {
+                if let Ok(chunk) = chunk {
+                    progress(chunk.len() as u64);
+                }
+            });
+            self.client
+                .push_blob_stream(reference, counted, digest, size)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Pushes a manifest under `reference` (its tag); returns the manifest URL.
+    pub fn push_manifest(
+        &self,
+        reference: &Reference,
+        manifest: &[u8],
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        let registry = reference.resolve_registry().to_string();
+        let content_type = reqwest_header(media_type);
+        self.call(
+            &registry,
+            &format!("pushing the manifest of {reference}"),
+            || async {
+                self.client
+                    .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
+                    .await?;
+                self.client
+                    .push_manifest_raw(reference, manifest.to_vec(), content_type.clone())
+                    .await
+            },
+        )
+    }
+
+    /// Downloads a whole blob into `out` in range requests (each retried on its own), checking
+    /// its digest at the end; `progress` is told how many bytes arrived.
+    pub fn download(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+        out: &mut dyn std::io::Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), RegistryError> {
+        let registry = reference.resolve_registry().to_string();
+        let blob = self.blob(reference, digest, size);
+        let mut hashing = fsformat::digest::HashingWriter::new(out);
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(DOWNLOAD_PIECE);
+            let piece = blob.read(at, len as usize)?;
+            std::io::Write::write_all(&mut hashing, &piece).map_err(|e| {
+                RegistryError::Invalid {
+                    registry: registry.clone(),
+                    what: format!("writing blob {digest}: {e}"),
+                }
+            })?;
+            progress(len);
+            at += len;
+        }
+        let (_, actual, _) = hashing.finish();
+        if actual != digest {
+            return Err(RegistryError::Invalid {
+                registry,
+                what: format!("blob {digest} hashes to {actual}"),
+            });
+        }
+        Ok(())
+    }
+
     /// A blob of `reference`'s repository as a chunk source.
     pub fn blob(&self, reference: &Reference, digest: &str, size: u64) -> RegistryBlob {
         RegistryBlob {
@@ -319,6 +434,16 @@ impl Registry {
     pub fn layer(&self, image: &RemoteImage, layer: &Descriptor) -> RegistryBlob {
         self.blob(&image.reference, layer.digest().as_ref(), layer.size())
     }
+}
+
+/// Range size of whole-blob downloads: large enough for throughput, small enough that a retry
+/// repeats little.
+const DOWNLOAD_PIECE: u64 = 16 << 20;
+
+fn reqwest_header(media_type: &str) -> http::HeaderValue {
+    http::HeaderValue::from_str(media_type).unwrap_or_else(|_| {
+        http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json")
+    })
 }
 
 fn retryable(error: &OciDistributionError) -> bool {

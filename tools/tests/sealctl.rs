@@ -378,3 +378,78 @@ fn hostile_layers_are_refused_and_corrupt_blobs_detected() {
     let err = sealctl_err(work, &["seal", "-r", "k.pub", "oci:good:v1", "oci:out2:v1"]);
     assert!(err.contains("corrupt"), "{err}");
 }
+
+#[test]
+fn seal_inspect_unseal_and_rewrap_through_a_registry() {
+    let Some((_temp, work)) = setup() else { return };
+    let alice = keygen(&work, "alice");
+    let bob = keygen(&work, "bob");
+    let registry = sealfs_e2e::registry::DockerRegistry::start();
+    let v1 = format!("docker://{}/sealed/busybox:v1", registry.host);
+    let v2 = format!("docker://{}/sealed/busybox:v2", registry.host);
+
+    let out = sealctl(&work, &["seal", "-r", "alice.pub", "oci:img:v1", &v1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 blob(s) already there"));
+
+    let summary = sealctl_ok(&work, &["inspect", &v1]);
+    assert!(
+        summary.contains("sealed, sealfs v1") && summary.contains(&alice),
+        "{summary}"
+    );
+    assert_eq!(
+        summary.matches("verified against the manifest").count(),
+        2,
+        "{summary}"
+    );
+
+    sealctl_ok(
+        &work,
+        &["unseal", "-k", "alice.priv", &v1, "oci:unsealed:v1"],
+    );
+    let original = unpack(&work, "img:v1", "b-original");
+    let round = unpack(&work, "unsealed:v1", "b-round");
+    sealfs_e2e::assert_same_tree(&original, &round);
+
+    // Rewrapping rewrites the manifest only: every blob is already in the registry.
+    let out = sealctl(
+        &work,
+        &[
+            "rewrap",
+            "-k",
+            "alice.priv",
+            "--add-recipient",
+            "bob.pub",
+            &v1,
+            &v2,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3 blob(s) already there"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = sealctl_ok(&work, &["inspect", "-k", "bob.priv", &v2]);
+    assert!(
+        listing.contains(&bob) && listing.contains("bin/busybox"),
+        "{listing}"
+    );
+
+    let err = sealctl_err(
+        &work,
+        &["inspect", &format!("docker://{}/no/such:v1", registry.host)],
+    );
+    assert!(
+        err.contains(&registry.host) && err.contains("manifest unknown"),
+        "{err}"
+    );
+}

@@ -17,8 +17,9 @@ use fsformat::writer::{seal_layer, SealOptions};
 use fsformat::{Identity, KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{Descriptor, ImageManifest, MediaType};
-use snapshotter::image_ref::ImageRef;
-use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
+use snapshotter::oci_layout::{descriptor, OciLayout};
+
+use crate::transport::{source_tag, Transport};
 
 /// Parses sizes like `1M`, `64K`, `1048576`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -38,64 +39,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(unit))
         .ok_or_else(|| format!("{text:?} is not a size (examples: 1M, 256K, 65536)"))
-}
-
-fn layout_ref(text: &str) -> Result<(PathBuf, Option<String>)> {
-    match text.parse::<ImageRef>()? {
-        ImageRef::Layout { dir, tag } => Ok((dir, tag)),
-        ImageRef::Registry { .. } => {
-            bail!("{text}: sealctl reads and writes oci:DIR[:TAG] layouts only for now; copy registry images with skopeo (mount.sealfs reads docker:// directly)")
-        }
-    }
-}
-
-fn open_source(text: &str) -> Result<(OciLayout, ResolvedImage)> {
-    let (dir, tag) = layout_ref(text)?;
-    let layout = OciLayout::open(&dir)?;
-    let image = layout
-        .resolve(tag.as_deref())
-        .with_context(|| format!("resolving {text}"))?;
-    Ok((layout, image))
-}
-
-/// A destination layout; if this command created it and does not finish, it is removed again so
-/// a failed run leaves nothing behind.
-struct Destination {
-    layout: OciLayout,
-    tag: Option<String>,
-    created: bool,
-    finished: bool,
-}
-
-impl Destination {
-    fn open(text: &str, source_tag: Option<String>) -> Result<Self> {
-        let (dir, tag) = layout_ref(text)?;
-        let created = !dir.join("oci-layout").exists();
-        let layout = OciLayout::open_or_create(&dir)
-            .with_context(|| format!("opening destination {text}"))?;
-        Ok(Destination {
-            layout,
-            tag: tag.or(source_tag),
-            created,
-            finished: false,
-        })
-    }
-
-    fn finish(mut self) {
-        self.finished = true;
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if self.created && !self.finished {
-            let _ = std::fs::remove_dir_all(self.layout.root());
-        }
-    }
-}
-
-fn source_tag(text: &str) -> Option<String> {
-    layout_ref(text).ok().and_then(|(_, tag)| tag)
 }
 
 fn is_sealed(layer: &Descriptor) -> bool {
@@ -209,6 +152,7 @@ fn parallel<T: Sync, R: Send>(
 }
 
 pub fn seal(
+    transport: &Transport,
     recipient_files: &[PathBuf],
     chunk_size: u64,
     zstd_level: i32,
@@ -221,8 +165,9 @@ pub fn seal(
         .collect::<Result<_>>()?;
     let mut options = SealOptions::with_chunk_size(chunk_size)?;
     options.zstd_level = zstd_level;
-    let (src, image) = open_source(source)?;
-    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let source_image = transport.open_source(source)?;
+    let (src, image) = (&source_image.layout, &source_image.image);
+    let destination_layout = transport.open_destination(destination, source_tag(source))?;
     let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
     let diff_ids = diff_ids(&image.config)?;
     let layers = image.manifest.layers();
@@ -288,9 +233,9 @@ pub fn seal(
         ));
         Ok(sealed)
     })?;
-    dst.import_blob(&src, image.manifest.config().digest().as_ref())?;
+    dst.import_blob(src, image.manifest.config().digest().as_ref())?;
     let manifest = write_manifest(dst, &image.manifest, sealed, None, true, tag.as_deref())?;
-    destination_layout.finish();
+    destination_layout.finish(&manifest)?;
     eprintln!(
         "sealed {} layer(s) of {source} for {} recipient(s) into {destination} (manifest {})",
         image.manifest.layers().len(),
@@ -341,10 +286,16 @@ impl BlobSource for ProgressSource<'_> {
     }
 }
 
-pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<()> {
+pub fn unseal(
+    transport: &Transport,
+    key_files: &[PathBuf],
+    source: &str,
+    destination: &str,
+) -> Result<()> {
     let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
-    let (src, image) = open_source(source)?;
-    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let source_image = transport.open_source(source)?;
+    let (src, image) = (&source_image.layout, &source_image.image);
+    let destination_layout = transport.open_destination(destination, source_tag(source))?;
     let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
     let mut diff_ids = diff_ids(&image.config)?;
     let layers = image.manifest.layers();
@@ -353,10 +304,10 @@ pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<
         let digest = layer.digest().to_string();
         let which = format!("layer {}/{} ({})", number + 1, layers.len(), short(&digest));
         if !is_sealed(layer) {
-            dst.import_blob(&src, &digest)?;
+            dst.import_blob(src, &digest)?;
             return Ok((layer.clone(), None));
         }
-        let opened = open_layer(&src, layer, &identities, &which)?;
+        let opened = open_layer(src, layer, &identities, &which)?;
         let blob = src.open_blob(&digest)?;
         let bar = bars.add(
             ProgressBar::new(layer.size())
@@ -404,7 +355,7 @@ pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<
         false,
         tag.as_deref(),
     )?;
-    destination_layout.finish();
+    destination_layout.finish(&manifest)?;
     eprintln!(
         "unsealed {source} into {destination} (manifest {})",
         manifest.digest()
@@ -412,9 +363,10 @@ pub fn unseal(key_files: &[PathBuf], source: &str, destination: &str) -> Result<
     Ok(())
 }
 
-pub fn inspect(key_files: &[PathBuf], source: &str) -> Result<()> {
+pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Result<()> {
     let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
-    let (src, image) = open_source(source)?;
+    // Only the index regions are read: a registry image is not pulled.
+    let (image, layer_source) = transport.open_for_inspection(source)?;
     let sealed_image = image
         .manifest
         .annotations()
@@ -447,8 +399,15 @@ pub fn inspect(key_files: &[PathBuf], source: &str) -> Result<()> {
         let facts = SealedLayerAnnotations::read_from(&annotations)
             .with_context(|| format!("{which}: bad sealfs annotations"))?;
         // The tail is pinned by the manifest, so its footer is trustworthy without a key.
-        let blob = src.open_blob(&digest)?;
-        let tail = UnverifiedTail::read_sized(&blob, layer.size(), facts.index_size)?;
+        let blob = layer_source(layer)?;
+        ensure!(
+            facts.index_size <= layer.size(),
+            "{which}: index size exceeds the blob"
+        );
+        let tail = blob
+            .read_range(layer.size() - facts.index_size, facts.index_size as usize)
+            .with_context(|| format!("{which}: reading the index"))?;
+        let tail = UnverifiedTail::parse(layer.size(), &tail)?;
         ensure!(
             tail.digest() == facts.index_digest,
             "{which}: index digest mismatch (expected {}, found {}): the blob is damaged",
@@ -477,7 +436,9 @@ pub fn inspect(key_files: &[PathBuf], source: &str) -> Result<()> {
         if identities.is_empty() {
             continue;
         }
-        let opened = open_layer(&src, layer, &identities, &which)?;
+        let opened = snapshotter::mount::open_sealed_layer(layer, blob, &identities)
+            .with_context(|| format!("{which}: cannot open the layer"))?
+            .layer;
         let files = opened
             .index()
             .entries
@@ -544,6 +505,7 @@ fn human(bytes: u64) -> String {
 }
 
 pub fn rewrap(
+    transport: &Transport,
     key_files: &[PathBuf],
     add_files: &[PathBuf],
     remove: &[String],
@@ -566,8 +528,9 @@ pub fn rewrap(
         !added.is_empty() || !removed.is_empty(),
         "nothing to do: pass --add-recipient and/or --remove-recipient"
     );
-    let (src, image) = open_source(source)?;
-    let destination_layout = Destination::open(destination, source_tag(source))?;
+    let source_image = transport.open_source(source)?;
+    let (src, image) = (&source_image.layout, &source_image.image);
+    let destination_layout = transport.open_destination(destination, source_tag(source))?;
     let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
     let layers = image.manifest.layers();
     let mut rewrapped = Vec::new();
@@ -578,14 +541,14 @@ pub fn rewrap(
             layers.len(),
             short(layer.digest().as_ref())
         );
-        dst.import_blob(&src, layer.digest().as_ref())?;
+        dst.import_blob(src, layer.digest().as_ref())?;
         if !is_sealed(layer) {
             rewrapped.push(layer.clone());
             continue;
         }
         let (mut facts, layer_key) = layer_key_for(layer, &identities, &which)?;
         // Prove the unwrapped key really opens this layer before handing it to anyone.
-        open_layer(&src, layer, &identities, &which)?;
+        open_layer(src, layer, &identities, &which)?;
         let present: Vec<KeyId> = facts.stanzas.iter().map(|s| s.key_id).collect();
         if let Some(missing) = removed.iter().find(|id| !present.contains(id)) {
             bail!(
@@ -612,9 +575,9 @@ pub fn rewrap(
         descriptor.set_annotations(Some(annotations));
         rewrapped.push(descriptor);
     }
-    dst.import_blob(&src, image.manifest.config().digest().as_ref())?;
+    dst.import_blob(src, image.manifest.config().digest().as_ref())?;
     let manifest = write_manifest(dst, &image.manifest, rewrapped, None, true, tag.as_deref())?;
-    destination_layout.finish();
+    destination_layout.finish(&manifest)?;
     eprintln!(
         "rewrapped {source} into {destination}: added [{}], removed [{}] (manifest {}; blobs unchanged)",
         list(&added.iter().map(PublicKey::key_id).collect::<Vec<_>>()),

@@ -2,6 +2,7 @@
 
 mod image;
 mod keys;
+mod transport;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Talk plain HTTP to docker:// registries (loopback registries always use it).
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// docker config.json with registry credentials [default: $DOCKER_CONFIG/config.json,
+    /// else ~/.docker/config.json].
+    #[arg(long, global = true, value_name = "FILE")]
+    docker_config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -124,6 +132,8 @@ enum KeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let transport = transport::Transport::new(cli.insecure, cli.docker_config.clone());
+    let t = &transport;
     let result = match cli.command {
         Command::Keygen {
             private,
@@ -136,20 +146,27 @@ fn main() -> ExitCode {
             zstd_level,
             source,
             destination,
-        } => image::seal(&recipients, chunk_size, zstd_level, &source, &destination),
+        } => image::seal(
+            t,
+            &recipients,
+            chunk_size,
+            zstd_level,
+            &source,
+            &destination,
+        ),
         Command::Unseal {
             keys,
             source,
             destination,
-        } => image::unseal(&keys, &source, &destination),
-        Command::Inspect { keys, source } => image::inspect(&keys, &source),
+        } => image::unseal(t, &keys, &source, &destination),
+        Command::Inspect { keys, source } => image::inspect(t, &keys, &source),
         Command::Rewrap {
             keys,
             add,
             remove,
             source,
             destination,
-        } => image::rewrap(&keys, &add, &remove, &source, &destination),
+        } => image::rewrap(t, &keys, &add, &remove, &source, &destination),
         Command::Key(KeyCommand::Split {
             threshold,
             shares,
