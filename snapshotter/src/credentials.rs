@@ -64,6 +64,19 @@ pub fn default_path() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
 }
 
+/// Docker's config from `path`, or from the default location; empty when there is none.
+pub fn load_config(path: Option<&Path>) -> Result<DockerConfig, CredentialsError> {
+    match path.map(Path::to_path_buf).or_else(default_path) {
+        Some(path) => DockerConfig::load(&path),
+        None => Ok(DockerConfig::default()),
+    }
+}
+
+/// containerd's conventional hosts directory, if this machine has one.
+pub fn default_hosts_dir() -> Option<PathBuf> {
+    Some(PathBuf::from("/etc/containerd/certs.d")).filter(|dir| dir.is_dir())
+}
+
 /// `auths` keys come as `host`, `host:port`, `https://host/v1/`...: compare hosts only.
 fn normalize(key: &str) -> &str {
     let key = key

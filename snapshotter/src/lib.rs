@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod fetcher;
 pub mod fs;
 pub mod fuse;
+pub mod hosts;
 pub mod image_ref;
 pub mod mount;
 pub mod oci_layout;

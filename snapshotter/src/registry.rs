@@ -22,6 +22,7 @@ use oci_client::{Client, Reference};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use tokio::runtime::Handle;
 
+use crate::hosts::{self, Capability, Endpoint};
 use crate::oci_layout::{host_platform, ResolvedImage};
 use crate::source::{ChunkSource, SourceError};
 
@@ -87,6 +88,8 @@ pub struct RegistryOptions {
     pub backoff: Duration,
     /// Registries reached over plain HTTP besides loopback ones (`host:port`).
     pub insecure: Vec<String>,
+    /// containerd-style hosts directory (`DIR/REGISTRY/hosts.toml`) for mirrors.
+    pub hosts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RegistryOptions {
@@ -96,31 +99,25 @@ impl Default for RegistryOptions {
             retries: 4,
             backoff: Duration::from_millis(200),
             insecure: Vec::new(),
+            hosts_dir: None,
         }
     }
 }
 
-/// Whether `registry` (`host[:port]`) is on the loopback interface, where plain HTTP is used
-/// without asking, as docker does.
-pub fn is_loopback(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => registry,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// A registry client: one connection pool and token cache for every image and blob.
+/// A registry client: its endpoints (mirrors first, then the registry itself), each with its
+/// own connection pool, credentials and token cache.
 #[derive(Clone)]
 pub struct Registry {
-    client: Client,
+    name: String,
+    routes: std::sync::Arc<Vec<Route>>,
     runtime: Handle,
-    auth: RegistryAuth,
     options: RegistryOptions,
+}
+
+struct Route {
+    endpoint: Endpoint,
+    client: Client,
+    auth: RegistryAuth,
 }
 
 /// An image resolved in a registry.
@@ -135,34 +132,66 @@ pub struct RemoteImage {
 }
 
 impl Registry {
-    /// A client for `registry` hosts reached with `auth`, running requests on `runtime`.
-    pub fn new(
+    /// A client for `registry`: its endpoints come from `options.hosts_dir` (containerd's
+    /// hosts.toml layout), each host's credentials from `auth_for`; requests run on `runtime`.
+    pub fn connect<E: std::fmt::Display>(
         runtime: Handle,
-        auth: RegistryAuth,
+        registry: &str,
         options: RegistryOptions,
-        registries: &[&str],
-    ) -> Self {
+        auth_for: &dyn Fn(&str) -> Result<RegistryAuth, E>,
+    ) -> Result<Self, RegistryError> {
         // rustls needs a process-wide crypto provider; ring builds fast and is what the format
         // uses. Installing twice is harmless (the first one stays).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut plain: Vec<String> = registries
-            .iter()
-            .filter(|r| is_loopback(r))
-            .map(|r| r.to_string())
-            .collect();
-        plain.extend(options.insecure.iter().cloned());
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain),
-            connect_timeout: Some(options.request_timeout.min(Duration::from_secs(10))),
-            read_timeout: Some(options.request_timeout),
-            ..ClientConfig::default()
+        let config_error = |what: String| RegistryError::Invalid {
+            registry: registry.to_string(),
+            what,
         };
-        Registry {
-            client: Client::new(config),
-            runtime,
-            auth,
-            options,
+        let endpoints = hosts::endpoints(options.hosts_dir.as_deref(), registry)
+            .map_err(|e| config_error(e.to_string()))?;
+        let mut routes = Vec::new();
+        for mut endpoint in endpoints {
+            endpoint.plain_http |= options.insecure.contains(&endpoint.host);
+            let mut config = ClientConfig {
+                protocol: if endpoint.plain_http {
+                    ClientProtocol::Http
+                } else {
+                    ClientProtocol::Https
+                },
+                accept_invalid_certificates: endpoint.skip_verify,
+                connect_timeout: Some(options.request_timeout.min(Duration::from_secs(10))),
+                read_timeout: Some(options.request_timeout),
+                ..ClientConfig::default()
+            };
+            if let Some(ca) = &endpoint.ca {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| config_error(format!("CA {}: {e}", ca.display())))?;
+                config
+                    .extra_root_certificates
+                    .push(oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Pem,
+                        data: pem,
+                    });
+            }
+            let auth = auth_for(&endpoint.host)
+                .map_err(|e| config_error(format!("credentials for {}: {e}", endpoint.host)))?;
+            routes.push(Route {
+                client: Client::new(config),
+                auth,
+                endpoint,
+            });
         }
+        Ok(Registry {
+            name: registry.to_string(),
+            routes: std::sync::Arc::new(routes),
+            runtime,
+            options,
+        })
+    }
+
+    /// The endpoints in the order they are tried.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.routes.iter().map(|r| &r.endpoint)
     }
 
     /// Parses `HOST/REPO[:TAG][@DIGEST]`.
@@ -175,38 +204,95 @@ impl Registry {
             })
     }
 
-    /// Runs one request with the deadline, retrying retryable failures with backoff.
-    fn call<T, F, Fut>(&self, registry: &str, what: &str, request: F) -> Result<T, RegistryError>
+    /// Runs a request on every endpoint that can do `capability`, in order, until one
+    /// succeeds. On each endpoint: a deadline per attempt and bounded retries with backoff for
+    /// retryable failures. Any failure of a mirror (down, missing the image, refusing us) falls
+    /// back to the next endpoint; the last endpoint's error is returned.
+    fn call<T, F, Fut>(
+        &self,
+        capability: Capability,
+        reference: &Reference,
+        what: &str,
+        request: F,
+    ) -> Result<T, RegistryError>
     where
-        F: Fn() -> Fut,
+        F: Fn(Client, RegistryAuth, Reference) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
+        let routes: Vec<&Route> = self
+            .routes
+            .iter()
+            .filter(|r| r.endpoint.can(capability))
+            .collect();
+        let mut last = None;
+        for (number, route) in routes.iter().enumerate() {
+            let target = retarget(reference, &route.endpoint.host);
+            // Only the last endpoint gets the full retry budget: a mirror that fails falls back
+            // quickly instead of delaying every request by a whole backoff sequence.
+            let retries = if number + 1 == routes.len() {
+                self.options.retries
+            } else {
+                self.options.retries.min(1)
+            };
+            match self.call_endpoint(route, &target, what, retries, &request) {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    if number + 1 < routes.len() {
+                        tracing::warn!(registry = %self.name, endpoint = %route.endpoint.host, what, %error, "endpoint failed; trying the next one");
+                    }
+                    last = Some(error);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Invalid {
+            registry: self.name.clone(),
+            what: format!("no endpoint may be used to {capability:?} ({what})"),
+        }))
+    }
+
+    fn call_endpoint<T, F, Fut>(
+        &self,
+        route: &Route,
+        target: &Reference,
+        what: &str,
+        retries: u32,
+        request: &F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn(Client, RegistryAuth, Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        let host = route.endpoint.host.as_str();
         let mut backoff = self.options.backoff;
         let mut attempt = 0;
         loop {
             let outcome = self.runtime.block_on(async {
-                tokio::time::timeout(self.options.request_timeout, request()).await
+                tokio::time::timeout(
+                    self.options.request_timeout,
+                    request(route.client.clone(), route.auth.clone(), target.clone()),
+                )
+                .await
             });
             let error = match outcome {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(source)) if !retryable(&source) || attempt == self.options.retries => {
+                Ok(Err(source)) if !retryable(&source) || attempt == retries => {
                     return Err(RegistryError::Request {
-                        registry: registry.to_string(),
+                        registry: host.to_string(),
                         what: what.to_string(),
                         source,
                     })
                 }
                 Ok(Err(source)) => source.to_string(),
-                Err(_) if attempt == self.options.retries => {
+                Err(_) if attempt == retries => {
                     return Err(RegistryError::Timeout {
-                        registry: registry.to_string(),
+                        registry: host.to_string(),
                         what: what.to_string(),
                         after: self.options.request_timeout,
                     })
                 }
                 Err(_) => "timed out".to_string(),
             };
-            tracing::debug!(registry, what, attempt, %error, ?backoff, "registry request failed; retrying");
+            tracing::debug!(registry = host, what, attempt, %error, ?backoff, "registry request failed; retrying");
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
             attempt += 1;
@@ -222,11 +308,22 @@ impl Registry {
         };
         let mut reference = reference.clone();
         for _ in 0..3 {
-            let (bytes, digest) =
-                self.call(&registry, &format!("manifest of {reference}"), || {
-                    self.client
-                        .pull_manifest_raw(&reference, &self.auth, &MANIFEST_TYPES)
-                })?;
+            // A tag needs an endpoint that may resolve; a digest only one that may pull.
+            let capability = if reference.digest().is_some() {
+                Capability::Pull
+            } else {
+                Capability::Resolve
+            };
+            let (bytes, digest) = self.call(
+                capability,
+                &reference,
+                &format!("manifest of {reference}"),
+                |client, auth, target| async move {
+                    client
+                        .pull_manifest_raw(&target, &auth, &MANIFEST_TYPES)
+                        .await
+                },
+            )?;
             let value: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid(format!("manifest of {reference} is not JSON: {e}")))?;
             let media_type = value["mediaType"].as_str().unwrap_or_default().to_string();
@@ -311,13 +408,17 @@ impl Registry {
 
     /// Whether the repository of `reference` already has the blob.
     pub fn has_blob(&self, reference: &Reference, digest: &str) -> Result<bool, RegistryError> {
-        let registry = reference.resolve_registry().to_string();
-        self.call(&registry, &format!("checking blob {digest}"), || async {
-            self.client
-                .store_auth_if_needed(reference.resolve_registry(), &self.auth)
-                .await;
-            self.client.blob_exists(reference, digest).await
-        })
+        self.call(
+            Capability::Push,
+            reference,
+            &format!("checking blob {digest}"),
+            |client, auth, target| async move {
+                client
+                    .store_auth_if_needed(target.resolve_registry(), &auth)
+                    .await;
+                client.blob_exists(&target, digest).await
+            },
+        )
     }
 
     /// Pushes the blob in file `path` (streamed, never whole in memory) to the repository of
@@ -329,36 +430,42 @@ impl Registry {
         digest: &str,
         progress: std::sync::Arc<dyn Fn(u64) + Send + Sync>,
     ) -> Result<(), RegistryError> {
-        let registry = reference.resolve_registry().to_string();
         let size = std::fs::metadata(path).map(|m| m.len()).ok();
-        self.call(&registry, &format!("pushing blob {digest}"), || async {
-            self.client
-                .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
-                .await?;
-            let file = std::fs::File::open(path)?;
-            let stream = futures_util::stream::unfold(file, |mut file| async move {
-                use std::io::Read;
-                let mut buf = vec![0u8; 4 << 20];
-                match file.read(&mut buf) {
-                    Ok(0) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some((Ok(bytes::Bytes::from(buf)), file))
-                    }
-                    Err(e) => Some((Err(OciDistributionError::IoError(e)), file)),
+        self.call(
+            Capability::Push,
+            reference,
+            &format!("pushing blob {digest}"),
+            |client, auth, target| {
+                let progress = progress.clone();
+                async move {
+                    client
+                        .auth(&target, &auth, oci_client::RegistryOperation::Push)
+                        .await?;
+                    let file = std::fs::File::open(path)?;
+                    let stream = futures_util::stream::unfold(file, |mut file| async move {
+                        use std::io::Read;
+                        let mut buf = vec![0u8; 4 << 20];
+                        match file.read(&mut buf) {
+                            Ok(0) => None,
+                            Ok(n) => {
+                                buf.truncate(n);
+                                Some((Ok(bytes::Bytes::from(buf)), file))
+                            }
+                            Err(e) => Some((Err(OciDistributionError::IoError(e)), file)),
+                        }
+                    });
+                    let counted = stream.inspect(move |chunk| {
+                        if let Ok(chunk) = chunk {
+                            progress(chunk.len() as u64);
+                        }
+                    });
+                    client
+                        .push_blob_stream(&target, counted, digest, size)
+                        .await
+                        .map(|_| ())
                 }
-            });
-            let progress = progress.clone();
-            let counted = stream.inspect(move |chunk| {
-                if let Ok(chunk) = chunk {
-                    progress(chunk.len() as u64);
-                }
-            });
-            self.client
-                .push_blob_stream(reference, counted, digest, size)
-                .await
-                .map(|_| ())
-        })
+            },
+        )
     }
 
     /// Pushes a manifest under `reference` (its tag); returns the manifest URL.
@@ -368,18 +475,21 @@ impl Registry {
         manifest: &[u8],
         media_type: &str,
     ) -> Result<String, RegistryError> {
-        let registry = reference.resolve_registry().to_string();
         let content_type = reqwest_header(media_type);
         self.call(
-            &registry,
+            Capability::Push,
+            reference,
             &format!("pushing the manifest of {reference}"),
-            || async {
-                self.client
-                    .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
-                    .await?;
-                self.client
-                    .push_manifest_raw(reference, manifest.to_vec(), content_type.clone())
-                    .await
+            |client, auth, target| {
+                let content_type = content_type.clone();
+                async move {
+                    client
+                        .auth(&target, &auth, oci_client::RegistryOperation::Push)
+                        .await?;
+                    client
+                        .push_manifest_raw(&target, manifest.to_vec(), content_type)
+                        .await
+                }
             },
         )
     }
@@ -436,6 +546,24 @@ impl Registry {
     }
 }
 
+/// `reference` with its registry replaced by `host` (a mirror): same repository, tag, digest.
+fn retarget(reference: &Reference, host: &str) -> Reference {
+    if reference.resolve_registry() == host {
+        return reference.clone();
+    }
+    let repository = reference.repository().to_string();
+    match (reference.digest(), reference.tag()) {
+        (Some(digest), _) => {
+            Reference::with_digest(host.to_string(), repository, digest.to_string())
+        }
+        (None, tag) => Reference::with_tag(
+            host.to_string(),
+            repository,
+            tag.unwrap_or("latest").to_string(),
+        ),
+    }
+}
+
 /// Range size of whole-blob downloads: large enough for throughput, small enough that a retry
 /// repeats little.
 const DOWNLOAD_PIECE: u64 = 16 << 20;
@@ -485,41 +613,45 @@ impl RegistryBlob {
             ..OciDescriptor::default()
         };
         let what = format!("blob {} bytes {offset}+{len}", self.digest);
-        self.registry.call(&registry, &what, || async {
-            let response = self
-                .registry
-                .client
-                .pull_blob_stream_partial(&self.reference, &descriptor, offset, Some(len as u64))
-                .await?;
-            // A registry that ignores Range sends the whole blob: skip to the offset and stop
-            // reading once the range is complete, instead of downloading the rest.
-            let (mut stream, mut skip) = match response {
-                BlobResponse::Partial(sized) => (sized.stream, 0u64),
-                BlobResponse::Full(sized) => (sized.stream, offset),
-            };
-            let mut out = Vec::with_capacity(len);
-            while out.len() < len {
-                let Some(piece) = stream.next().await else {
-                    break;
+        let descriptor = &descriptor;
+        self.registry.call(
+            Capability::Pull,
+            &self.reference,
+            &what,
+            |client, _auth, target| async move {
+                let response = client
+                    .pull_blob_stream_partial(&target, descriptor, offset, Some(len as u64))
+                    .await?;
+                // A registry that ignores Range sends the whole blob: skip to the offset and stop
+                // reading once the range is complete, instead of downloading the rest.
+                let (mut stream, mut skip) = match response {
+                    BlobResponse::Partial(sized) => (sized.stream, 0u64),
+                    BlobResponse::Full(sized) => (sized.stream, offset),
                 };
-                let piece = piece?;
-                let mut piece = &piece[..];
-                if skip > 0 {
-                    let drop = (skip as usize).min(piece.len());
-                    piece = &piece[drop..];
-                    skip -= drop as u64;
+                let mut out = Vec::with_capacity(len);
+                while out.len() < len {
+                    let Some(piece) = stream.next().await else {
+                        break;
+                    };
+                    let piece = piece?;
+                    let mut piece = &piece[..];
+                    if skip > 0 {
+                        let drop = (skip as usize).min(piece.len());
+                        piece = &piece[drop..];
+                        skip -= drop as u64;
+                    }
+                    let take = piece.len().min(len - out.len());
+                    out.extend_from_slice(&piece[..take]);
                 }
-                let take = piece.len().min(len - out.len());
-                out.extend_from_slice(&piece[..take]);
-            }
-            if out.len() != len {
-                return Err(OciDistributionError::IoError(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("the registry sent {} of {len} bytes", out.len()),
-                )));
-            }
-            Ok(out)
-        })
+                if out.len() != len {
+                    return Err(OciDistributionError::IoError(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the registry sent {} of {len} bytes", out.len()),
+                    )));
+                }
+                Ok(out)
+            },
+        )
     }
 }
 
@@ -547,14 +679,27 @@ mod tests {
             "127.1.2.3",
             "[::1]:5000",
         ] {
-            assert!(is_loopback(host), "{host}");
+            assert!(crate::hosts::is_loopback(host), "{host}");
         }
         for host in [
             "registry.example.com",
             "10.0.0.1:5000",
             "localhost.example.com:80",
         ] {
-            assert!(!is_loopback(host), "{host}");
+            assert!(!crate::hosts::is_loopback(host), "{host}");
         }
+    }
+
+    #[test]
+    fn references_retarget_to_mirrors() {
+        let tagged = Registry::parse("registry.example.com/team/app:1.0").unwrap();
+        assert_eq!(
+            retarget(&tagged, "mirror:5000").to_string(),
+            "mirror:5000/team/app:1.0"
+        );
+        let pinned = Registry::parse("registry.example.com/app@sha256:0123456789012345678901234567890123456789012345678901234567890123").unwrap();
+        assert!(retarget(&pinned, "m")
+            .to_string()
+            .starts_with("m/app@sha256:"));
     }
 }

@@ -112,12 +112,15 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
         backoff: Duration::from_millis(50),
         ..RegistryOptions::default()
     };
-    let client = Registry::new(
+    let anonymous =
+        |_: &str| Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Anonymous);
+    let client = Registry::connect(
         runtime.handle().clone(),
-        oci_client::secrets::RegistryAuth::Anonymous,
+        &registry.host,
         options,
-        &[&registry.host],
-    );
+        &anonymous,
+    )
+    .unwrap();
     let image = client
         .resolve(&Registry::parse(&reference).unwrap())
         .unwrap();

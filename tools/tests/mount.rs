@@ -457,3 +457,56 @@ fn base64_encode(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+#[test]
+fn mirrors_from_hosts_toml_are_used_and_a_dead_one_falls_back() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let origin = sealfs_e2e::registry::DockerRegistry::start();
+    let mirror = sealfs_e2e::registry::DockerRegistry::start();
+    // The image is only on the mirror; the origin is asked for it by name.
+    mirror.push(&work.join("sealed"), "v1", "team/app");
+    let hosts = work.join("certs.d");
+    let write_hosts = |mirrors: &[&str]| {
+        let dir = hosts.join(&origin.host);
+        fs::create_dir_all(&dir).unwrap();
+        let mut text = format!("server = \"http://{}\"\n", origin.host);
+        for m in mirrors {
+            text += &format!("\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
+        }
+        fs::write(dir.join("hosts.toml"), text).unwrap();
+    };
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let source = format!("docker://{}/team/app:v1", origin.host);
+    let options = format!(
+        "key={},hosts={}",
+        work.join("alice.priv").display(),
+        hosts.display()
+    );
+
+    // A dead mirror first (nothing listens on port 1), then the live one: served by the mirror.
+    write_hosts(&["127.0.0.1:1", &mirror.host]);
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = unpack(&work, "img:v1", "bundle-plain");
+    sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+
+    // Only the dead mirror: the origin answers, and it does not have the image.
+    write_hosts(&["127.0.0.1:1"]);
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&origin.host) && err.contains("manifest unknown"),
+        "{err}"
+    );
+}

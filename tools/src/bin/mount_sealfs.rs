@@ -15,10 +15,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fsformat::PrivateKey;
-use oci_client::secrets::RegistryAuth;
 use oci_spec::image::Descriptor;
 use snapshotter::cache::MemoryCache;
-use snapshotter::credentials::{self, DockerConfig};
+use snapshotter::credentials;
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::image_ref::ImageRef;
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
@@ -67,6 +66,8 @@ Options (-o):
   memory=MIB       plaintext chunk cache in memory, all layers [256]
   auth=FILE        docker config.json with registry credentials (auths, credHelpers,
                    credsStore) [$DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+  hosts=DIR        registry mirrors in containerd's layout, DIR/REGISTRY/hosts.toml
+                   [/etc/containerd/certs.d if it exists]
   log=FILE         where the background process logs [/var/log/sealfs/mount.log]
   debug            log every fetch
 Accepted and ignored: rw (mount(8) passes it by default; the mount is read-only anyway), ro, defaults, nosuid, nodev, noexec, noatime, relatime, auto, noauto,
@@ -86,6 +87,7 @@ struct Options {
     log: PathBuf,
     debug: bool,
     docker_config: Option<PathBuf>,
+    hosts_dir: Option<PathBuf>,
 }
 
 fn parse_options(raw: &[String]) -> Result<Options> {
@@ -100,6 +102,7 @@ fn parse_options(raw: &[String]) -> Result<Options> {
         log: PathBuf::from("/var/log/sealfs/mount.log"),
         debug: false,
         docker_config: None,
+        hosts_dir: None,
     };
     for option in raw
         .iter()
@@ -140,6 +143,7 @@ fn parse_options(raw: &[String]) -> Result<Options> {
             "memory" => options.memory_bytes = number("memory")? << 20,
             "log" => options.log = PathBuf::from(need()?),
             "auth" => options.docker_config = Some(PathBuf::from(need()?)),
+            "hosts" => options.hosts_dir = Some(PathBuf::from(need()?)),
             "debug" => options.debug = true,
             // mount(8) passes rw unless told otherwise; the mount is read-only regardless.
             "rw" | "ro" | "defaults" | "nosuid" | "nodev" | "noexec" | "noatime" | "relatime"
@@ -216,23 +220,12 @@ fn chosen_layers<'a>(
     }
 }
 
-/// Credentials for `host` from docker's config (`path`, or the default location).
-fn registry_auth(host: &str, path: Option<&Path>) -> Result<RegistryAuth> {
-    let Some(path) = path
-        .map(Path::to_path_buf)
-        .or_else(credentials::default_path)
-    else {
-        return Ok(RegistryAuth::Anonymous);
-    };
-    Ok(DockerConfig::load(&path)?.auth_for(host)?)
-}
-
 /// Opens and verifies every layer to mount, bottom first. A registry source also returns the
 /// runtime its requests run on, which must live as long as the mount.
 fn open_layers(
     text: &str,
     identities: &[PrivateKey],
-    docker_config: Option<&Path>,
+    options: &Options,
 ) -> Result<(Vec<OpenedLayer>, Option<tokio::runtime::Runtime>)> {
     let source = parse_source(text)?;
     match &source.image {
@@ -258,13 +251,17 @@ fn open_layers(
                 .context("starting the registry client")?;
             let parsed = Registry::parse(reference)?;
             let host = parsed.resolve_registry().to_string();
-            let auth = registry_auth(&host, docker_config)?;
-            let registry = Registry::new(
-                runtime.handle().clone(),
-                auth,
-                RegistryOptions::default(),
-                &[&host],
-            );
+            let credentials = credentials::load_config(options.docker_config.as_deref())?;
+            let settings = RegistryOptions {
+                hosts_dir: options
+                    .hosts_dir
+                    .clone()
+                    .or_else(credentials::default_hosts_dir),
+                ..RegistryOptions::default()
+            };
+            let registry = Registry::connect(runtime.handle().clone(), &host, settings, &|h| {
+                credentials.auth_for(h)
+            })?;
             let image = registry
                 .resolve(&parsed)
                 .with_context(|| format!("resolving {text}"))?;
@@ -382,8 +379,7 @@ fn prepare(
     mountpoint: &Path,
 ) -> Result<(Served, Option<tokio::runtime::Runtime>)> {
     let identities = identities(options)?;
-    let (opened, runtime) =
-        open_layers(&cli.source, &identities, options.docker_config.as_deref())?;
+    let (opened, runtime) = open_layers(&cli.source, &identities, options)?;
     drop(identities);
     let served = serve(opened, mountpoint, options)?;
     tracing::info!(source = %cli.source, mountpoint = %mountpoint.display(), layers = served.layers.len(), "mounted");

@@ -26,6 +26,10 @@ struct Cli {
     /// else ~/.docker/config.json].
     #[arg(long, global = true, value_name = "FILE")]
     docker_config: Option<PathBuf>,
+    /// Registry mirrors in containerd's layout, DIR/REGISTRY/hosts.toml
+    /// [default: /etc/containerd/certs.d if it exists].
+    #[arg(long, global = true, value_name = "DIR")]
+    hosts_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -132,7 +136,11 @@ enum KeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let transport = transport::Transport::new(cli.insecure, cli.docker_config.clone());
+    let transport = transport::Transport::new(
+        cli.insecure,
+        cli.docker_config.clone(),
+        cli.hosts_dir.clone(),
+    );
     let t = &transport;
     let result = match cli.command {
         Command::Keygen {

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_client::Reference;
 use oci_spec::image::{Descriptor, MediaType};
-use snapshotter::credentials::{self, DockerConfig};
+use snapshotter::credentials;
 use snapshotter::image_ref::ImageRef;
 use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
 use snapshotter::registry::{Registry, RegistryOptions};
@@ -23,6 +23,7 @@ use snapshotter::source::{ChunkSource, LocalBlob};
 pub struct Transport {
     insecure: bool,
     docker_config: Option<PathBuf>,
+    hosts_dir: Option<PathBuf>,
     runtime: OnceCell<tokio::runtime::Runtime>,
     registries: std::cell::RefCell<HashMap<String, Registry>>,
 }
@@ -56,10 +57,11 @@ fn short(digest: &str) -> String {
 
 impl Transport {
     /// `insecure`: plain HTTP to every registry (loopback registries always use it).
-    pub fn new(insecure: bool, docker_config: Option<PathBuf>) -> Self {
+    pub fn new(insecure: bool, docker_config: Option<PathBuf>, hosts_dir: Option<PathBuf>) -> Self {
         Transport {
             insecure,
             docker_config,
+            hosts_dir,
             runtime: OnceCell::new(),
             registries: Default::default(),
         }
@@ -80,23 +82,22 @@ impl Transport {
                 self.runtime.get_or_init(|| runtime)
             }
         };
-        let auth = match self
-            .docker_config
-            .clone()
-            .or_else(credentials::default_path)
-        {
-            Some(path) => DockerConfig::load(&path)?.auth_for(host)?,
-            None => oci_client::secrets::RegistryAuth::Anonymous,
-        };
+        let credentials = credentials::load_config(self.docker_config.as_deref())?;
         let options = RegistryOptions {
             insecure: if self.insecure {
                 vec![host.to_string()]
             } else {
                 Vec::new()
             },
+            hosts_dir: self
+                .hosts_dir
+                .clone()
+                .or_else(credentials::default_hosts_dir),
             ..RegistryOptions::default()
         };
-        let registry = Registry::new(runtime.handle().clone(), auth, options, &[host]);
+        let registry = Registry::connect(runtime.handle().clone(), host, options, &|h| {
+            credentials.auth_for(h)
+        })?;
         self.registries
             .borrow_mut()
             .insert(host.to_string(), registry.clone());
