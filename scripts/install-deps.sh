@@ -19,6 +19,7 @@ packages=(
   docker-registry skopeo       # a real registry and a real image mover
   umoci busybox-static         # building test images from a static busybox
   attr tar zstd                # setfattr/getfattr, GNU tar, zstd for comparing trees
+  openssl                      # test certificates (registry token issuer)
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q

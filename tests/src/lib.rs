@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod registry;
+pub mod token_issuer;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -18,17 +18,36 @@ pub struct DockerRegistry {
 impl DockerRegistry {
     /// Starts a registry without authentication.
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(tempfile::tempdir().expect("tempdir"), None)
     }
 
     /// Starts a registry that wants HTTP basic authentication as `user` with `password`
     /// (an htpasswd file with a bcrypt hash, as the registry requires).
     pub fn start_with_password(user: &str, password: &str) -> Self {
-        Self::start_with(Some((user, password)))
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = bcrypt::hash(password, 5).expect("bcrypt");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("writing htpasswd");
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: sealfs-test\n    path: {}\n",
+            htpasswd.display()
+        );
+        Self::start_with(dir, Some(auth))
     }
 
-    fn start_with(credentials: Option<(&str, &str)>) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Starts a registry with token authentication: clients get bearer tokens from `issuer`.
+    pub fn start_with_tokens(issuer: &crate::token_issuer::TokenIssuer) -> Self {
+        let auth = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            issuer.realm,
+            crate::token_issuer::SERVICE,
+            crate::token_issuer::ISSUER,
+            issuer.certificate.display()
+        );
+        Self::start_with(tempfile::tempdir().expect("tempdir"), Some(auth))
+    }
+
+    fn start_with(dir: tempfile::TempDir, auth: Option<String>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -38,14 +57,8 @@ impl DockerRegistry {
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
             dir.path().join("data").display()
         );
-        if let Some((user, password)) = credentials {
-            let hash = bcrypt::hash(password, 5).expect("bcrypt");
-            let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("writing htpasswd");
-            config += &format!(
-                "auth:\n  htpasswd:\n    realm: sealfs-test\n    path: {}\n",
-                htpasswd.display()
-            );
+        if let Some(auth) = auth {
+            config += &auth;
         }
         std::fs::write(dir.path().join("config.yml"), config).expect("writing the registry config");
         let mut registry = DockerRegistry {

@@ -510,3 +510,70 @@ fn mirrors_from_hosts_toml_are_used_and_a_dead_one_falls_back() {
         "{err}"
     );
 }
+
+#[test]
+fn token_authentication_through_a_real_registry() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let issuer = sealfs_e2e::token_issuer::TokenIssuer::start(&work, "alice", "s3cret");
+    let registry = sealfs_e2e::registry::DockerRegistry::start_with_tokens(&issuer);
+    let reference = registry.push_as(
+        &work.join("sealed"),
+        "v1",
+        "tokens/busybox",
+        Some("alice:s3cret"),
+    );
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = |name: &str, password: &str| {
+        let path = work.join(name);
+        let auth = base64_encode(&format!("alice:{password}"));
+        fs::write(
+            &path,
+            format!(
+                r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+                registry.host
+            ),
+        )
+        .unwrap();
+        format!("auth={}", path.display())
+    };
+    let key = format!("key={}", work.join("alice.priv").display());
+    let source = format!("docker://{reference}");
+
+    let out = mount_sealfs(&[
+        &source,
+        mnt.to_str().unwrap(),
+        "-o",
+        &key,
+        "-o",
+        &config("wrong.json", "guess"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&registry.host),
+        "{err}"
+    );
+    assert!(our_mounts(&digests).is_empty());
+
+    let out = mount_sealfs(&[
+        &source,
+        mnt.to_str().unwrap(),
+        "-o",
+        &key,
+        "-o",
+        &config("right.json", "s3cret"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = unpack(&work, "img:v1", "bundle-plain");
+    sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+}
