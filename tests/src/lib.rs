@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod registry;
+pub mod tls;
 pub mod token_issuer;
 
 use std::collections::BTreeMap;

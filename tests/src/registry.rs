@@ -18,7 +18,7 @@ pub struct DockerRegistry {
 impl DockerRegistry {
     /// Starts a registry without authentication.
     pub fn start() -> Self {
-        Self::start_with(tempfile::tempdir().expect("tempdir"), None)
+        Self::start_with(tempfile::tempdir().expect("tempdir"), None, None)
     }
 
     /// Starts a registry that wants HTTP basic authentication as `user` with `password`
@@ -32,7 +32,7 @@ impl DockerRegistry {
             "auth:\n  htpasswd:\n    realm: sealfs-test\n    path: {}\n",
             htpasswd.display()
         );
-        Self::start_with(dir, Some(auth))
+        Self::start_with(dir, None, Some(auth))
     }
 
     /// Starts a registry with token authentication: clients get bearer tokens from `issuer`.
@@ -44,10 +44,26 @@ impl DockerRegistry {
             crate::token_issuer::ISSUER,
             issuer.certificate.display()
         );
-        Self::start_with(tempfile::tempdir().expect("tempdir"), Some(auth))
+        Self::start_with(tempfile::tempdir().expect("tempdir"), None, Some(auth))
     }
 
-    fn start_with(dir: tempfile::TempDir, auth: Option<String>) -> Self {
+    /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 issued by a test CA;
+    /// returns it and the CA certificate (PEM) a client must trust.
+    pub fn start_with_tls() -> (Self, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = crate::tls::TestCa::new(dir.path());
+        let (certificate, key) = ca.server_certificate("127.0.0.1");
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            certificate.display(),
+            key.display()
+        );
+        let ca_path = ca.certificate.clone();
+        (Self::start_with(dir, Some(tls), None), ca_path)
+    }
+
+    /// `http` is extra YAML under `http:` (indented), `auth` a whole `auth:` section.
+    fn start_with(dir: tempfile::TempDir, http: Option<String>, auth: Option<String>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -57,6 +73,10 @@ impl DockerRegistry {
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
             dir.path().join("data").display()
         );
+        if let Some(http) = http {
+            // Under `http:`, right after its `addr`.
+            config = config.replace("\nlog:", &format!("\n{http}log:"));
+        }
         if let Some(auth) = auth {
             config += &auth;
         }

@@ -577,3 +577,52 @@ fn token_authentication_through_a_real_registry() {
         our_mounts(&digests).is_empty()
     });
 }
+
+#[test]
+fn an_https_registry_is_trusted_through_the_ca_in_hosts_toml() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let (registry, ca) = sealfs_e2e::registry::DockerRegistry::start_with_tls();
+    registry.push(&work.join("sealed"), "v1", "tls/busybox");
+    let hosts = work.join("certs.d");
+    fs::create_dir_all(hosts.join(&registry.host)).unwrap();
+    let write_hosts = |ca_line: &str| {
+        let text = format!("server = \"https://{}\"\n{ca_line}", registry.host);
+        fs::write(hosts.join(&registry.host).join("hosts.toml"), text).unwrap();
+    };
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let source = format!("docker://{}/tls/busybox:v1", registry.host);
+    let options = format!(
+        "key={},hosts={}",
+        work.join("alice.priv").display(),
+        hosts.display()
+    );
+
+    // HTTPS without trusting the test CA: refused, naming the registry.
+    write_hosts("");
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&registry.host),
+        "{err}"
+    );
+
+    // With the CA from hosts.toml: mounted over HTTPS.
+    write_hosts(&format!("ca = \"{}\"\n", ca.display()));
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
+        "layer 2\n"
+    );
+    run(Command::new("umount").arg(&mnt));
+    eventually("the layer mounts going away", || {
+        our_mounts(&digests).is_empty()
+    });
+}
