@@ -242,4 +242,39 @@ mod tests {
             .to_string()
             .contains("not a docker config"));
     }
+
+    #[test]
+    fn credential_helpers_speak_the_docker_protocol() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A real helper program: reads the registry on stdin, answers as docker's helpers do.
+        let helper = dir.path().join("docker-credential-sealfstest");
+        let script = r#"#!/bin/sh
+read host
+case "$host" in
+  reg.example.com) echo '{"Username":"carol","Secret":"pw"}' ;;
+  tok.example.com) echo '{"Username":"<token>","Secret":"refresh"}' ;;
+  *) echo 'credentials not found in native keychain'; exit 1 ;;
+esac
+"#;
+        std::fs::write(&helper, script).unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("config.json");
+        let config =
+            r#"{"credsStore": "sealfstest", "credHelpers": {"tok.example.com": "sealfstest"}}"#;
+        std::fs::write(&path, config).unwrap();
+        let config = DockerConfig::load(&path).unwrap();
+        // Helpers are found on PATH; no other test in this binary runs programs.
+        let old_path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![dir.path().to_path_buf()];
+        paths.extend(std::env::split_paths(&old_path));
+        std::env::set_var("PATH", std::env::join_paths(paths).unwrap());
+        let carol = config.auth_for("reg.example.com");
+        let token = config.auth_for("tok.example.com");
+        let none = config.auth_for("other.example.com");
+        std::env::set_var("PATH", old_path);
+        assert_eq!(basic(carol.unwrap()), ("carol".into(), "pw".into()));
+        assert!(matches!(token.unwrap(), RegistryAuth::Bearer(t) if t == "refresh"));
+        assert!(matches!(none.unwrap(), RegistryAuth::Anonymous));
+    }
 }
