@@ -263,20 +263,10 @@ impl OciLayout {
             }
             let index = ImageIndex::from_reader(&bytes[..])
                 .map_err(|e| LayoutError::Invalid(format!("index {digest}: {e}")))?;
-            let (os, arch) = host_platform();
-            let child = index
-                .manifests()
-                .iter()
-                .find(|m| {
-                    m.platform().as_ref().is_some_and(|p| {
-                        p.os().to_string() == os && p.architecture().to_string() == arch
-                    })
-                })
-                .ok_or_else(|| {
-                    LayoutError::Invalid(format!(
-                        "image index {digest} has no {os}/{arch} manifest"
-                    ))
-                })?;
+            let child = platform_manifest(&index).ok_or_else(|| {
+                let (os, arch) = host_platform();
+                LayoutError::Invalid(format!("image index {digest} has no {os}/{arch} manifest"))
+            })?;
             return self.resolve_descriptor(child.clone(), depth + 1);
         }
         let manifest = ImageManifest::from_reader(&bytes[..])
@@ -375,6 +365,16 @@ pub fn descriptor(media_type: MediaType, digest: &str, size: u64) -> Result<Desc
 
 fn invalid(e: impl std::fmt::Display) -> LayoutError {
     LayoutError::Invalid(e.to_string())
+}
+
+/// The manifest of an image index for the host's platform.
+pub fn platform_manifest(index: &ImageIndex) -> Option<&Descriptor> {
+    let (os, arch) = host_platform();
+    index.manifests().iter().find(|m| {
+        m.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+    })
 }
 
 /// The host's platform in OCI spelling.

@@ -23,7 +23,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use tokio::runtime::Handle;
 
 use crate::hosts::{self, Capability, Endpoint};
-use crate::oci_layout::{host_platform, ResolvedImage};
+use crate::oci_layout::{host_platform, platform_manifest, ResolvedImage};
 use crate::source::{ChunkSource, SourceError};
 
 /// Manifest media types we ask for.
@@ -338,18 +338,10 @@ impl Registry {
             {
                 let index = ImageIndex::from_reader(&bytes[..])
                     .map_err(|e| invalid(format!("index {digest}: {e}")))?;
-                let (os, arch) = host_platform();
-                let child = index
-                    .manifests()
-                    .iter()
-                    .find(|m| {
-                        m.platform().as_ref().is_some_and(|p| {
-                            p.os().to_string() == os && p.architecture().to_string() == arch
-                        })
-                    })
-                    .ok_or_else(|| {
-                        invalid(format!("image index {digest} has no {os}/{arch} manifest"))
-                    })?;
+                let child = platform_manifest(&index).ok_or_else(|| {
+                    let (os, arch) = host_platform();
+                    invalid(format!("image index {digest} has no {os}/{arch} manifest"))
+                })?;
                 reference = Reference::with_digest(
                     pinned.registry().to_string(),
                     pinned.repository().to_string(),

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn openssl(args: &[&str]) {
+/// Runs openssl, failing the test with its message if it fails.
+pub(crate) fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .output()

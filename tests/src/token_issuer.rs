@@ -4,10 +4,10 @@
 //! certificate in the `x5c` header. It stands in for an external auth server, which this
 //! machine does not have; the registry that verifies its tokens is the real one.
 
+use crate::tls::openssl;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,18 +28,6 @@ pub struct TokenIssuer {
     /// PEM certificate for the registry's `rootcertbundle`.
     pub certificate: PathBuf,
     stop: Arc<AtomicBool>,
-}
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl TokenIssuer {

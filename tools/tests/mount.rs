@@ -399,19 +399,6 @@ fn registry_credentials_come_from_docker_config() {
     );
     let mnt = work.join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let write_config = |name: &str, password: &str| {
-        let path = work.join(name);
-        let auth = base64_encode(&format!("alice:{password}"));
-        fs::write(
-            &path,
-            format!(
-                r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
-                registry.host
-            ),
-        )
-        .unwrap();
-        path
-    };
     let key = format!("key={}", work.join("alice.priv").display());
     let source = format!("docker://{reference}");
 
@@ -423,7 +410,10 @@ fn registry_credentials_come_from_docker_config() {
         !out.status.success() && err.contains(&registry.host),
         "{err}"
     );
-    let wrong = format!("auth={}", write_config("wrong.json", "guess").display());
+    let wrong = format!(
+        "auth={}",
+        docker_config(&work, "wrong.json", &registry.host, "alice:guess").display()
+    );
     let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key, "-o", &wrong]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -435,7 +425,10 @@ fn registry_credentials_come_from_docker_config() {
     assert!(our_mounts(&digests).is_empty());
 
     // The right password from the config: mounted, and lazy reads authenticate too.
-    let right = format!("auth={}", write_config("right.json", "s3cret").display());
+    let right = format!(
+        "auth={}",
+        docker_config(&work, "right.json", &registry.host, "alice:s3cret").display()
+    );
     let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key, "-o", &right]);
     assert!(
         out.status.success(),
@@ -453,9 +446,17 @@ fn registry_credentials_come_from_docker_config() {
     });
 }
 
-fn base64_encode(text: &str) -> String {
+/// Writes a docker config.json in `dir` with `user:password` for `host`; returns its path.
+fn docker_config(dir: &Path, name: &str, host: &str, credentials: &str) -> PathBuf {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(text)
+    let path = dir.join(name);
+    let auth = base64::engine::general_purpose::STANDARD.encode(credentials);
+    fs::write(
+        &path,
+        format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    path
 }
 
 #[test]
@@ -526,19 +527,6 @@ fn token_authentication_through_a_real_registry() {
     );
     let mnt = work.join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let config = |name: &str, password: &str| {
-        let path = work.join(name);
-        let auth = base64_encode(&format!("alice:{password}"));
-        fs::write(
-            &path,
-            format!(
-                r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
-                registry.host
-            ),
-        )
-        .unwrap();
-        format!("auth={}", path.display())
-    };
     let key = format!("key={}", work.join("alice.priv").display());
     let source = format!("docker://{reference}");
 
@@ -548,7 +536,10 @@ fn token_authentication_through_a_real_registry() {
         "-o",
         &key,
         "-o",
-        &config("wrong.json", "guess"),
+        &format!(
+            "auth={}",
+            docker_config(&work, "wrong.json", &registry.host, "alice:guess").display()
+        ),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -563,7 +554,10 @@ fn token_authentication_through_a_real_registry() {
         "-o",
         &key,
         "-o",
-        &config("right.json", "s3cret"),
+        &format!(
+            "auth={}",
+            docker_config(&work, "right.json", &registry.host, "alice:s3cret").display()
+        ),
     ]);
     assert!(
         out.status.success(),
