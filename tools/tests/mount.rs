@@ -117,10 +117,7 @@ fn whole_image_mount_equals_umoci_unpack_and_umount_ends_it() {
     let got = sealfs_e2e::snapshot_tree(&mnt);
     sealfs_e2e::assert_same_tree(&want, &got);
 
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
-    });
+    unmount_and_wait(&mnt, &digests);
 }
 
 #[test]
@@ -371,18 +368,11 @@ fn mounts_lazily_from_a_registry() {
     );
     let want = unpack(&work, "img:v1", "bundle-plain");
     sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
-    });
+    unmount_and_wait(&mnt, &digests);
 
     let missing = format!("docker://{}/no/such:v1", registry.host);
     let out = mount_sealfs(&[&missing, mnt.to_str().unwrap(), "-o", &key]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains(&registry.host) && err.contains("manifest unknown"),
-        "{err}"
-    );
+    assert_fails_naming(&out, &registry.host, "manifest unknown");
 }
 
 #[test]
@@ -440,10 +430,24 @@ fn registry_credentials_come_from_docker_config() {
         "layer 2\n"
     );
     assert!(fs::read(mnt.join("bin/busybox")).unwrap().len() > 100_000);
-    run(Command::new("umount").arg(&mnt));
+    unmount_and_wait(&mnt, &digests);
+}
+
+/// Unmounts `mnt` and waits until the layer mounts of `digests` are gone.
+fn unmount_and_wait(mnt: &Path, digests: &[String]) {
+    run(Command::new("umount").arg(mnt));
     eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
+        our_mounts(digests).is_empty()
     });
+}
+
+/// The command failed, and its message names `host` and says `what`.
+fn assert_fails_naming(out: &std::process::Output, host: &str, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(host) && err.contains(what),
+        "{err}"
+    );
 }
 
 /// Writes a docker config.json in `dir` with `user:password` for `host`; returns its path.
@@ -497,19 +501,12 @@ fn mirrors_from_hosts_toml_are_used_and_a_dead_one_falls_back() {
     );
     let want = unpack(&work, "img:v1", "bundle-plain");
     sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
-    });
+    unmount_and_wait(&mnt, &digests);
 
     // Only the dead mirror: the origin answers, and it does not have the image.
     write_hosts(&["127.0.0.1:1"]);
     let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains(&origin.host) && err.contains("manifest unknown"),
-        "{err}"
-    );
+    assert_fails_naming(&out, &origin.host, "manifest unknown");
 }
 
 #[test]
@@ -566,10 +563,7 @@ fn token_authentication_through_a_real_registry() {
     );
     let want = unpack(&work, "img:v1", "bundle-plain");
     sealfs_e2e::assert_same_tree(&want, &sealfs_e2e::snapshot_tree(&mnt));
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
-    });
+    unmount_and_wait(&mnt, &digests);
 }
 
 #[test]
@@ -615,8 +609,5 @@ fn an_https_registry_is_trusted_through_the_ca_in_hosts_toml() {
         fs::read_to_string(mnt.join("var/cache/app/new")).unwrap(),
         "layer 2\n"
     );
-    run(Command::new("umount").arg(&mnt));
-    eventually("the layer mounts going away", || {
-        our_mounts(&digests).is_empty()
-    });
+    unmount_and_wait(&mnt, &digests);
 }
