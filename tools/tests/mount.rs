@@ -611,3 +611,40 @@ fn an_https_registry_is_trusted_through_the_ca_in_hosts_toml() {
     );
     unmount_and_wait(&mnt, &digests);
 }
+
+#[test]
+fn a_termination_signal_unmounts_cleanly() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let source = format!("oci:{}:v1", work.join("sealed").display());
+    let key = format!("key={}", work.join("alice.priv").display());
+    let out = mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(our_mounts(&digests).len(), 2);
+    // The background process serving this mount point.
+    let pid = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("mount-sealfs") && cmdline.contains(mnt.to_str().unwrap())
+        })
+        .expect("the mount process");
+    run(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    eventually("the mount process unmounting and exiting", || {
+        our_mounts(&digests).is_empty() && !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(
+        fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "the overlay is gone too"
+    );
+}

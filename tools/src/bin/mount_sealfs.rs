@@ -397,6 +397,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     let mountpoint = cli.mountpoint.canonicalize()?;
 
+    // Before any thread exists, so every thread inherits the mask: a termination signal is
+    // then read by wait_and_unmount, which unmounts, instead of killing the process.
+    mount::block_termination_signals().context("blocking termination signals")?;
     if cli.foreground {
         init_logging(&options, true)?;
         let (served, _runtime) = prepare(cli, &options, &mountpoint)?;
@@ -457,15 +460,19 @@ fn run(cli: &Cli) -> Result<()> {
     }
 }
 
-/// Waits until the user unmounts the mount point, then unmounts the layers.
+/// Waits until the user unmounts the mount point, or a termination signal arrives; then
+/// unmounts whatever is still mounted (dropping `served`).
 fn wait_and_unmount(mut served: Served, mountpoint: &Path) -> Result<()> {
-    if served.overlay.is_some() {
-        mount::wait_until_unmounted(mountpoint).context("watching the mount table")?;
-        served.overlay = None;
-    } else if let Some(layer) = served.layers.pop() {
-        layer.wait();
+    match mount::wait_until_unmounted(mountpoint).context("watching the mount table")? {
+        mount::WaitOutcome::Unmounted => {
+            served.overlay = None;
+            tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+        }
+        mount::WaitOutcome::Signalled(signal) => {
+            tracing::info!(mountpoint = %mountpoint.display(), signal, "signal received; unmounting");
+        }
     }
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    drop(served);
     Ok(())
 }
 
