@@ -6,8 +6,9 @@
 //!
 //! Modules, in dependency order: [`image_ref`] and [`oci_layout`] (image access), [`source`],
 //! [`cache`], [`fetcher`], `prefetch` (the background fetch), [`fs`], [`fuse`] and [`mount`]
-//! (mounting one layer or a whole image). Coming: `config`, `registry`, `snapshot`, `grpc`,
-//! `daemon`.
+//! (mounting one layer or a whole image), [`registry`] with [`credentials`] and [`hosts`], and
+//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb). Coming: `config`,
+//! `grpc`, `daemon`.
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -23,4 +24,5 @@ pub mod mount;
 pub mod oci_layout;
 mod prefetch;
 pub mod registry;
+pub mod snapshot;
 pub mod source;
