@@ -12,9 +12,8 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-packages=(
-  build-essential pkg-config   # C compilers for zstd-sys and ring
-  protobuf-compiler            # containerd-snapshots' prost-build (snapshotter daemon)
+# One list, shared with .ci/run.
+mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$(dirname "$0")/packages.txt")
   containerd runc fuse3        # the node: container runtime and FUSE
   docker-registry skopeo       # a real registry and a real image mover
   umoci busybox-static         # building test images from a static busybox

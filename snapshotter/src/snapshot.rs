@@ -109,6 +109,18 @@ struct Record {
     updated_ns: u128,
 }
 
+/// Reads `key`'s record from an open table.
+fn read_record(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Record, SnapshotError> {
+    let bytes = table
+        .get(key)
+        .map_err(internal)?
+        .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+    serde_json::from_slice(bytes.value()).map_err(internal)
+}
+
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -144,11 +156,7 @@ impl SnapshotStore {
     fn get(&self, name: &str) -> Result<Record, SnapshotError> {
         let txn = self.db.begin_read().map_err(internal)?;
         let table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-        let bytes = table
-            .get(name)
-            .map_err(internal)?
-            .ok_or_else(|| SnapshotError::NotFound(name.to_string()))?;
-        serde_json::from_slice(bytes.value()).map_err(internal)
+        read_record(&table, name)
     }
 
     fn info(name: &str, record: &Record) -> Info {
@@ -305,13 +313,7 @@ impl SnapshotStore {
         let txn = self.db.begin_write().map_err(internal)?;
         {
             let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            let mut record: Record = {
-                let bytes = table
-                    .get(key)
-                    .map_err(internal)?
-                    .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-                serde_json::from_slice(bytes.value()).map_err(internal)?
-            };
+            let mut record = read_record(&table, key)?;
             if record.kind != Kind::Active {
                 return Err(SnapshotError::FailedPrecondition {
                     name: key.into(),
@@ -340,13 +342,7 @@ impl SnapshotStore {
         let txn = self.db.begin_write().map_err(internal)?;
         let id = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            let record: Record = {
-                let bytes = table
-                    .get(key)
-                    .map_err(internal)?
-                    .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-                serde_json::from_slice(bytes.value()).map_err(internal)?
-            };
+            let record = read_record(&table, key)?;
             for entry in table.iter().map_err(internal)? {
                 let (name, bytes) = entry.map_err(internal)?;
                 let other: Record = serde_json::from_slice(bytes.value()).map_err(internal)?;
@@ -380,13 +376,7 @@ impl SnapshotStore {
         let txn = self.db.begin_write().map_err(internal)?;
         let record = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            let mut record: Record = {
-                let bytes = table
-                    .get(key)
-                    .map_err(internal)?
-                    .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-                serde_json::from_slice(bytes.value()).map_err(internal)?
-            };
+            let mut record = read_record(&table, key)?;
             record.labels = labels;
             record.updated_ns = now_ns();
             table
