@@ -14,12 +14,6 @@ fi
 
 # One list, shared with .ci/run.
 mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$(dirname "$0")/packages.txt")
-  containerd runc fuse3        # the node: container runtime and FUSE
-  docker-registry skopeo       # a real registry and a real image mover
-  umoci busybox-static         # building test images from a static busybox
-  attr tar zstd                # setfattr/getfattr, GNU tar, zstd for comparing trees
-  openssl                      # test certificates (registry token issuer)
-)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"

@@ -231,11 +231,70 @@ impl MountedLayer {
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            // Unmounts and joins the session threads.
-            let _ = session.umount_and_join();
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if !is_mounted(&self.mountpoint) {
+            // Unmounted already (by `umount`): the session has ended or is ending.
+            let _ = session.join();
+            return;
+        }
+        // Read before detaching: afterwards the path no longer leads to the FUSE mount.
+        let connection = fuse_connection(&self.mountpoint);
+        // Lazily: a plain unmount fails with EBUSY while a file on the mount is still open.
+        if let Err(error) = unmount(&self.mountpoint) {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), %error, "could not unmount");
+        }
+        // Aborting the connection ends the session threads now, open files or not, so the
+        // join below cannot wait on a reader; without the control filesystem the session
+        // ends when the last open file closes.
+        match connection {
+            Some(id) if abort_fuse_connection(id) => {
+                let _ = session.join();
+            }
+            _ => drop(session),
         }
     }
+}
+
+/// The FUSE control-filesystem id of the FUSE filesystem mounted at `mountpoint`, if that is
+/// what is mounted there (checked by its statfs magic, so no other connection is touched).
+fn fuse_connection(mountpoint: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+    let path = CString::new(mountpoint.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs is plain data filled by the kernel; `path` is NUL-terminated.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path pointer and output struct for the duration of the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0
+        || stat.f_type as libc::c_long != FUSE_SUPER_MAGIC
+    {
+        return None;
+    }
+    let dev = std::fs::metadata(mountpoint).ok()?.dev();
+    // FUSE superblocks use anonymous devices (major 0); the control directory is the minor.
+    (libc::major(dev) == 0).then(|| u64::from(libc::minor(dev)))
+}
+
+/// Aborts FUSE connection `id` through /sys/fs/fuse/connections, mounting the control
+/// filesystem there if nothing has. Whether it worked.
+fn abort_fuse_connection(id: u64) -> bool {
+    let control = Path::new("/sys/fs/fuse/connections");
+    let abort = control.join(id.to_string()).join("abort");
+    if !abort.exists() {
+        let (source, target, fstype) = (c"fusectl", c"/sys/fs/fuse/connections", c"fusectl");
+        // SAFETY: static NUL-terminated strings; no data argument.
+        unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    std::fs::write(&abort, "1").is_ok()
 }
 
 /// Mounts a read-only overlay of `lowers` (topmost first) at `target`.

@@ -181,5 +181,11 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
         fs::read(mnt.path().join("big.bin")).unwrap(),
         noise(21, 64 * CHUNK)
     );
+    // Dropping the mount while a file on it is still open must not leave it behind.
     drop(mounted);
+    assert!(
+        !mount::is_mounted(mnt.path()),
+        "the mount outlived its MountedLayer"
+    );
+    drop(file);
 }
