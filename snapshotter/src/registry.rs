@@ -568,6 +568,7 @@ fn reqwest_header(media_type: &str) -> http::HeaderValue {
 
 fn retryable(error: &OciDistributionError) -> bool {
     match error {
+        OciDistributionError::RequestError(e) if is_certificate_error(e) => false,
         OciDistributionError::RequestError(e) => {
             e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
         }
@@ -575,6 +576,29 @@ fn retryable(error: &OciDistributionError) -> bool {
         OciDistributionError::IoError(_) => true,
         _ => false,
     }
+}
+
+/// Whether a request failed because the server's certificate was not accepted: asking again
+/// cannot help, so it is not retried.
+fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            );
+        }
+        // An io::Error's source() skips the error it wraps (often another io::Error around
+        // the TLS error), so step into the wrapped error instead.
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    false
 }
 
 /// One blob in a registry, read by byte ranges.
@@ -680,6 +704,18 @@ mod tests {
         ] {
             assert!(!crate::hosts::is_loopback(host), "{host}");
         }
+    }
+
+    #[test]
+    fn certificate_errors_are_found_inside_nested_io_errors() {
+        use std::io::{Error, ErrorKind};
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let nested = Error::other(Error::new(ErrorKind::InvalidData, tls));
+        assert!(is_certificate_error(&nested));
+        assert!(!is_certificate_error(&Error::other(Error::new(
+            ErrorKind::ConnectionRefused,
+            "refused"
+        ))));
     }
 
     #[test]
