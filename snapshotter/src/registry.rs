@@ -118,6 +118,23 @@ struct Route {
     endpoint: Endpoint,
     client: Client,
     auth: RegistryAuth,
+    /// While set and in the future, this mirror is skipped: it could not be reached lately.
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long a mirror that could not be reached is skipped before it is tried again.
+const MIRROR_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Route {
+    fn is_down(&self) -> bool {
+        let until = *self.down_until.lock().expect("route lock");
+        until.is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    fn mark_down(&self) {
+        *self.down_until.lock().expect("route lock") =
+            Some(std::time::Instant::now() + MIRROR_BACKOFF);
+    }
 }
 
 /// An image resolved in a registry.
@@ -179,6 +196,7 @@ impl Registry {
                 client: Client::new(config),
                 auth,
                 endpoint,
+                down_until: std::sync::Mutex::new(None),
             });
         }
         Ok(Registry {
@@ -219,10 +237,19 @@ impl Registry {
         F: Fn(Client, RegistryAuth, Reference) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
-        let routes: Vec<&Route> = self
+        let capable: Vec<&Route> = self
             .routes
             .iter()
             .filter(|r| r.endpoint.can(capability))
+            .collect();
+        // A mirror that could not be reached lately is skipped (a circuit breaker), so a dead
+        // mirror costs one timeout per 30 s instead of one per request; the last endpoint is
+        // always tried.
+        let routes: Vec<&Route> = capable
+            .iter()
+            .enumerate()
+            .filter(|(number, route)| number + 1 == capable.len() || !route.is_down())
+            .map(|(_, route)| *route)
             .collect();
         let mut last = None;
         for (number, route) in routes.iter().enumerate() {
@@ -238,6 +265,9 @@ impl Registry {
                 Ok(value) => return Ok(value),
                 Err(error) => {
                     if number + 1 < routes.len() {
+                        if unreachable(&error) {
+                            route.mark_down();
+                        }
                         tracing::warn!(registry = %self.name, endpoint = %route.endpoint.host, what, %error, "endpoint failed; trying the next one");
                     }
                     last = Some(error);
@@ -564,6 +594,19 @@ fn reqwest_header(media_type: &str) -> http::HeaderValue {
     http::HeaderValue::from_str(media_type).unwrap_or_else(|_| {
         http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json")
     })
+}
+
+/// Whether an endpoint could not be reached at all (as opposed to answering with an error such
+/// as "manifest unknown", which says nothing about the next request).
+fn unreachable(error: &RegistryError) -> bool {
+    match error {
+        RegistryError::Timeout { .. } => true,
+        RegistryError::Request {
+            source: OciDistributionError::RequestError(e),
+            ..
+        } => e.is_connect() || e.is_timeout(),
+        _ => false,
+    }
 }
 
 fn retryable(error: &OciDistributionError) -> bool {

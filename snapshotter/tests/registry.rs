@@ -189,3 +189,66 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     );
     drop(file);
 }
+
+#[test]
+fn a_mirror_that_does_not_answer_is_skipped_after_failing_once() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let key = PrivateKey::generate().unwrap();
+    sealed_layout(&work.path().join("layout"), &key);
+    let origin = DockerRegistry::start();
+    let reference = origin.push(&work.path().join("layout"), "v1", "breaker");
+
+    // Fault injection the real registry cannot produce: a mirror that accepts connections and
+    // never answers. It counts the connections it gets.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalled = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let hosts = work.path().join("certs.d");
+    fs::create_dir_all(hosts.join(&origin.host)).unwrap();
+    fs::write(
+        hosts.join(&origin.host).join("hosts.toml"),
+        format!("server = \"http://{}\"\n\n[host.\"http://{stalled}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", origin.host),
+    )
+    .unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let options = RegistryOptions {
+        request_timeout: Duration::from_millis(300),
+        retries: 2,
+        backoff: Duration::from_millis(10),
+        hosts_dir: Some(hosts),
+        ..RegistryOptions::default()
+    };
+    let anonymous =
+        |_: &str| Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Anonymous);
+    let client =
+        Registry::connect(runtime.handle().clone(), &origin.host, options, &anonymous).unwrap();
+    // The first request (the manifest) tries the mirror and gives up on it; the config and
+    // every range read after it go straight to the origin.
+    let image = client
+        .resolve(&Registry::parse(&reference).unwrap())
+        .unwrap();
+    let after_first = accepted.load(Ordering::SeqCst);
+    assert!(after_first >= 1, "the mirror was never tried");
+    let layer = &image.image.manifest.layers()[0];
+    let blob = client.layer(&image, layer);
+    for offset in [0u64, 1000, 50_000, 100_000] {
+        assert_eq!(blob.read(offset, 100).unwrap().len(), 100);
+    }
+    let total = accepted.load(Ordering::SeqCst);
+    assert_eq!(
+        total, after_first,
+        "the dead mirror was tried again within its backoff"
+    );
+}
