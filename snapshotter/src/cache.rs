@@ -56,6 +56,11 @@ impl MemoryCache {
             .cloned()
     }
 
+    /// Whether the chunk is cached, without marking it used.
+    pub fn contains(&self, key: ChunkKey) -> bool {
+        self.inner.lock().expect("cache lock").lru.contains(&key)
+    }
+
     /// Caches a chunk, evicting the least recently used ones beyond the limit.
     pub fn put(&self, key: ChunkKey, plain: Arc<Vec<u8>>) {
         let mut inner = self.inner.lock().expect("cache lock");

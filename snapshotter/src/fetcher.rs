@@ -419,13 +419,11 @@ impl Shared {
         self.present
             .get(chunk as usize)
             .is_some_and(|p| p.load(Ordering::Relaxed))
-            || self
-                .memory
-                .get(ChunkKey {
-                    layer: self.key,
-                    chunk,
-                })
-                .is_some()
+            // Peek: a background scan must not make every chunk "recently used".
+            || self.memory.contains(ChunkKey {
+                layer: self.key,
+                chunk,
+            })
     }
 
     /// Records that a chunk is cached; logs the background fetch's progress every 10%.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use fsformat::keywrap::unwrap_layer_key;
 use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
 use fsformat::reader::{SealedLayer, UnverifiedTail};
-use fsformat::{FormatError, Identity, PrivateKey};
+use fsformat::{FormatError, Identity, LayerKey, PrivateKey};
 use oci_spec::image::Descriptor;
 
 use crate::cache::{DiskCache, MemoryCache};
@@ -112,14 +112,12 @@ pub fn open_layer(
     open_sealed_layer(descriptor, Arc::new(source), identities)
 }
 
-/// Opens a sealed layer whose blob is read through `source` (a local file, a registry): unwraps
-/// its key with the first identity that can, fetches the tail with one range read and verifies
-/// it against the digest the descriptor pins.
-pub fn open_sealed_layer(
+/// A sealed layer's descriptor facts (annotations) and its unwrapped key: the first step of
+/// opening a layer, with no I/O.
+pub fn unwrap_layer(
     descriptor: &Descriptor,
-    source: Arc<dyn ChunkSource>,
     identities: &[PrivateKey],
-) -> Result<OpenedLayer, MountError> {
+) -> Result<(SealedLayerAnnotations, LayerKey), MountError> {
     let digest = descriptor.digest().to_string();
     if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
         return Err(MountError::NotSealed {
@@ -135,6 +133,21 @@ pub fn open_sealed_layer(
     let facts = SealedLayerAnnotations::read_from(&annotations).map_err(layer_error)?;
     let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
     let key = unwrap_layer_key(&ids, &facts.stanzas).map_err(layer_error)?;
+    Ok((facts, key))
+}
+
+/// Fetches a sealed layer's tail (index and footer) with one range read and checks it against
+/// the digest the descriptor pins; no key is needed, so the footer can be shown without one.
+pub fn read_tail(
+    descriptor: &Descriptor,
+    facts: &SealedLayerAnnotations,
+    source: &dyn ChunkSource,
+) -> Result<UnverifiedTail, MountError> {
+    let digest = descriptor.digest().to_string();
+    let layer_error = |source| MountError::Layer {
+        digest: digest.clone(),
+        source,
+    };
     let size = descriptor.size();
     if facts.index_size > size || facts.index_size > MAX_TAIL_BYTES {
         return Err(layer_error(FormatError::BadFooter(format!(
@@ -149,10 +162,35 @@ pub fn open_sealed_layer(
             source,
         })?;
     let tail = UnverifiedTail::parse(size, &tail).map_err(layer_error)?;
-    let layer = Arc::new(tail.open(&key, &facts.index_digest).map_err(layer_error)?);
+    if tail.digest() != facts.index_digest {
+        return Err(layer_error(FormatError::TailDigestMismatch {
+            expected: facts.index_digest.clone(),
+            actual: tail.digest().to_string(),
+        }));
+    }
+    Ok(tail)
+}
+
+/// Opens a sealed layer whose blob is read through `source` (a local file, a registry): unwraps
+/// its key with the first identity that can, fetches the tail with one range read and verifies
+/// it against the digest the descriptor pins.
+pub fn open_sealed_layer(
+    descriptor: &Descriptor,
+    source: Arc<dyn ChunkSource>,
+    identities: &[PrivateKey],
+) -> Result<OpenedLayer, MountError> {
+    let (facts, key) = unwrap_layer(descriptor, identities)?;
+    let tail = read_tail(descriptor, &facts, &*source)?;
+    let digest = descriptor.digest().to_string();
+    let layer = tail
+        .open(&key, &facts.index_digest)
+        .map_err(|source| MountError::Layer {
+            digest: digest.clone(),
+            source,
+        })?;
     Ok(OpenedLayer {
         digest,
-        layer,
+        layer: Arc::new(layer),
         source,
     })
 }

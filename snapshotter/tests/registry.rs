@@ -94,6 +94,17 @@ fn sealed_layout(dir: &Path, key: &PrivateKey) {
         .unwrap();
 }
 
+/// A registry client without credentials.
+fn anonymous_client(
+    runtime: &tokio::runtime::Runtime,
+    host: &str,
+    options: RegistryOptions,
+) -> Registry {
+    let anonymous =
+        |_: &str| Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Anonymous);
+    Registry::connect(runtime.handle().clone(), host, options, &anonymous).unwrap()
+}
+
 #[test]
 fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     if !prerequisites() {
@@ -112,15 +123,7 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
         backoff: Duration::from_millis(50),
         ..RegistryOptions::default()
     };
-    let anonymous =
-        |_: &str| Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Anonymous);
-    let client = Registry::connect(
-        runtime.handle().clone(),
-        &registry.host,
-        options,
-        &anonymous,
-    )
-    .unwrap();
+    let client = anonymous_client(&runtime, &registry.host, options);
     let image = client
         .resolve(&Registry::parse(&reference).unwrap())
         .unwrap();
@@ -230,10 +233,7 @@ fn a_mirror_that_does_not_answer_is_skipped_after_failing_once() {
         hosts_dir: Some(hosts),
         ..RegistryOptions::default()
     };
-    let anonymous =
-        |_: &str| Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Anonymous);
-    let client =
-        Registry::connect(runtime.handle().clone(), &origin.host, options, &anonymous).unwrap();
+    let client = anonymous_client(&runtime, &origin.host, options);
     // The first request (the manifest) tries the mirror and gives up on it; the config and
     // every range read after it go straight to the origin.
     let image = client

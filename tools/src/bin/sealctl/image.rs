@@ -8,13 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fsformat::digest::HashingWriter;
-use fsformat::keywrap::unwrap_layer_key;
 use fsformat::oci::{
     is_sealfs_annotation, SealedLayerAnnotations, ANNOTATION_SEALED_IMAGE, MEDIA_TYPE_SEALED_LAYER,
 };
-use fsformat::reader::{BlobSource, SealedLayer, UnverifiedTail};
+use fsformat::reader::{BlobSource, SealedLayer};
 use fsformat::writer::{seal_layer, SealOptions};
-use fsformat::{Identity, KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
+use fsformat::{KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{Descriptor, ImageManifest, MediaType};
 use snapshotter::oci_layout::{descriptor, OciLayout};
@@ -251,13 +250,8 @@ fn layer_key_for(
     identities: &[PrivateKey],
     which: &str,
 ) -> Result<(SealedLayerAnnotations, LayerKey)> {
-    let annotations = layer.annotations().clone().unwrap_or_default();
-    let facts = SealedLayerAnnotations::read_from(&annotations)
-        .with_context(|| format!("{which}: bad sealfs annotations"))?;
-    let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
-    let key = unwrap_layer_key(&ids, &facts.stanzas)
-        .with_context(|| format!("{which}: cannot unwrap the layer key"))?;
-    Ok((facts, key))
+    snapshotter::mount::unwrap_layer(layer, identities)
+        .with_context(|| format!("{which}: cannot unwrap the layer key"))
 }
 
 /// Opens a sealed layer from a layout with the given identities, verifying the pinned index.
@@ -398,22 +392,11 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
         let annotations = layer.annotations().clone().unwrap_or_default();
         let facts = SealedLayerAnnotations::read_from(&annotations)
             .with_context(|| format!("{which}: bad sealfs annotations"))?;
-        // The tail is pinned by the manifest, so its footer is trustworthy without a key.
+        // The tail is pinned by the manifest, so its footer is trustworthy without a key; it
+        // is fetched once and, with a key, opened from the same bytes.
         let blob = layer_source(layer)?;
-        ensure!(
-            facts.index_size <= layer.size(),
-            "{which}: index size exceeds the blob"
-        );
-        let tail = blob
-            .read_range(layer.size() - facts.index_size, facts.index_size as usize)
+        let tail = snapshotter::mount::read_tail(layer, &facts, &*blob)
             .with_context(|| format!("{which}: reading the index"))?;
-        let tail = UnverifiedTail::parse(layer.size(), &tail)?;
-        ensure!(
-            tail.digest() == facts.index_digest,
-            "{which}: index digest mismatch (expected {}, found {}): the blob is damaged",
-            facts.index_digest,
-            tail.digest()
-        );
         let footer = tail.footer().clone();
         println!(
             "  index        {} ({} verified against the manifest)",
@@ -436,9 +419,10 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
         if identities.is_empty() {
             continue;
         }
-        let opened = snapshotter::mount::open_sealed_layer(layer, blob, &identities)
-            .with_context(|| format!("{which}: cannot open the layer"))?
-            .layer;
+        let (_, key) = layer_key_for(layer, &identities, &which)?;
+        let opened = tail
+            .open(&key, &facts.index_digest)
+            .with_context(|| format!("{which}: opening the index"))?;
         let files = opened
             .index()
             .entries
