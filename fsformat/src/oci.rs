@@ -7,8 +7,11 @@
 use crate::error::{FormatError, Result};
 use crate::keywrap::{KeyId, Stanza};
 
-/// Media type of a sealed layer blob.
-pub const MEDIA_TYPE_SEALED_LAYER: &str = "application/vnd.sealfs.layer.v1";
+/// Media type of a sealed layer blob. It starts with `application/vnd.oci.image.layer.` as
+/// ocicrypt's `...tar+gzip+encrypted` does, because containerd treats only such media types as
+/// layers: its unpacker sends a remote snapshotter the layer's labels (and so can skip the
+/// download) only for them.
+pub const MEDIA_TYPE_SEALED_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+sealfs";
 /// Annotation: `sha256:` digest of the blob's tail (sealed index plus footer).
 pub const ANNOTATION_INDEX_DIGEST: &str = "containerd.io/snapshot/sealfs.index.digest";
 /// Annotation: length in bytes of the tail, so one range request fetches it.

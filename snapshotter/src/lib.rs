@@ -7,22 +7,30 @@
 //! Modules, in dependency order: [`image_ref`] and [`oci_layout`] (image access), [`source`],
 //! [`cache`], [`fetcher`], `prefetch` (the background fetch), [`fs`], [`fuse`] and [`mount`]
 //! (mounting one layer or a whole image), [`registry`] with [`credentials`] and [`hosts`], and
-//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb). Coming: `config`,
-//! `grpc`, `daemon`.
+//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb), [`keys`] (the node's
+//! keys), [`remote`] (sealed layers named by containerd's labels, mounted), [`service`]
+//! (containerd's snapshots API over the store and the remote layers), [`metrics`], [`config`]
+//! and [`daemon`] (`containerd-sealfs-grpc`).
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cache;
+pub mod config;
 pub mod credentials;
+pub mod daemon;
 pub mod fetcher;
 pub mod fs;
 pub mod fuse;
 pub mod hosts;
 pub mod image_ref;
+pub mod keys;
+pub mod metrics;
 pub mod mount;
 pub mod oci_layout;
 mod prefetch;
 pub mod registry;
+pub mod remote;
+pub mod service;
 pub mod snapshot;
 pub mod source;

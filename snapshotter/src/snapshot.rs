@@ -52,6 +52,21 @@ pub struct Info {
     pub updated_ns: u128,
 }
 
+/// Where a remote snapshot's content comes from: text the store keeps for its owner (the
+/// service) without reading it.
+pub type RemoteSource = String;
+
+/// A snapshot in a parent chain: its directory id, and its remote source if it is remote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ancestor {
+    /// Name.
+    pub name: String,
+    /// Directory id (`ROOT/snapshots/ID`).
+    pub id: u64,
+    /// Remote source of a remote snapshot.
+    pub remote: Option<RemoteSource>,
+}
+
 /// A mount, as containerd describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
@@ -107,6 +122,10 @@ struct Record {
     labels: BTreeMap<String, String>,
     created_ns: u128,
     updated_ns: u128,
+    /// Set for a remote snapshot: committed, its `fs` directory a mount point the service
+    /// fills from this source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remote: Option<RemoteSource>,
 }
 
 /// Reads `key`'s record from an open table.
@@ -170,25 +189,108 @@ impl SnapshotStore {
         }
     }
 
-    /// The content directories of `parent` and its ancestors, nearest first.
-    fn lower_dirs(&self, parent: Option<&str>) -> Result<Vec<PathBuf>, SnapshotError> {
-        let mut dirs = Vec::new();
+    /// The content directory of snapshot directory `id`: its files, its overlay upper dir,
+    /// or the mount point of a remote snapshot.
+    pub fn content_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// `parent` and its ancestors, nearest first.
+    pub fn ancestors(&self, parent: Option<&str>) -> Result<Vec<Ancestor>, SnapshotError> {
+        let mut chain = Vec::new();
         let mut next = parent.map(str::to_string);
         while let Some(name) = next {
             let record = self.get(&name)?;
-            dirs.push(self.dir(record.id).join("fs"));
             next = record.parent;
+            chain.push(Ancestor {
+                name,
+                id: record.id,
+                remote: record.remote,
+            });
         }
-        Ok(dirs)
+        Ok(chain)
     }
 
-    fn create(
+    /// The content directories of `parent` and its ancestors, nearest first.
+    fn lower_dirs(&self, parent: Option<&str>) -> Result<Vec<PathBuf>, SnapshotError> {
+        Ok(self
+            .ancestors(parent)?
+            .iter()
+            .map(|a| self.content_dir(a.id))
+            .collect())
+    }
+
+    /// Every remote snapshot (to mount again after a restart).
+    pub fn remote_snapshots(&self) -> Result<Vec<Ancestor>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(internal)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(internal)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(internal)? {
+            let (name, bytes) = entry.map_err(internal)?;
+            let record: Record = serde_json::from_slice(bytes.value()).map_err(internal)?;
+            if record.remote.is_some() {
+                out.push(Ancestor {
+                    name: name.value().to_string(),
+                    id: record.id,
+                    remote: record.remote,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the next directory id and creates its `fs` and `work` directories.
+    fn allocate_dir(&self, txn: &redb::WriteTransaction) -> Result<u64, SnapshotError> {
+        let mut meta = txn.open_table(META).map_err(internal)?;
+        let id = meta
+            .get("next_id")
+            .map_err(internal)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        meta.insert("next_id", id + 1).map_err(internal)?;
+        let dir = self.dir(id);
+        std::fs::create_dir_all(dir.join("fs")).map_err(internal)?;
+        std::fs::create_dir_all(dir.join("work")).map_err(internal)?;
+        Ok(id)
+    }
+
+    /// Allocates the directory of a remote snapshot, for the caller to mount its content at
+    /// [`content_dir`](Self::content_dir) before [`commit_remote`](Self::commit_remote) records
+    /// it. Until then [`cleanup`](Self::cleanup) treats it as an orphan.
+    pub fn reserve_dir(&self) -> Result<u64, SnapshotError> {
+        let txn = self.db.begin_write().map_err(internal)?;
+        let id = self.allocate_dir(&txn)?;
+        txn.commit().map_err(internal)?;
+        Ok(id)
+    }
+
+    /// Records the committed remote snapshot `name` on `parent`, whose content the caller
+    /// mounted in reserved directory `id`.
+    pub fn commit_remote(
         &self,
-        kind: Kind,
-        key: &str,
+        name: &str,
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+        id: u64,
+        remote: RemoteSource,
+    ) -> Result<(), SnapshotError> {
+        self.check_parent(parent)?;
+        let now = now_ns();
+        let record = Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent.map(str::to_string),
+            labels,
+            created_ns: now,
+            updated_ns: now,
+            remote: Some(remote),
+        };
+        let txn = self.db.begin_write().map_err(internal)?;
+        Self::insert_new(&txn, name, &record)?;
+        txn.commit().map_err(internal)
+    }
+
+    fn check_parent(&self, parent: Option<&str>) -> Result<(), SnapshotError> {
         if let Some(parent) = parent {
             let record = self.get(parent)?;
             if record.kind != Kind::Committed {
@@ -198,42 +300,51 @@ impl SnapshotStore {
                 });
             }
         }
-        let txn = self.db.begin_write().map_err(internal)?;
-        let id = {
-            let mut meta = txn.open_table(META).map_err(internal)?;
-            let id = meta
-                .get("next_id")
-                .map_err(internal)?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            meta.insert("next_id", id + 1).map_err(internal)?;
-            id
-        };
-        {
-            let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            if table.get(key).map_err(internal)?.is_some() {
-                return Err(SnapshotError::AlreadyExists(key.to_string()));
-            }
-            // The directory exists before the record that names it (see the module docs).
-            let dir = self.dir(id);
-            std::fs::create_dir_all(dir.join("fs")).map_err(internal)?;
-            std::fs::create_dir_all(dir.join("work")).map_err(internal)?;
-            let now = now_ns();
-            let record = Record {
-                id,
-                kind,
-                parent: parent.map(str::to_string),
-                labels,
-                created_ns: now,
-                updated_ns: now,
-            };
-            table
-                .insert(
-                    key,
-                    serde_json::to_vec(&record).map_err(internal)?.as_slice(),
-                )
-                .map_err(internal)?;
+        Ok(())
+    }
+
+    /// Inserts a record under a name that must be free.
+    fn insert_new(
+        txn: &redb::WriteTransaction,
+        key: &str,
+        record: &Record,
+    ) -> Result<(), SnapshotError> {
+        let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
+        if table.get(key).map_err(internal)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(key.to_string()));
         }
+        table
+            .insert(
+                key,
+                serde_json::to_vec(record).map_err(internal)?.as_slice(),
+            )
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.check_parent(parent)?;
+        let txn = self.db.begin_write().map_err(internal)?;
+        // The directory exists before the record that names it (see the module docs); if
+        // the key is taken, the transaction is dropped and cleanup removes the directory.
+        let id = self.allocate_dir(&txn)?;
+        let now = now_ns();
+        let record = Record {
+            id,
+            kind,
+            parent: parent.map(str::to_string),
+            labels,
+            created_ns: now,
+            updated_ns: now,
+            remote: None,
+        };
+        Self::insert_new(&txn, key, &record)?;
         txn.commit().map_err(internal)?;
         self.mounts(key)
     }
@@ -339,8 +450,18 @@ impl SnapshotStore {
 
     /// Removes a snapshot that no other snapshot has as parent, and its directory.
     pub fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        self.remove_releasing(key, |_| {})
+    }
+
+    /// Like [`remove`](Self::remove), calling `release` with the removed snapshot after its
+    /// record is gone and before its directory is deleted (to unmount a remote snapshot).
+    pub fn remove_releasing(
+        &self,
+        key: &str,
+        release: impl FnOnce(&Ancestor),
+    ) -> Result<(), SnapshotError> {
         let txn = self.db.begin_write().map_err(internal)?;
-        let id = {
+        let removed = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(internal)?;
             let record = read_record(&table, key)?;
             for entry in table.iter().map_err(internal)? {
@@ -354,11 +475,26 @@ impl SnapshotStore {
                 }
             }
             table.remove(key).map_err(internal)?;
-            record.id
+            Ancestor {
+                name: key.to_string(),
+                id: record.id,
+                remote: record.remote,
+            }
         };
         txn.commit().map_err(internal)?;
+        release(&removed);
         // After the record: a crash in between leaves an orphan for cleanup, never a record
         // without its directory.
+        self.delete_dir(removed.id)
+    }
+
+    /// Deletes a snapshot directory; a mount left on its content directory (a remote
+    /// snapshot's, after a crash) is detached first, so the deletion never walks into it.
+    fn delete_dir(&self, id: u64) -> Result<(), SnapshotError> {
+        let content = self.content_dir(id);
+        if crate::mount::is_mounted(&content) {
+            crate::mount::unmount(&content).map_err(internal)?;
+        }
         std::fs::remove_dir_all(self.dir(id)).map_err(internal)
     }
 
@@ -449,7 +585,7 @@ impl SnapshotStore {
                 .and_then(|n| n.parse::<u64>().ok())
             {
                 if !known.contains(&id) {
-                    std::fs::remove_dir_all(entry.path()).map_err(internal)?;
+                    self.delete_dir(id)?;
                     removed.push(id);
                 }
             }

@@ -41,7 +41,10 @@ fn seal_inspect_unseal_round_trip_of_a_real_image() {
     let layers = sealed["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     for layer in layers {
-        assert_eq!(layer["mediaType"], "application/vnd.sealfs.layer.v1");
+        assert_eq!(
+            layer["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+sealfs"
+        );
         let annotations = layer["annotations"].as_object().unwrap();
         assert!(annotations.contains_key(&format!("containerd.io/snapshot/sealfs.key.{alice}")));
         assert!(annotations.contains_key(&format!("containerd.io/snapshot/sealfs.key.{bob}")));

@@ -1,0 +1,257 @@
+//! The daemon's configuration file (TOML; every option in docs/configuration.md). Units are
+//! part of the option names (`_mib`, `_secs`), so a value never needs a unit parser. Unknown
+//! options are errors: a misspelt option silently ignored is a setting silently not applied.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::fetcher::FetchConfig;
+use crate::mount::MountOptions;
+use crate::registry::RegistryOptions;
+use crate::remote::RemoteConfig;
+
+/// Where the daemon looks for its configuration when not told.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sealfs/config.toml";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Snapshots, their caches and the state database.
+    pub root: PathBuf,
+    /// The gRPC socket containerd connects to.
+    pub socket: PathBuf,
+    /// The node's private keys and key shares (`shares/`).
+    pub keys_dir: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter); `SEALFS_LOG`
+    /// overrides it.
+    pub log_level: String,
+    /// `HOST:PORT` serving Prometheus metrics at `/metrics`; empty: no metrics server.
+    pub metrics_address: String,
+    /// Caches.
+    pub cache: CacheConfig,
+    /// Fetching.
+    pub fetch: FetchSection,
+    /// Registries.
+    pub registry: RegistrySection,
+}
+
+/// `[cache]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Decrypted chunks kept in memory, shared by all layers (MiB).
+    pub memory_mib: u64,
+    /// Sealed chunks kept on disk per layer (MiB).
+    pub disk_per_layer_mib: u64,
+}
+
+/// `[fetch]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSection {
+    /// Fetch every layer in full in the background after mounting it.
+    pub background: bool,
+    /// Fetch threads per layer.
+    pub threads: usize,
+    /// FUSE request threads per layer.
+    pub fuse_threads: usize,
+    /// Largest merged range request of the background fetch (KiB).
+    pub merge_kib: u64,
+    /// Bandwidth cap of each layer's background fetch (MiB/s); 0: none.
+    pub background_mib_per_sec: u64,
+    /// How long a read waits for its chunk before failing with EIO (seconds).
+    pub read_timeout_secs: u64,
+}
+
+/// `[registry]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// containerd-style hosts directory (`DIR/HOST/hosts.toml`): mirrors, CAs.
+    pub hosts_dir: PathBuf,
+    /// docker `config.json` with credentials; empty: `$DOCKER_CONFIG/config.json` or
+    /// `~/.docker/config.json`.
+    pub docker_config: PathBuf,
+    /// Registries (`HOST:PORT`) reached over plain HTTP besides loopback ones.
+    pub insecure: Vec<String>,
+    /// Deadline of one registry request (seconds).
+    pub request_timeout_secs: u64,
+    /// Retries of a failed request, with exponential backoff.
+    pub retries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from("/var/lib/sealfs"),
+            socket: PathBuf::from("/run/sealfs/sealfs.sock"),
+            keys_dir: PathBuf::from("/etc/sealfs/keys"),
+            log_level: "info".into(),
+            metrics_address: "127.0.0.1:9369".into(),
+            cache: CacheConfig::default(),
+            fetch: FetchSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory_mib: 512,
+            disk_per_layer_mib: 10 << 10,
+        }
+    }
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        let fetch = FetchConfig::default();
+        FetchSection {
+            background: fetch.background,
+            threads: fetch.threads,
+            fuse_threads: MountOptions::default().fuse_threads,
+            merge_kib: fetch.merge_bytes >> 10,
+            background_mib_per_sec: 0,
+            read_timeout_secs: fetch.timeout.as_secs(),
+        }
+    }
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        let registry = RegistryOptions::default();
+        RegistrySection {
+            hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
+            docker_config: PathBuf::new(),
+            insecure: Vec::new(),
+            request_timeout_secs: registry.request_timeout.as_secs(),
+            retries: registry.retries,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (line and column included).
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`, or the default path if it exists, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid { path, message })
+    }
+
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let positive = [
+            ("fetch.threads", config.fetch.threads as u64),
+            ("fetch.fuse_threads", config.fetch.fuse_threads as u64),
+            ("fetch.merge_kib", config.fetch.merge_kib),
+            ("fetch.read_timeout_secs", config.fetch.read_timeout_secs),
+            ("registry.request_timeout_secs", config.registry.request_timeout_secs),
+            ("cache.memory_mib", config.cache.memory_mib),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if !config.socket.is_absolute() || !config.root.is_absolute() {
+            return Err("root and socket must be absolute paths".into());
+        }
+        Ok(config)
+    }
+
+    /// What remote layers need from the configuration.
+    pub fn remote(&self) -> RemoteConfig {
+        let fetch = &self.fetch;
+        RemoteConfig {
+            keys_dir: self.keys_dir.clone(),
+            docker_config: (!self.registry.docker_config.as_os_str().is_empty())
+                .then(|| self.registry.docker_config.clone()),
+            registry: RegistryOptions {
+                request_timeout: Duration::from_secs(self.registry.request_timeout_secs),
+                retries: self.registry.retries,
+                insecure: self.registry.insecure.clone(),
+                hosts_dir: Some(self.registry.hosts_dir.clone()),
+                ..RegistryOptions::default()
+            },
+            mount: MountOptions {
+                fetch: FetchConfig {
+                    threads: fetch.threads,
+                    timeout: Duration::from_secs(fetch.read_timeout_secs),
+                    background: fetch.background,
+                    merge_bytes: fetch.merge_kib << 10,
+                    background_bytes_per_sec: (fetch.background_mib_per_sec > 0)
+                        .then_some(fetch.background_mib_per_sec << 20),
+                },
+                fuse_threads: fetch.fuse_threads,
+                cache_dir: None,
+                disk_cache_bytes: self.cache.disk_per_layer_mib << 20,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.socket, PathBuf::from("/run/sealfs/sealfs.sock"));
+        assert_eq!(config.remote().mount.fetch.merge_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn options_are_read_and_misspellings_rejected() {
+        let config = Config::parse(
+            "root = \"/srv/sealfs\"\n[fetch]\nthreads = 16\nbackground_mib_per_sec = 20\n\
+             [registry]\ninsecure = [\"reg.local:5000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.root, PathBuf::from("/srv/sealfs"));
+        let remote = config.remote();
+        assert_eq!(remote.mount.fetch.threads, 16);
+        assert_eq!(remote.mount.fetch.background_bytes_per_sec, Some(20 << 20));
+        assert_eq!(remote.registry.insecure, vec!["reg.local:5000".to_string()]);
+
+        let error = Config::parse("[fetch]\nthread = 4\n").unwrap_err();
+        assert!(error.contains("unknown field `thread`"), "{error}");
+        let error = Config::parse("[fetch]\nthreads = 0\n").unwrap_err();
+        assert!(error.contains("fetch.threads must be at least 1"), "{error}");
+        let error = Config::parse("socket = \"relative.sock\"\n").unwrap_err();
+        assert!(error.contains("absolute"), "{error}");
+    }
+}

@@ -1,0 +1,146 @@
+//! `containerd-sealfs-grpc`: serves the snapshots API on a unix socket for containerd's
+//! `[proxy_plugins.sealfs]`, and metrics over HTTP, until SIGTERM or SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cache::MemoryCache;
+use crate::config::Config;
+use crate::remote::RemoteLayers;
+use crate::service::{Node, Service};
+use crate::snapshot::{SnapshotError, SnapshotStore};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A directory, the socket or the runtime could not be set up.
+    #[error("{what}")]
+    Setup {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot database could not be opened.
+    #[error("opening the snapshot store in {root}")]
+    Store {
+        /// The root.
+        root: PathBuf,
+        /// Why.
+        #[source]
+        source: SnapshotError,
+    },
+    /// Another daemon serves the socket.
+    #[error("{0} is in use by a running snapshotter; stop it first")]
+    SocketInUse(PathBuf),
+    /// The metrics address does not parse.
+    #[error("metrics_address {0:?} is not HOST:PORT")]
+    MetricsAddress(String),
+    /// Serving gRPC failed.
+    #[error("serving gRPC")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Setup { what, source }
+}
+
+/// Binds the socket, replacing one a dead daemon left; refuses one a live daemon answers on.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(setup(format!("creating {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(setup(format!("removing stale {}", path.display())))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(setup(format!("listening on {}", path.display())))?;
+    // containerd runs as root; nobody else may drive the snapshotter.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(setup(format!("restricting {}", path.display())))?;
+    Ok(listener)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without handlers, the default action (exit) applies; wait forever here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Runs the daemon with `config` until a termination signal; unmounts its layers on the way
+/// out (a restart mounts them again).
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&config.root)
+        .map_err(setup(format!("creating {}", config.root.display())))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sealfs-grpc")
+        .enable_all()
+        .build()
+        .map_err(setup("starting the async runtime"))?;
+    let store = SnapshotStore::open(&config.root).map_err(|source| DaemonError::Store {
+        root: config.root.clone(),
+        source,
+    })?;
+    let memory = Arc::new(MemoryCache::new(config.cache.memory_mib << 20));
+    let remote = RemoteLayers::new(config.remote(), runtime.handle().clone(), memory);
+    let node = Arc::new(Node::new(store, remote));
+    let metrics_address = match config.metrics_address.as_str() {
+        "" => None,
+        text => Some(
+            text.parse::<std::net::SocketAddr>()
+                .map_err(|_| DaemonError::MetricsAddress(text.to_string()))?,
+        ),
+    };
+
+    let served = runtime.block_on(async {
+        let listener = bind_socket(&config.socket)?;
+        // Remount in the background: the socket answers at once, and a snapshot used before
+        // its layer is back mounts it on demand.
+        let restoring = node.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = restoring.restore() {
+                tracing::error!(%error, "reading remote snapshots to remount");
+            }
+        });
+        if let Some(address) = metrics_address {
+            let node = node.clone();
+            tokio::spawn(async move {
+                if let Err(error) = crate::metrics::serve(address, node).await {
+                    tracing::error!(%address, %error, "metrics server failed");
+                }
+            });
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+        }
+        tracing::info!(socket = %config.socket.display(), root = %config.root.display(), "serving containerd snapshots");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(containerd_snapshots::server(Arc::new(Service::new(
+                node.clone(),
+            ))))
+            .serve_with_incoming_shutdown(incoming, termination())
+            .await?;
+        Ok::<(), DaemonError>(())
+    });
+    let _ = std::fs::remove_file(&config.socket);
+    // Unmount on the blocking side: FUSE sessions join their threads.
+    node.unmount_all();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    served
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics of the daemon, read from the layers' own counters at scrape time (the
+//! read path never touches a metrics library), served as text at `http://ADDRESS/metrics`.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::fetcher::{FetchStats, LATENCY_BUCKETS};
+use crate::service::Node;
+
+/// Fetch counters summed over layers.
+#[derive(Clone, Debug, Default)]
+pub struct FetchTotals {
+    memory_hits: u64,
+    disk_hits: u64,
+    urgent_chunks: u64,
+    background_chunks: u64,
+    source_reads: u64,
+    source_bytes: u64,
+    verification_failures: u64,
+    timeouts: u64,
+    latency_counts: [u64; LATENCY_BUCKETS.len() + 1],
+    latency_sum: f64,
+}
+
+impl FetchTotals {
+    /// Adds one layer's counters.
+    pub fn add(&mut self, stats: &FetchStats) {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        self.memory_hits += load(&stats.memory_hits);
+        self.disk_hits += load(&stats.disk_hits);
+        self.urgent_chunks += load(&stats.urgent_chunks);
+        self.background_chunks += load(&stats.background_chunks);
+        self.source_reads += load(&stats.source_reads);
+        self.source_bytes += load(&stats.source_bytes);
+        self.verification_failures += load(&stats.verification_failures);
+        self.timeouts += load(&stats.timeouts);
+        let (counts, sum) = stats.read_latency.snapshot();
+        for (total, count) in self.latency_counts.iter_mut().zip(counts) {
+            *total += count;
+        }
+        self.latency_sum += sum;
+    }
+}
+
+/// Reads a [`Node`]'s counters on each scrape.
+#[derive(Debug)]
+struct NodeCollector(Arc<Node>);
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Node")
+    }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        MetricType::Counter,
+    )?)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        MetricType::Gauge,
+    )?)
+}
+
+/// One layer's background-fetch progress.
+struct LayerProgress {
+    labels: Vec<(Cow<'static, str>, Cow<'static, str>)>,
+    chunks_present: u32,
+    chunks_total: u32,
+    bytes_fetched: u64,
+    bytes_total: u64,
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let node = &self.0;
+        let mut totals = node.retired_totals();
+        let mut layers = Vec::new();
+        node.for_each_mounted(|id, layer| {
+            let fetcher = layer.fs.fetcher();
+            totals.add(fetcher.stats());
+            let progress = fetcher.progress();
+            layers.push(LayerProgress {
+                labels: vec![
+                    ("snapshot".into(), id.to_string().into()),
+                    ("layer".into(), fetcher.name().to_string().into()),
+                ],
+                chunks_present: progress.chunks_present,
+                chunks_total: progress.chunks_total,
+                bytes_fetched: progress.bytes_fetched,
+                bytes_total: progress.bytes_total,
+            });
+        });
+        gauge(
+            &mut encoder,
+            "sealfs_layers_mounted",
+            "Remote sealed layers mounted with FUSE.",
+            layers.len() as i64,
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_fetched_bytes",
+            "Sealed bytes fetched from registries.",
+            totals.source_bytes,
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_range_requests",
+            "Range requests sent to registries.",
+            totals.source_reads,
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "sealfs_chunks",
+                "Chunks served, by where they came from: memory cache, disk cache, or the \
+                 registry for a read (urgent) or the background fetch.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (source, value) in [
+                ("memory", totals.memory_hits),
+                ("disk", totals.disk_hits),
+                ("registry_urgent", totals.urgent_chunks),
+                ("registry_background", totals.background_chunks),
+            ] {
+                let labels = [("source", source)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            // Per-bucket counts, as the encoder wants them (it writes them cumulatively).
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(totals.latency_counts)
+                .collect();
+            let count = totals.latency_counts.iter().sum();
+            encoder
+                .encode_descriptor(
+                    "sealfs_fetch_latency_seconds",
+                    "Duration of range requests to registries.",
+                    None,
+                    MetricType::Histogram,
+                )?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    totals.latency_sum,
+                    count,
+                    &buckets,
+                    None,
+                )?;
+        }
+        counter(
+            &mut encoder,
+            "sealfs_verification_failures",
+            "Chunks that failed authentication (tampered or damaged), from a registry or the disk cache.",
+            totals.verification_failures,
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_read_timeouts",
+            "Reads that gave up waiting for their chunk (EIO).",
+            totals.timeouts,
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_remote_mount_failures",
+            "Remote layers that could not be mounted (missing key, registry error, bad index).",
+            node.stats.remote_failures.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "sealfs_memory_cache_bytes",
+            "Decrypted chunks held in the memory cache.",
+            node.remote().memory().bytes() as i64,
+        )?;
+        type Field = fn(&LayerProgress) -> u64;
+        let per_layer: [(&str, &str, Field); 4] = [
+            (
+                "sealfs_layer_chunks_present",
+                "Chunks of a mounted layer already fetched (background-fetch progress).",
+                |p| u64::from(p.chunks_present),
+            ),
+            (
+                "sealfs_layer_chunks",
+                "Chunks of a mounted layer.",
+                |p| u64::from(p.chunks_total),
+            ),
+            (
+                "sealfs_layer_fetched_bytes",
+                "Sealed bytes of a mounted layer fetched so far.",
+                |p| p.bytes_fetched,
+            ),
+            (
+                "sealfs_layer_bytes",
+                "Sealed bytes of a mounted layer's chunks.",
+                |p| p.bytes_total,
+            ),
+        ];
+        for (name, help, field) in per_layer {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for layer in &layers {
+                ConstGauge::new(field(layer) as i64).encode(family.encode_family(&layer.labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The metrics of `node` as Prometheus text.
+pub fn render(node: &Arc<Node>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector(node.clone())));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .expect("writing to a String cannot fail");
+    text
+}
+
+/// Serves `GET /metrics` on `address` until the runtime ends.
+pub async fn serve(address: SocketAddr, node: Arc<Node>) -> Result<(), hyper::Error> {
+    use hyper::service::{make_service_fn, service_fn};
+    use hyper::{Body, Response, StatusCode};
+    let make = make_service_fn(move |_| {
+        let node = node.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(service_fn(move |request| {
+                let node = node.clone();
+                async move {
+                    let response = if request.uri().path() == "/metrics" {
+                        let text = tokio::task::spawn_blocking(move || render(&node))
+                            .await
+                            .unwrap_or_default();
+                        Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Body::from(text))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Body::from("sealfs serves /metrics\n"))
+                    };
+                    Ok::<_, std::convert::Infallible>(response.expect("valid response"))
+                }
+            }))
+        }
+    });
+    hyper::Server::try_bind(&address)?.serve(make).await
+}

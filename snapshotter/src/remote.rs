@@ -1,0 +1,316 @@
+//! Remote layers: from the labels containerd sends with a layer's `Prepare` to a sealed layer
+//! mounted with FUSE. Finds the layer in its image's manifest (the registry's copy, not the
+//! client's labels, is trusted), unwraps its key with the node's keys, verifies its index
+//! against the digest the manifest pins and mounts it. What a remote snapshot needs to be
+//! mounted again after a restart is kept as a [`RemoteLayerSource`]: the reference pinned to
+//! the manifest digest and the layer's descriptor, so a remount costs one range read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fsformat::oci::MEDIA_TYPE_SEALED_LAYER;
+use fsformat::FormatError;
+use oci_client::Reference;
+use oci_spec::image::Descriptor;
+use tokio::runtime::Handle;
+
+use crate::cache::MemoryCache;
+use crate::credentials;
+use crate::keys::{self, KeyError};
+use crate::mount::{self, MountError, MountOptions, MountedLayer};
+use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteImage};
+
+/// The label naming the committed snapshot a layer's `Prepare` is for (its chain id).
+pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
+/// The label a remote snapshot carries: the digest of the sealed layer mounted there.
+pub const REMOTE_LABEL: &str = "containerd.io/snapshot/sealfs.remote-layer";
+/// A sealed layer's descriptor annotation, copied into the `Prepare` labels by containerd's
+/// unpacker (it copies every `containerd.io/snapshot/` annotation): its presence says the
+/// layer is sealed without asking the registry.
+pub const SEALED_MARKER_LABEL: &str = fsformat::oci::ANNOTATION_INDEX_DIGEST;
+
+/// Image reference, layer digest and manifest digest, as CRI spells them.
+const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// ... and as stargz-snapshotter's `ctr-remote image rpull` spells them.
+const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+
+/// What a layer's `Prepare` labels say about a sealed layer to mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRequest {
+    /// The image reference (`HOST/REPO[:TAG][@DIGEST]`).
+    pub image: String,
+    /// The layer's blob digest.
+    pub layer: String,
+    /// The manifest digest, when the client sent it (CRI does).
+    pub manifest: Option<String>,
+}
+
+impl LayerRequest {
+    /// Reads the request from `Prepare` labels; `None` when they do not ask for a sealed
+    /// layer (no target, no image or layer, or not sealed): containerd then unpacks the layer
+    /// itself, as with any snapshotter.
+    pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
+        let get = |key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
+        get(TARGET_LABEL)?;
+        get(SEALED_MARKER_LABEL)?;
+        let image = get(CRI_IMAGE_REF).or_else(|| get(STARGZ_REFERENCE))?;
+        let layer = get(CRI_LAYER_DIGEST).or_else(|| get(STARGZ_DIGEST))?;
+        Some(LayerRequest {
+            image,
+            layer,
+            manifest: get(CRI_MANIFEST_DIGEST),
+        })
+    }
+}
+
+/// Where a remote snapshot's content comes from: enough to mount it again.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RemoteLayerSource {
+    /// The image, pinned to its manifest digest.
+    pub reference: String,
+    /// The layer's descriptor from that manifest (media type, size, sealed annotations).
+    pub descriptor: Descriptor,
+}
+
+impl RemoteLayerSource {
+    /// The layer digest.
+    pub fn digest(&self) -> String {
+        self.descriptor.digest().to_string()
+    }
+}
+
+/// Why a remote layer could not be mounted. Messages name the layer and image; never a key.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The image reference does not parse, or the registry failed.
+    #[error("layer {layer} of {image}")]
+    Registry {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// What failed.
+        #[source]
+        source: RegistryError,
+    },
+    /// The manifest does not list the layer.
+    #[error("layer {layer} is not in the manifest of {image}")]
+    NotInManifest {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+    },
+    /// The node's keys could not be read.
+    #[error("loading the node's keys")]
+    Keys(#[from] KeyError),
+    /// The layer could not be opened (key, index) or mounted.
+    #[error("layer {layer} of {image}")]
+    Mount {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// What failed.
+        #[source]
+        source: MountError,
+    },
+    /// A stored source does not parse (a damaged database).
+    #[error("remote snapshot record: {0}")]
+    Record(String),
+}
+
+impl RemoteError {
+    /// Whether the error is the node's lack of a key (not a fault of the registry or layer).
+    pub fn is_missing_key(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Mount {
+                source: MountError::Layer {
+                    source: FormatError::NoMatchingKey { .. },
+                    ..
+                },
+                ..
+            }
+        )
+    }
+}
+
+/// Settings of remote layers.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// The node's private keys and key shares.
+    pub keys_dir: PathBuf,
+    /// docker `config.json` with registry credentials (`None`: the default place).
+    pub docker_config: Option<PathBuf>,
+    /// Registry access.
+    pub registry: RegistryOptions,
+    /// Fetching, FUSE threads and disk cache bounds of each layer.
+    pub mount: MountOptions,
+}
+
+/// How long a manifest resolved by tag is reused for the other layers of the same pull.
+const MANIFEST_TTL: Duration = Duration::from_secs(60);
+
+/// Opens and mounts remote sealed layers; one per daemon, shared by all snapshots.
+pub struct RemoteLayers {
+    config: RemoteConfig,
+    runtime: Handle,
+    memory: Arc<MemoryCache>,
+    /// One client per registry host (connection pools, tokens).
+    registries: Mutex<HashMap<String, Registry>>,
+    /// Recently resolved manifests, by the reference asked for.
+    manifests: Mutex<lru::LruCache<String, (Instant, RemoteImage)>>,
+}
+
+impl RemoteLayers {
+    /// Remote layers whose registry requests run on `runtime` and whose plain chunks share
+    /// `memory`.
+    pub fn new(config: RemoteConfig, runtime: Handle, memory: Arc<MemoryCache>) -> Self {
+        RemoteLayers {
+            config,
+            runtime,
+            memory,
+            registries: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(lru::LruCache::new(NonZeroUsize::new(64).expect("64"))),
+        }
+    }
+
+    /// The memory cache shared by all layers.
+    pub fn memory(&self) -> &Arc<MemoryCache> {
+        &self.memory
+    }
+
+    fn registry_for(&self, reference: &Reference) -> Result<Registry, RegistryError> {
+        let host = reference.resolve_registry().to_string();
+        let mut registries = self.registries.lock().expect("registries lock");
+        if let Some(registry) = registries.get(&host) {
+            return Ok(registry.clone());
+        }
+        let credentials = credentials::load_config(self.config.docker_config.as_deref())
+            .map_err(|e| RegistryError::Invalid {
+                registry: host.clone(),
+                what: e.to_string(),
+            })?;
+        let registry = Registry::connect(
+            self.runtime.clone(),
+            &host,
+            self.config.registry.clone(),
+            &|h| credentials.auth_for(h),
+        )?;
+        registries.insert(host, registry.clone());
+        Ok(registry)
+    }
+
+    /// The image's manifest, from the cache while fresh.
+    fn manifest(&self, registry: &Registry, asked: &str) -> Result<RemoteImage, RegistryError> {
+        if let Some((at, image)) = self.manifests.lock().expect("manifests lock").get(asked) {
+            if at.elapsed() < MANIFEST_TTL {
+                return Ok(image.clone());
+            }
+        }
+        let image = registry.resolve(&Registry::parse(asked)?)?;
+        self.manifests
+            .lock()
+            .expect("manifests lock")
+            .put(asked.to_string(), (Instant::now(), image.clone()));
+        Ok(image)
+    }
+
+    /// Finds the requested layer in its image's manifest. `None`: the manifest says the layer
+    /// is not sealed, so containerd should unpack it.
+    pub fn resolve(
+        &self,
+        request: &LayerRequest,
+    ) -> Result<Option<RemoteLayerSource>, RemoteError> {
+        let registry_error = |source| RemoteError::Registry {
+            image: request.image.clone(),
+            layer: request.layer.clone(),
+            source,
+        };
+        let mut asked = request.image.clone();
+        if let Some(manifest) = &request.manifest {
+            // Pin to what the client resolved; drop a digest the reference already carried.
+            let base = asked.split('@').next().unwrap_or_default().to_string();
+            asked = format!("{base}@{manifest}");
+        }
+        let reference = Registry::parse(&asked).map_err(registry_error)?;
+        let registry = self.registry_for(&reference).map_err(registry_error)?;
+        let image = self.manifest(&registry, &asked).map_err(registry_error)?;
+        let descriptor = image
+            .image
+            .manifest
+            .layers()
+            .iter()
+            .find(|l| l.digest().to_string() == request.layer)
+            .cloned()
+            .ok_or_else(|| RemoteError::NotInManifest {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+            })?;
+        if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
+            return Ok(None);
+        }
+        Ok(Some(RemoteLayerSource {
+            reference: image.reference.whole(),
+            descriptor,
+        }))
+    }
+
+    /// Opens the layer with the node's keys and mounts it at `mountpoint`; `cache_key` tells
+    /// its chunks apart in the shared memory cache, `cache_dir` holds its sealed chunks.
+    pub fn mount(
+        &self,
+        source: &RemoteLayerSource,
+        mountpoint: &Path,
+        cache_key: u64,
+        cache_dir: &Path,
+    ) -> Result<MountedLayer, RemoteError> {
+        let layer = source.digest();
+        let mount_error = |error: MountError| RemoteError::Mount {
+            image: source.reference.clone(),
+            layer: layer.clone(),
+            source: error,
+        };
+        let registry_error = |error| RemoteError::Registry {
+            image: source.reference.clone(),
+            layer: layer.clone(),
+            source: error,
+        };
+        let identities = keys::load_key_dir(&self.config.keys_dir)?;
+        let reference = Registry::parse(&source.reference).map_err(registry_error)?;
+        let registry = self.registry_for(&reference).map_err(registry_error)?;
+        let blob = registry.blob(&reference, &layer, source.descriptor.size());
+        let opened = mount::open_sealed_layer(&source.descriptor, Arc::new(blob), &identities)
+            .map_err(mount_error)?;
+        let options = MountOptions {
+            cache_dir: Some(cache_dir.to_path_buf()),
+            ..self.config.mount.clone()
+        };
+        let fs = mount::layer_fs(&opened, cache_key, self.memory.clone(), &options)
+            .map_err(mount_error)?;
+        MountedLayer::mount(fs, mountpoint, &options, &layer)
+            .map_err(mount_error)
+    }
+}
+
+/// Labels of a remote snapshot: the `Prepare` labels containerd asks to keep (non-empty ones,
+/// as containerd drops empty values on commit) and the remote marker.
+pub fn snapshot_labels(
+    labels: &HashMap<String, String>,
+    layer: &str,
+) -> BTreeMap<String, String> {
+    let mut kept: BTreeMap<String, String> = labels
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    kept.insert(REMOTE_LABEL.to_string(), layer.to_string());
+    kept
+}

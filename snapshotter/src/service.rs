@@ -1,0 +1,524 @@
+//! containerd's snapshots service: the [`SnapshotStore`] for every snapshot, and remote sealed
+//! layers ([`RemoteLayers`]) mounted with FUSE as the content of committed snapshots.
+//!
+//! A layer `Prepare` whose labels ask for a sealed layer mounts it, records a committed
+//! snapshot under the target name (the chain id) and answers `AlreadyExists`, which tells
+//! containerd not to download the layer. Everything else is an ordinary overlayfs snapshot,
+//! so unsealed images run unchanged. Active snapshots on remote layers are overlays whose
+//! lower directories are the FUSE mount points.
+//!
+//! The store and the mounts block, so each call runs on tokio's blocking pool.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use containerd_snapshots::api::types::Mount as ApiMount;
+use containerd_snapshots::{Info as ApiInfo, Kind as ApiKind, Snapshotter, Usage as ApiUsage};
+use tonic::Status;
+
+use crate::metrics::FetchTotals;
+use crate::mount::MountedLayer;
+use crate::remote::{self, LayerRequest, RemoteError, RemoteLayerSource, RemoteLayers};
+use crate::snapshot::{Ancestor, Info, Kind, Mount, SnapshotError, SnapshotStore};
+
+impl From<SnapshotError> for Status {
+    fn from(error: SnapshotError) -> Status {
+        let message = error.to_string();
+        match error {
+            SnapshotError::NotFound(_) => Status::not_found(message),
+            SnapshotError::AlreadyExists(_) => Status::already_exists(message),
+            SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(message),
+            SnapshotError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+/// The whole error chain in one line: containerd shows only the message.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
+fn remote_status(error: &RemoteError) -> Status {
+    let message = format!("sealfs: {}", chain(error));
+    match error {
+        RemoteError::Registry { .. } => Status::unavailable(message),
+        RemoteError::Record(_) => Status::internal(message),
+        _ => Status::failed_precondition(message),
+    }
+}
+
+/// Counters the service keeps besides the layers' own (see [`crate::metrics`]).
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Remote layer mounts that failed (missing key, registry, damaged index).
+    pub remote_failures: std::sync::atomic::AtomicU64,
+}
+
+/// The node's snapshots: the store, the remote layers and their live FUSE mounts.
+pub struct Node {
+    store: SnapshotStore,
+    remote: RemoteLayers,
+    /// Live FUSE mounts of remote snapshots, by directory id.
+    mounted: Mutex<HashMap<u64, MountedLayer>>,
+    /// Held while a remote layer is mounted and recorded, and by cleanup, so cleanup never
+    /// takes a directory that is being filled for an orphan.
+    remote_lock: Mutex<()>,
+    /// Counters.
+    pub stats: ServiceStats,
+    /// Fetch counters of layers removed since the start, so totals never go down.
+    retired: Mutex<FetchTotals>,
+}
+
+impl Node {
+    /// The node over `store` and `remote`.
+    pub fn new(store: SnapshotStore, remote: RemoteLayers) -> Self {
+        Node {
+            store,
+            remote,
+            mounted: Mutex::new(HashMap::new()),
+            remote_lock: Mutex::new(()),
+            stats: ServiceStats::default(),
+            retired: Mutex::new(FetchTotals::default()),
+        }
+    }
+
+    /// The remote layers (memory cache, settings).
+    pub fn remote(&self) -> &RemoteLayers {
+        &self.remote
+    }
+
+    /// Fetch counters of the layers removed so far.
+    pub fn retired_totals(&self) -> FetchTotals {
+        self.retired.lock().expect("retired lock").clone()
+    }
+
+    /// Runs `f` on each live FUSE mount.
+    pub fn for_each_mounted(&self, mut f: impl FnMut(u64, &MountedLayer)) {
+        for (id, layer) in self.mounted.lock().expect("mounted lock").iter() {
+            f(*id, layer);
+        }
+    }
+
+    /// Mounts every remote snapshot again (after a restart). A layer that cannot be mounted
+    /// now (registry down, key gone) is logged and tried again when a snapshot on it is used.
+    pub fn restore(&self) -> Result<(), SnapshotError> {
+        for snapshot in self.store.remote_snapshots()? {
+            if let Err(error) = self.ensure_mounted(&snapshot) {
+                tracing::warn!(snapshot = %snapshot.name, error = %chain(&error), "remote layer not mounted; will retry on use");
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_source(text: &str) -> Result<RemoteLayerSource, RemoteError> {
+        serde_json::from_str(text).map_err(|e| RemoteError::Record(e.to_string()))
+    }
+
+    /// Mounts a remote snapshot's layer unless it is mounted already.
+    fn ensure_mounted(&self, snapshot: &Ancestor) -> Result<(), RemoteError> {
+        let Some(text) = &snapshot.remote else {
+            return Ok(());
+        };
+        let mut mounted = self.mounted.lock().expect("mounted lock");
+        if mounted.contains_key(&snapshot.id) {
+            return Ok(());
+        }
+        let source = Self::parse_source(text)?;
+        let mountpoint = self.store.content_dir(snapshot.id);
+        // A mount left by a daemon that died answers nothing; replace it.
+        if crate::mount::is_mounted(&mountpoint) {
+            let _ = crate::mount::unmount(&mountpoint);
+        }
+        let layer = self
+            .remote
+            .mount(
+                &source,
+                &mountpoint,
+                snapshot.id,
+                &self.cache_dir(snapshot.id),
+            )
+            .inspect_err(|_| self.count_failure())?;
+        tracing::info!(snapshot = %snapshot.name, layer = %source.digest(), "remote layer mounted");
+        mounted.insert(snapshot.id, layer);
+        Ok(())
+    }
+
+    fn count_failure(&self) {
+        self.stats
+            .remote_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn cache_dir(&self, id: u64) -> std::path::PathBuf {
+        // Inside the snapshot's own directory: removing the snapshot frees its cache.
+        self.store
+            .content_dir(id)
+            .with_file_name("cache")
+    }
+
+    /// Makes sure every remote layer below `parent` is mounted.
+    fn ensure_chain_mounted(&self, parent: Option<&str>) -> Result<(), Status> {
+        for ancestor in self.store.ancestors(parent)? {
+            self.ensure_mounted(&ancestor)
+                .map_err(|e| remote_status(&e))?;
+        }
+        Ok(())
+    }
+
+    /// containerd's Prepare: a sealed layer becomes a remote snapshot (answered with
+    /// `AlreadyExists`), anything else an active snapshot.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        tracing::debug!(key, ?parent, ?labels, "prepare");
+        if let Some(request) = LayerRequest::from_labels(&labels) {
+            let target = labels[remote::TARGET_LABEL].clone();
+            match self.prepare_remote(&target, parent, &labels, &request) {
+                Ok(true) => {
+                    return Err(Status::already_exists(format!(
+                        "target snapshot {target}: already exists (remote sealed layer)"
+                    )))
+                }
+                Ok(false) => {} // not sealed after all: containerd unpacks it
+                Err(error) => {
+                    tracing::warn!(key, layer = %request.layer, error = %chain(&error), "remote layer refused");
+                    return Err(remote_status(&error));
+                }
+            }
+        }
+        self.ensure_chain_mounted(parent)?;
+        Ok(self.store.prepare(key, parent, sorted(labels))?)
+    }
+
+    /// Mounts the requested sealed layer and records it as `target`. `Ok(false)`: the layer
+    /// is not sealed.
+    fn prepare_remote(
+        &self,
+        target: &str,
+        parent: Option<&str>,
+        labels: &HashMap<String, String>,
+        request: &LayerRequest,
+    ) -> Result<bool, RemoteError> {
+        if self.store.stat(target).is_ok() {
+            return Ok(true);
+        }
+        let started = std::time::Instant::now();
+        let Some(source) = self.remote.resolve(request).inspect_err(|_| self.count_failure())? else {
+            return Ok(false);
+        };
+        let _guard = self.remote_lock.lock().expect("remote lock");
+        let record_error = |e: SnapshotError| RemoteError::Record(e.to_string());
+        let id = self.store.reserve_dir().map_err(record_error)?;
+        let mountpoint = self.store.content_dir(id);
+        let mounted = match self
+            .remote
+            .mount(&source, &mountpoint, id, &self.cache_dir(id))
+        {
+            Ok(mounted) => mounted,
+            Err(error) => {
+                self.count_failure();
+                let _ = std::fs::remove_dir_all(mountpoint.parent().expect("snapshot dir"));
+                return Err(error);
+            }
+        };
+        let text = serde_json::to_string(&source).map_err(|e| RemoteError::Record(e.to_string()))?;
+        let recorded = self.store.commit_remote(
+            target,
+            parent,
+            remote::snapshot_labels(labels, &source.digest()),
+            id,
+            text,
+        );
+        match recorded {
+            Ok(()) => {
+                tracing::info!(target, layer = %source.digest(), elapsed = ?started.elapsed(), "remote layer mounted");
+                self.mounted.lock().expect("mounted lock").insert(id, mounted);
+                Ok(true)
+            }
+            // Another pull of the same layer got there first: theirs stands.
+            Err(SnapshotError::AlreadyExists(_)) => {
+                drop(mounted);
+                let _ = std::fs::remove_dir_all(mountpoint.parent().expect("snapshot dir"));
+                Ok(true)
+            }
+            Err(error) => {
+                drop(mounted);
+                let _ = std::fs::remove_dir_all(mountpoint.parent().expect("snapshot dir"));
+                Err(record_error(error))
+            }
+        }
+    }
+
+    /// containerd's View.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        self.ensure_chain_mounted(parent)?;
+        Ok(self.store.view(key, parent, sorted(labels))?)
+    }
+
+    /// containerd's Mounts.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        let info = self.store.stat(key)?;
+        self.ensure_chain_mounted(info.parent.as_deref())?;
+        Ok(self.store.mounts(key)?)
+    }
+
+    /// containerd's Commit.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        Ok(self.store.commit(name, key, sorted(labels))?)
+    }
+
+    /// containerd's Remove: a remote snapshot's FUSE mount ends and its cache is deleted.
+    pub fn remove(&self, key: &str) -> Result<(), Status> {
+        Ok(self.store.remove_releasing(key, |removed| {
+            if removed.remote.is_some() {
+                let layer = self.mounted.lock().expect("mounted lock").remove(&removed.id);
+                if let Some(layer) = layer {
+                    self.retired
+                        .lock()
+                        .expect("retired lock")
+                        .add(layer.fs.fetcher().stats());
+                    drop(layer); // unmounts
+                }
+                self.remote.memory().forget_layer(removed.id);
+                tracing::info!(snapshot = %removed.name, "remote layer unmounted");
+            }
+        })?)
+    }
+
+    /// containerd's Stat.
+    pub fn stat(&self, key: &str) -> Result<Info, Status> {
+        Ok(self.store.stat(key)?)
+    }
+
+    /// containerd's Update: `paths` empty replaces all labels; `labels` replaces them too;
+    /// `labels.KEY` sets or (absent from `info`) deletes one.
+    pub fn update(
+        &self,
+        name: &str,
+        new_labels: HashMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info, Status> {
+        let current = self.store.stat(name)?;
+        let mut labels = current.labels;
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            labels = sorted(new_labels);
+        } else {
+            for path in paths {
+                let Some(label) = path.strip_prefix("labels.") else {
+                    return Err(Status::invalid_argument(format!(
+                        "cannot update field {path:?} of snapshot {name}: only labels are mutable"
+                    )));
+                };
+                match new_labels.get(label) {
+                    Some(value) => labels.insert(label.to_string(), value.clone()),
+                    None => labels.remove(label),
+                };
+            }
+        }
+        Ok(self.store.update_labels(name, labels)?)
+    }
+
+    /// containerd's Usage.
+    pub fn usage(&self, key: &str) -> Result<crate::snapshot::Usage, Status> {
+        let info = self.store.stat(key)?;
+        if info.labels.contains_key(remote::REMOTE_LABEL) {
+            // A remote layer takes no space but its cache, which containerd does not count.
+            return Ok(crate::snapshot::Usage::default());
+        }
+        Ok(self.store.usage(key)?)
+    }
+
+    /// containerd's Walk.
+    pub fn list(&self) -> Result<Vec<Info>, Status> {
+        Ok(self.store.walk()?)
+    }
+
+    /// containerd's Cleanup: directories no snapshot owns (after a crash), their mounts first.
+    pub fn cleanup(&self) -> Result<(), Status> {
+        let _guard = self.remote_lock.lock().expect("remote lock");
+        let removed = self.store.cleanup()?;
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removed orphaned snapshot directories");
+        }
+        Ok(())
+    }
+
+    /// Unmounts every remote layer (on shutdown).
+    pub fn unmount_all(&self) {
+        self.mounted.lock().expect("mounted lock").clear();
+    }
+}
+
+fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
+    labels.into_iter().collect()
+}
+
+fn parent_arg(parent: &str) -> Option<String> {
+    (!parent.is_empty()).then(|| parent.to_string())
+}
+
+fn api_mounts(mounts: Vec<Mount>) -> Vec<ApiMount> {
+    mounts
+        .into_iter()
+        .map(|m| ApiMount {
+            r#type: m.kind,
+            source: m.source,
+            options: m.options,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn api_info(info: Info) -> ApiInfo {
+    let time = |ns: u128| UNIX_EPOCH + Duration::from_nanos(ns as u64);
+    ApiInfo {
+        kind: match info.kind {
+            Kind::View => ApiKind::View,
+            Kind::Active => ApiKind::Active,
+            Kind::Committed => ApiKind::Committed,
+        },
+        name: info.name,
+        parent: info.parent.unwrap_or_default(),
+        labels: info.labels.into_iter().collect(),
+        created_at: time(info.created_ns),
+        updated_at: time(info.updated_ns),
+    }
+}
+
+/// The gRPC face of a [`Node`].
+#[derive(Clone)]
+pub struct Service {
+    node: Arc<Node>,
+}
+
+impl Service {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Service { node }
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Node) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || f(&node))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot operation panicked: {e}")))?
+    }
+}
+
+#[tonic::async_trait]
+impl Snapshotter for Service {
+    type Error = Status;
+    type InfoStream = futures_util::stream::Iter<std::vec::IntoIter<Result<ApiInfo, Status>>>;
+
+    async fn stat(&self, key: String) -> Result<ApiInfo, Status> {
+        self.blocking(move |node| node.stat(&key).map(api_info)).await
+    }
+
+    async fn update(
+        &self,
+        info: ApiInfo,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<ApiInfo, Status> {
+        self.blocking(move |node| {
+            node.update(&info.name, info.labels, &fieldpaths.unwrap_or_default())
+                .map(api_info)
+        })
+        .await
+    }
+
+    async fn usage(&self, key: String) -> Result<ApiUsage, Status> {
+        self.blocking(move |node| {
+            node.usage(&key).map(|u| ApiUsage {
+                inodes: u.inodes as i64,
+                size: u.size as i64,
+            })
+        })
+        .await
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
+        self.blocking(move |node| node.mounts(&key).map(api_mounts))
+            .await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<ApiMount>, Status> {
+        self.blocking(move |node| {
+            node.prepare(&key, parent_arg(&parent).as_deref(), labels)
+                .map(api_mounts)
+        })
+        .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<ApiMount>, Status> {
+        self.blocking(move |node| {
+            node.view(&key, parent_arg(&parent).as_deref(), labels)
+                .map(api_mounts)
+        })
+        .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        self.blocking(move |node| node.commit(&name, &key, labels))
+            .await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Status> {
+        self.blocking(move |node| node.remove(&key)).await
+    }
+
+    async fn clear(&self) -> Result<(), Status> {
+        self.blocking(|node| node.cleanup()).await
+    }
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        _filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Status> {
+        // Filters are containerd's to apply: it checks every listed snapshot again.
+        let infos = self.blocking(|node| node.list()).await?;
+        Ok(futures_util::stream::iter(
+            infos.into_iter().map(|i| Ok(api_info(i))).collect::<Vec<_>>(),
+        ))
+    }
+}

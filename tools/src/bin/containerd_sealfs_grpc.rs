@@ -1,0 +1,91 @@
+//! `containerd-sealfs-grpc`: the sealfs remote snapshotter for containerd. The service lives
+//! in `snapshotter::daemon`; this is its command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+
+/// The sealfs remote snapshotter: serves containerd's snapshots API on a unix socket, mounts
+/// sealed image layers lazily with FUSE (fetching, verifying and decrypting chunks on
+/// demand), and runs every other image as an ordinary overlayfs snapshotter.
+///
+/// containerd loads it with:
+///
+///   [proxy_plugins.sealfs]
+///     type = "snapshot"
+///     address = "/run/sealfs/sealfs.sock"
+///
+/// Node keys go in keys_dir (default /etc/sealfs/keys, files mode 0600). Every option is
+/// described in docs/configuration.md. Stops cleanly on SIGTERM or SIGINT; a restart mounts
+/// the layers it had again.
+#[derive(Parser, Debug)]
+#[command(name = "containerd-sealfs-grpc", version, verbatim_doc_comment)]
+struct Cli {
+    /// Configuration file (TOML). Without it, /etc/sealfs/config.toml if present, else the
+    /// defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); overrides the
+    /// config's log_level. SEALFS_LOG overrides both.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Check the configuration, print it in full (defaults filled in) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("containerd-sealfs-grpc: {}", error_chain(&error));
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        println!(
+            "# {}\n{config:#?}",
+            cli.config
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("defaults ({DEFAULT_CONFIG_PATH} if present)"))
+        );
+        return ExitCode::SUCCESS;
+    }
+    let level = cli.log_level.as_deref().unwrap_or(&config.log_level);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALFS_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level));
+    let filter = match filter {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("containerd-sealfs-grpc: log level {level:?}: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match snapshotter::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{}", error_chain(&error));
+            eprintln!("containerd-sealfs-grpc: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
