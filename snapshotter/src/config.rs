@@ -179,7 +179,10 @@ impl Config {
             ("fetch.fuse_threads", config.fetch.fuse_threads as u64),
             ("fetch.merge_kib", config.fetch.merge_kib),
             ("fetch.read_timeout_secs", config.fetch.read_timeout_secs),
-            ("registry.request_timeout_secs", config.registry.request_timeout_secs),
+            (
+                "registry.request_timeout_secs",
+                config.registry.request_timeout_secs,
+            ),
             ("cache.memory_mib", config.cache.memory_mib),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -250,7 +253,10 @@ mod tests {
         let error = Config::parse("[fetch]\nthread = 4\n").unwrap_err();
         assert!(error.contains("unknown field `thread`"), "{error}");
         let error = Config::parse("[fetch]\nthreads = 0\n").unwrap_err();
-        assert!(error.contains("fetch.threads must be at least 1"), "{error}");
+        assert!(
+            error.contains("fetch.threads must be at least 1"),
+            "{error}"
+        );
         let error = Config::parse("socket = \"relative.sock\"\n").unwrap_err();
         assert!(error.contains("absolute"), "{error}");
     }

@@ -113,12 +113,10 @@ pub fn load_key_dir(dir: &Path) -> Result<Vec<PrivateKey>, KeyError> {
             })
             .collect::<Result<_, _>>()?;
         if !shares.is_empty() {
-            keys.push(
-                shares::combine(&shares).map_err(|source| KeyError::Shares {
-                    dir: shares_dir,
-                    source,
-                })?,
-            );
+            keys.push(shares::combine(&shares).map_err(|source| KeyError::Shares {
+                dir: shares_dir,
+                source,
+            })?);
         }
     }
     Ok(keys)

@@ -81,12 +81,7 @@ fn gauge(
     help: &str,
     value: i64,
 ) -> Result<(), std::fmt::Error> {
-    ConstGauge::new(value).encode(encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        MetricType::Gauge,
-    )?)
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
 /// One layer's background-fetch progress.
@@ -208,11 +203,9 @@ impl Collector for NodeCollector {
                 "Chunks of a mounted layer already fetched (background-fetch progress).",
                 |p| u64::from(p.chunks_present),
             ),
-            (
-                "sealfs_layer_chunks",
-                "Chunks of a mounted layer.",
-                |p| u64::from(p.chunks_total),
-            ),
+            ("sealfs_layer_chunks", "Chunks of a mounted layer.", |p| {
+                u64::from(p.chunks_total)
+            }),
             (
                 "sealfs_layer_fetched_bytes",
                 "Sealed bytes of a mounted layer fetched so far.",
@@ -227,7 +220,8 @@ impl Collector for NodeCollector {
         for (name, help, field) in per_layer {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for layer in &layers {
-                ConstGauge::new(field(layer) as i64).encode(family.encode_family(&layer.labels)?)?;
+                ConstGauge::new(field(layer) as i64)
+                    .encode(family.encode_family(&layer.labels)?)?;
             }
         }
         Ok(())

@@ -479,3 +479,18 @@ impl<R: Read> Read for VerifyingReader<R> {
         Ok(n)
     }
 }
+
+/// OCI chain ids of a layer stack from its diff ids, bottom first: the first layer's chain id
+/// is its diff id, each next one `sha256(previous + " " + diff id)`. containerd names committed
+/// layer snapshots by them.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for diff in diff_ids {
+        let next = match out.last() {
+            None => diff.clone(),
+            Some(previous) => fsformat::digest::digest_of(format!("{previous} {diff}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}

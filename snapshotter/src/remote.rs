@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fsformat::oci::MEDIA_TYPE_SEALED_LAYER;
-use fsformat::FormatError;
 use oci_client::Reference;
 use oci_spec::image::Descriptor;
 use tokio::runtime::Handle;
@@ -97,7 +96,7 @@ pub enum RemoteError {
         layer: String,
         /// What failed.
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     /// The manifest does not list the layer.
     #[error("layer {layer} is not in the manifest of {image}")]
@@ -119,27 +118,11 @@ pub enum RemoteError {
         layer: String,
         /// What failed.
         #[source]
-        source: MountError,
+        source: Box<MountError>,
     },
     /// A stored source does not parse (a damaged database).
     #[error("remote snapshot record: {0}")]
     Record(String),
-}
-
-impl RemoteError {
-    /// Whether the error is the node's lack of a key (not a fault of the registry or layer).
-    pub fn is_missing_key(&self) -> bool {
-        matches!(
-            self,
-            RemoteError::Mount {
-                source: MountError::Layer {
-                    source: FormatError::NoMatchingKey { .. },
-                    ..
-                },
-                ..
-            }
-        )
-    }
 }
 
 /// Settings of remote layers.
@@ -193,10 +176,12 @@ impl RemoteLayers {
         if let Some(registry) = registries.get(&host) {
             return Ok(registry.clone());
         }
-        let credentials = credentials::load_config(self.config.docker_config.as_deref())
-            .map_err(|e| RegistryError::Invalid {
-                registry: host.clone(),
-                what: e.to_string(),
+        let credentials =
+            credentials::load_config(self.config.docker_config.as_deref()).map_err(|e| {
+                RegistryError::Invalid {
+                    registry: host.clone(),
+                    what: e.to_string(),
+                }
             })?;
         let registry = Registry::connect(
             self.runtime.clone(),
@@ -232,7 +217,7 @@ impl RemoteLayers {
         let registry_error = |source| RemoteError::Registry {
             image: request.image.clone(),
             layer: request.layer.clone(),
-            source,
+            source: Box::new(source),
         };
         let mut asked = request.image.clone();
         if let Some(manifest) = &request.manifest {
@@ -276,12 +261,12 @@ impl RemoteLayers {
         let mount_error = |error: MountError| RemoteError::Mount {
             image: source.reference.clone(),
             layer: layer.clone(),
-            source: error,
+            source: Box::new(error),
         };
         let registry_error = |error| RemoteError::Registry {
             image: source.reference.clone(),
             layer: layer.clone(),
-            source: error,
+            source: Box::new(error),
         };
         let identities = keys::load_key_dir(&self.config.keys_dir)?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
@@ -295,17 +280,13 @@ impl RemoteLayers {
         };
         let fs = mount::layer_fs(&opened, cache_key, self.memory.clone(), &options)
             .map_err(mount_error)?;
-        MountedLayer::mount(fs, mountpoint, &options, &layer)
-            .map_err(mount_error)
+        MountedLayer::mount(fs, mountpoint, &options, &layer).map_err(mount_error)
     }
 }
 
 /// Labels of a remote snapshot: the `Prepare` labels containerd asks to keep (non-empty ones,
 /// as containerd drops empty values on commit) and the remote marker.
-pub fn snapshot_labels(
-    labels: &HashMap<String, String>,
-    layer: &str,
-) -> BTreeMap<String, String> {
+pub fn snapshot_labels(labels: &HashMap<String, String>, layer: &str) -> BTreeMap<String, String> {
     let mut kept: BTreeMap<String, String> = labels
         .iter()
         .filter(|(_, v)| !v.is_empty())

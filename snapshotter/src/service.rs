@@ -9,6 +9,10 @@
 //!
 //! The store and the mounts block, so each call runs on tokio's blocking pool.
 
+// `tonic::Status` is the error type of the gRPC trait these methods serve; boxing it here would
+// only be undone at the trait boundary.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -159,9 +163,7 @@ impl Node {
 
     fn cache_dir(&self, id: u64) -> std::path::PathBuf {
         // Inside the snapshot's own directory: removing the snapshot frees its cache.
-        self.store
-            .content_dir(id)
-            .with_file_name("cache")
+        self.store.content_dir(id).with_file_name("cache")
     }
 
     /// Makes sure every remote layer below `parent` is mounted.
@@ -214,7 +216,11 @@ impl Node {
             return Ok(true);
         }
         let started = std::time::Instant::now();
-        let Some(source) = self.remote.resolve(request).inspect_err(|_| self.count_failure())? else {
+        let Some(source) = self
+            .remote
+            .resolve(request)
+            .inspect_err(|_| self.count_failure())?
+        else {
             return Ok(false);
         };
         let _guard = self.remote_lock.lock().expect("remote lock");
@@ -232,7 +238,8 @@ impl Node {
                 return Err(error);
             }
         };
-        let text = serde_json::to_string(&source).map_err(|e| RemoteError::Record(e.to_string()))?;
+        let text =
+            serde_json::to_string(&source).map_err(|e| RemoteError::Record(e.to_string()))?;
         let recorded = self.store.commit_remote(
             target,
             parent,
@@ -243,7 +250,10 @@ impl Node {
         match recorded {
             Ok(()) => {
                 tracing::info!(target, layer = %source.digest(), elapsed = ?started.elapsed(), "remote layer mounted");
-                self.mounted.lock().expect("mounted lock").insert(id, mounted);
+                self.mounted
+                    .lock()
+                    .expect("mounted lock")
+                    .insert(id, mounted);
                 Ok(true)
             }
             // Another pull of the same layer got there first: theirs stands.
@@ -292,7 +302,11 @@ impl Node {
     pub fn remove(&self, key: &str) -> Result<(), Status> {
         Ok(self.store.remove_releasing(key, |removed| {
             if removed.remote.is_some() {
-                let layer = self.mounted.lock().expect("mounted lock").remove(&removed.id);
+                let layer = self
+                    .mounted
+                    .lock()
+                    .expect("mounted lock")
+                    .remove(&removed.id);
                 if let Some(layer) = layer {
                     self.retired
                         .lock()
@@ -436,7 +450,8 @@ impl Snapshotter for Service {
     type InfoStream = futures_util::stream::Iter<std::vec::IntoIter<Result<ApiInfo, Status>>>;
 
     async fn stat(&self, key: String) -> Result<ApiInfo, Status> {
-        self.blocking(move |node| node.stat(&key).map(api_info)).await
+        self.blocking(move |node| node.stat(&key).map(api_info))
+            .await
     }
 
     async fn update(
@@ -518,7 +533,10 @@ impl Snapshotter for Service {
         // Filters are containerd's to apply: it checks every listed snapshot again.
         let infos = self.blocking(|node| node.list()).await?;
         Ok(futures_util::stream::iter(
-            infos.into_iter().map(|i| Ok(api_info(i))).collect::<Vec<_>>(),
+            infos
+                .into_iter()
+                .map(|i| Ok(api_info(i)))
+                .collect::<Vec<_>>(),
         ))
     }
 }

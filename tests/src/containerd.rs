@@ -16,6 +16,19 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with a private root; waits (bounded) until it answers.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts containerd with a proxy snapshotter plugin `name` served on `socket`.
+    pub fn start_with_snapshotter(name: &str, socket: &Path) -> Self {
+        Self::start_with(&format!(
+            "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            socket.display()
+        ))
+    }
+
+    /// Starts containerd with `extra` appended to its config (TOML, version 2).
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
@@ -23,7 +36,7 @@ impl Containerd {
             &config,
             format!(
                 "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n",
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{extra}",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
                 sock = socket.display(),

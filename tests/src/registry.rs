@@ -70,7 +70,7 @@ impl DockerRegistry {
             .port();
         let host = format!("127.0.0.1:{port}");
         let mut config = format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: warn\n",
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\nlog:\n  level: info\n  formatter: json\n",
             dir.path().join("data").display()
         );
         if let Some(http) = http {
@@ -97,7 +97,12 @@ impl DockerRegistry {
     /// Starts the registry process again (same port, same storage); waits until it accepts
     /// connections.
     pub fn resume(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("registry.log")).expect("log file");
+        // Appended: the log counts served bytes across restarts.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("registry.log"))
+            .expect("log file");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.config())
@@ -119,6 +124,23 @@ impl DockerRegistry {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Bytes of blob bodies this registry has sent so far (from its access log): what a
+    /// client really downloaded.
+    pub fn blob_bytes_served(&self) -> u64 {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| {
+                entry["msg"] == "response completed"
+                    && entry["http.request.method"] == "GET"
+                    && entry["http.request.uri"]
+                        .as_str()
+                        .is_some_and(|uri| uri.contains("/blobs/"))
+            })
+            .filter_map(|entry| entry["http.response.written"].as_u64())
+            .sum()
     }
 
     /// Pushes an OCI layout image with skopeo to `NAME:TAG` here; returns `HOST/NAME:TAG`.

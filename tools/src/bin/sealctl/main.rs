@@ -2,6 +2,7 @@
 
 mod image;
 mod keys;
+mod pull;
 mod transport;
 
 use std::path::PathBuf;
@@ -103,6 +104,36 @@ enum Command {
         /// Destination image (may be the same layout with another tag).
         destination: String,
     },
+    /// Pull an image into containerd lazily: sealed layers are mounted by the sealfs
+    /// snapshotter and fetched on demand, so `ctr run --snapshotter sealfs REF ID` can start
+    /// the container before the image has been downloaded.
+    ///
+    /// Writes the manifest and config into containerd's content store, prepares each layer
+    /// on the snapshotter with the labels a remote snapshotter needs, and creates the image
+    /// record. Layers that are not sealed are downloaded and unpacked as `ctr pull` would.
+    /// Prints, per layer, whether it was mounted remotely.
+    Pull {
+        /// containerd's socket.
+        #[arg(
+            long,
+            value_name = "SOCK",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: PathBuf,
+        /// containerd namespace.
+        #[arg(
+            long,
+            short = 'n',
+            env = "CONTAINERD_NAMESPACE",
+            default_value = "default"
+        )]
+        namespace: String,
+        /// The snapshotter (a containerd proxy plugin name).
+        #[arg(long, default_value = "sealfs")]
+        snapshotter: String,
+        /// The image: HOST/REPO[:TAG][@DIGEST] (a docker:// prefix is accepted).
+        reference: String,
+    },
     /// Split a private key into shares, or combine shares into the key.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -175,6 +206,20 @@ fn main() -> ExitCode {
             source,
             destination,
         } => image::rewrap(t, &keys, &add, &remove, &source, &destination),
+        Command::Pull {
+            address,
+            namespace,
+            snapshotter,
+            reference,
+        } => pull::pull(
+            t,
+            &reference,
+            &pull::PullOptions {
+                address,
+                namespace,
+                snapshotter,
+            },
+        ),
         Command::Key(KeyCommand::Split {
             threshold,
             shares,

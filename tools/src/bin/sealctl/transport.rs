@@ -110,6 +110,20 @@ impl Transport {
         Ok((registry, parsed))
     }
 
+    /// Resolves a registry image (`[docker://]HOST/REPO[:TAG][@DIGEST]`): its manifest and
+    /// config, and the client that reached it.
+    pub fn resolve_remote(
+        &self,
+        reference: &str,
+    ) -> Result<(Registry, snapshotter::registry::RemoteImage)> {
+        let reference = reference.strip_prefix("docker://").unwrap_or(reference);
+        let (registry, parsed) = self.remote(reference)?;
+        let image = registry
+            .resolve(&parsed)
+            .with_context(|| format!("resolving {reference}"))?;
+        Ok((registry, image))
+    }
+
     /// Opens a source image, pulling a registry image into a staging layout.
     pub fn open_source(&self, text: &str) -> Result<SourceImage> {
         match text.parse::<ImageRef>()? {

@@ -1,0 +1,547 @@
+//! The snapshotter end to end: a real containerd with `containerd-sealfs-grpc` as its proxy
+//! snapshotter, a real registry, real images built with umoci, real containers run with runc.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sealfs_e2e::containerd::Containerd;
+use sealfs_e2e::noise;
+use sealfs_e2e::registry::DockerRegistry;
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
+const GREETING: &str = "hello from a sealed image";
+/// Prints every path with its type, mode and owner (and size and link count unless it is a
+/// directory: those depend on the file system), then every regular file's checksum: what a
+/// container sees of its root file system (`-xdev`: not /proc etc.).
+const TREE_SCRIPT: &str =
+    "cd / && busybox find . -xdev -type d | busybox sort | while read -r f; do \
+     busybox stat -c '%n %f %u %g' \"$f\"; done; \
+     busybox find . -xdev ! -type d | busybox sort | while read -r f; do \
+     busybox stat -c '%n %f %u %g %s %h' \"$f\"; done; \
+     busybox find . -xdev -type f | busybox sort | while read -r f; do busybox md5sum \"$f\"; done";
+
+fn node_prerequisites() -> bool {
+    if !prerequisites() {
+        return false;
+    }
+    let missing: Vec<&str> = ["containerd", "ctr", "runc", "ctr-remote", "docker-registry"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "prerequisites missing in CI: {missing:?}"
+    );
+    eprintln!("skipping: missing {missing:?}");
+    false
+}
+
+/// A `containerd-sealfs-grpc` process with its own root, socket and metrics port.
+struct Daemon {
+    config: PathBuf,
+    root: PathBuf,
+    socket: PathBuf,
+    metrics: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, keys: &Path, extra: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let daemon = Daemon {
+            config: dir.join("sealfs.toml"),
+            root: dir.join("sealfs-root"),
+            socket: dir.join("sealfs.sock"),
+            metrics: format!("127.0.0.1:{port}"),
+            log: dir.join("sealfs.log"),
+            child: None,
+        };
+        fs::write(
+            &daemon.config,
+            format!(
+                "root = \"{}\"\nsocket = \"{}\"\nkeys_dir = \"{}\"\nmetrics_address = \"{}\"\n\
+                 log_level = \"info\"\n{extra}",
+                daemon.root.display(),
+                daemon.socket.display(),
+                keys.display(),
+                daemon.metrics,
+            ),
+        )
+        .unwrap();
+        let mut daemon = daemon;
+        daemon.resume();
+        daemon
+    }
+
+    /// Starts the process (again); waits until the socket answers.
+    fn resume(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(DAEMON)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd-sealfs-grpc");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    fn signal(&mut self, signal: &str) {
+        if let Some(mut child) = self.child.take() {
+            run(Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()));
+            let status = child.wait().unwrap();
+            if signal == "TERM" {
+                assert!(status.success(), "exit after SIGTERM: {status:?}");
+            }
+        }
+    }
+
+    /// Restarts the daemon and waits until containerd has reconnected to it (containerd
+    /// redials a proxy plugin with a backoff of up to 3 s).
+    fn restart(&mut self, containerd: &Containerd) {
+        self.resume();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !containerd
+            .ctr(&["snapshots", "--snapshotter", "sealfs", "ls"])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "containerd did not reconnect");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// FUSE mounts under the daemon's root.
+    fn fuse_mounts(&self) -> Vec<String> {
+        let root = self.root.display().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&root) && l.contains(" - fuse"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The Prometheus text at /metrics.
+    fn metrics(&self) -> String {
+        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// containerd with sealfs as its `sealfs` snapshotter, a registry, and the node's key.
+struct Node {
+    // Dropped first: containerd, then the daemon (unmounts), then the registry.
+    containerd: Containerd,
+    daemon: Daemon,
+    registry: DockerRegistry,
+}
+
+impl Node {
+    fn start(work: &Path, extra_config: &str) -> Self {
+        let keys = work.join("node-keys");
+        fs::create_dir_all(&keys).unwrap();
+        fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
+        fs::set_permissions(keys.join("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
+        let registry = DockerRegistry::start();
+        let daemon = Daemon::start(work, &keys, extra_config);
+        let containerd = Containerd::start_with_snapshotter("sealfs", &daemon.socket);
+        Node {
+            containerd,
+            daemon,
+            registry,
+        }
+    }
+
+    fn pull(&self, reference: &str) -> std::process::Output {
+        Command::new(SEALCTL)
+            .arg("pull")
+            .arg("--address")
+            .arg(&self.containerd.socket)
+            .args(["--namespace", "sealfs-test", reference])
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a container of `reference` on the sealfs snapshotter; its standard output.
+    fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
+        let mut all = vec!["run", "--snapshotter", "sealfs", "--rm", reference, id];
+        all.extend_from_slice(args);
+        let out = self.containerd.ctr(&all);
+        assert!(
+            out.status.success(),
+            "ctr run {id}: {}{}\n--- daemon log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+/// `img:v1` of [`build_image`] plus a third layer: 24 MiB of data files and a greeting the
+/// image's command prints. Returns the work directory with keys `alice` (the node) and `bob`.
+fn app_image() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !node_prerequisites() {
+        return None;
+    }
+    let (temp, work) = setup()?;
+    let root = work.join("bundle/rootfs");
+    fs::create_dir_all(root.join("data/blobs")).unwrap();
+    for i in 0..6 {
+        fs::write(
+            root.join(format!("data/blobs/blob-{i}")),
+            noise(100 + i, 4 << 20),
+        )
+        .unwrap();
+    }
+    fs::write(root.join("etc/greeting"), format!("{GREETING}\n")).unwrap();
+    umoci(&work, &["repack", "--image", "img:v1", "bundle"]);
+    umoci(
+        &work,
+        &[
+            "config",
+            "--image",
+            "img:v1",
+            "--config.cmd",
+            "/bin/busybox",
+            "--config.cmd",
+            "cat",
+            "--config.cmd",
+            "/etc/greeting",
+        ],
+    );
+    keygen(&work, "alice");
+    keygen(&work, "bob");
+    Some((temp, work))
+}
+
+/// A sealed image in the registry.
+struct Sealed {
+    reference: String,
+    /// Sum of the sealed layers' sizes.
+    size: u64,
+    layers: usize,
+}
+
+/// Seals `img:v1` for `recipient` and pushes it as `NAME:sealed`.
+fn push_sealed(work: &Path, registry: &DockerRegistry, recipient: &str, name: &str) -> Sealed {
+    let reference = format!("{}/{name}:sealed", registry.host);
+    sealctl_ok(
+        work,
+        &[
+            "seal",
+            "--recipient",
+            &format!("{recipient}.pub"),
+            "oci:img:v1",
+            &format!("docker://{reference}"),
+        ],
+    );
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}")))
+    .stdout;
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    Sealed {
+        size: layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
+        layers: layers.len(),
+        reference,
+    }
+}
+
+#[test]
+fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    // No background fetch: what the registry serves is what the containers read.
+    let node = Node::start(&work, "[fetch]\nbackground = false\n");
+    let Sealed {
+        reference: sealed,
+        size: sealed_size,
+        layers,
+    } = push_sealed(&work, &node.registry, "alice", "app");
+    let plain = node.registry.push(&work.join("img"), "v1", "app");
+
+    let served_before = node.registry.blob_bytes_served();
+    let out = node.pull(&sealed);
+    assert!(
+        out.status.success(),
+        "sealctl pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.matches("mounted remotely").count(),
+        layers,
+        "every layer is remote: {stdout}"
+    );
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+
+    assert_eq!(node.run(&sealed, "greet", &[]), format!("{GREETING}\n"));
+    let served = node.registry.blob_bytes_served() - served_before;
+    assert!(
+        served > 0 && served * 5 < sealed_size,
+        "the registry served {served} of {sealed_size} sealed bytes"
+    );
+
+    // Ten containers at once.
+    let started: Vec<_> = (0..10)
+        .map(|i| {
+            let id = format!("many-{i}");
+            let mut command = Command::new("ctr");
+            command
+                .arg("--address")
+                .arg(&node.containerd.socket)
+                .args([
+                    "--namespace",
+                    "sealfs-test",
+                    "run",
+                    "--snapshotter",
+                    "sealfs",
+                ])
+                .args(["--rm", &sealed, &id]);
+            command.spawn_output()
+        })
+        .collect();
+    for (i, child) in started.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == format!("{GREETING}\n"),
+            "container {i}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // What a container sees equals what containerd's own unpacking of the plain image shows.
+    let seen = node.run(&sealed, "tree-sealed", &["/bin/sh", "-c", TREE_SCRIPT]);
+    node.containerd
+        .ctr_ok(&["image", "pull", "--plain-http", &plain]);
+    let out = node.containerd.ctr_ok(&[
+        "run",
+        "--rm",
+        &plain,
+        "tree-plain",
+        "/bin/sh",
+        "-c",
+        TREE_SCRIPT,
+    ]);
+    assert!(seen.contains("./data/blobs/blob-5"), "{seen}");
+    let differing: Vec<_> = diff_lines(&seen, &out);
+    assert!(
+        differing.is_empty(),
+        "the sealed image's tree differs from the plain one: {differing:#?}"
+    );
+
+    assert_eq!(node.daemon.metric("sealfs_layers_mounted"), layers as u64);
+    assert!(node.daemon.metric("sealfs_fetched_bytes_total") >= sealed_size / 2);
+    assert_eq!(node.daemon.metric("sealfs_verification_failures_total"), 0);
+
+    // Removing the image and collecting garbage unmounts the layers and deletes their caches.
+    node.containerd
+        .ctr_ok(&["image", "rm", "--sync", &sealed, &plain]);
+    let left = node
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", "sealfs", "ls"]);
+    assert_eq!(left.lines().count(), 1, "snapshots left: {left}");
+    assert!(node.daemon.fuse_mounts().is_empty());
+    let dirs: Vec<_> = fs::read_dir(node.daemon.root.join("snapshots"))
+        .unwrap()
+        .collect();
+    assert!(dirs.is_empty(), "snapshot directories left: {dirs:?}");
+    assert_eq!(node.daemon.metric("sealfs_layers_mounted"), 0);
+}
+
+#[test]
+fn ctr_remote_rpull_works_and_the_daemon_survives_restarts() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let mut node = Node::start(&work, "");
+    let Sealed {
+        reference: sealed,
+        layers,
+        ..
+    } = push_sealed(&work, &node.registry, "alice", "app");
+    let out = Command::new("ctr-remote")
+        .arg("--address")
+        .arg(&node.containerd.socket)
+        .args([
+            "--namespace",
+            "sealfs-test",
+            "image",
+            "rpull",
+            "--plain-http",
+        ])
+        .args(["--snapshotter", "sealfs", &sealed])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr-remote rpull: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.daemon.log()
+    );
+    assert_eq!(
+        node.daemon.fuse_mounts().len(),
+        layers,
+        "{}",
+        node.daemon.log()
+    );
+
+    // kill -9: the mounts it left are dead; a new daemon replaces them from its database.
+    node.daemon.signal("KILL");
+    node.daemon.restart(&node.containerd);
+    assert_eq!(
+        node.run(&sealed, "after-kill", &[]),
+        format!("{GREETING}\n")
+    );
+    // A clean stop unmounts; a start mounts again.
+    node.daemon.signal("TERM");
+    assert!(node.daemon.fuse_mounts().is_empty());
+    node.daemon.restart(&node.containerd);
+    assert_eq!(
+        node.run(&sealed, "after-restart", &[]),
+        format!("{GREETING}\n")
+    );
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+}
+
+#[test]
+fn plain_images_run_unchanged_and_a_missing_key_fails_clearly() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let node = Node::start(&work, "");
+    // A plain image through the sealfs snapshotter: containerd downloads and unpacks it.
+    let plain = node.registry.push(&work.join("img"), "v1", "plain");
+    node.containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "sealfs",
+        &plain,
+    ]);
+    assert_eq!(node.run(&plain, "plain", &[]), format!("{GREETING}\n"));
+    assert!(node.daemon.fuse_mounts().is_empty());
+    node.containerd.ctr_ok(&["image", "rm", "--sync", &plain]);
+
+    // Sealed for bob only: the node (alice) cannot open it.
+    let sealed = push_sealed(&work, &node.registry, "bob", "bobs").reference;
+    let out = node.pull(&sealed);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pull should fail");
+    let alice = fs::read_to_string(work.join("alice.pub")).unwrap();
+    let alice_id = alice.lines().next().unwrap().rsplit(' ').next().unwrap();
+    let bob = fs::read_to_string(work.join("bob.pub")).unwrap();
+    let bob_id = bob.lines().next().unwrap().rsplit(' ').next().unwrap();
+    assert!(
+        stderr.contains("no key opens this layer")
+            && stderr.contains(alice_id)
+            && stderr.contains(bob_id)
+            && stderr.contains("layer sha256:"),
+        "{stderr}"
+    );
+    assert!(node.daemon.fuse_mounts().is_empty());
+    let left = node
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", "sealfs", "ls"]);
+    assert_eq!(left.lines().count(), 1, "snapshots left: {left}");
+}
+
+/// Lines only one side has, marked `-` (left) or `+` (right).
+fn diff_lines(left: &str, right: &str) -> Vec<String> {
+    let (l, r): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
+        (left.lines().collect(), right.lines().collect());
+    l.difference(&r)
+        .map(|line| format!("-{line}"))
+        .chain(r.difference(&l).map(|line| format!("+{line}")))
+        .collect()
+}
+
+trait SpawnOutput {
+    fn spawn_output(&mut self) -> Child;
+}
+
+impl SpawnOutput for Command {
+    fn spawn_output(&mut self) -> Child {
+        self.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
