@@ -1,12 +1,56 @@
 #!/usr/bin/env bash
-# Builds the release binaries and installs them: sealctl into /usr/local/bin, the mount helper
-# as /sbin/mount.sealfs (so `mount -t sealfs ...` finds it).
+# Builds the release binaries and installs sealfs on this node:
+#   PREFIX/bin/sealctl, PREFIX/bin/containerd-sealfs-grpc, /sbin/mount.sealfs
+#   /etc/sealfs/config.toml (kept if present), /etc/sealfs/keys/ (mode 0700)
+#   /etc/systemd/system/containerd-sealfs-grpc.service (enabled and started when systemd runs)
+#   PREFIX/share/sealfs/containerd-snippet.toml, PREFIX/share/doc/sealfs/
+# With --configure-containerd it also adds [proxy_plugins.sealfs] to
+# /etc/containerd/config.toml (unless present) and restarts containerd.
 #
-# Usage: sudo bash scripts/install.sh [PREFIX]   (default PREFIX: /usr/local)
+# Usage: sudo bash scripts/install.sh [--configure-containerd] [PREFIX]   (PREFIX: /usr/local)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+configure_containerd=0
+if [ "${1:-}" = "--configure-containerd" ]; then configure_containerd=1; shift; fi
 prefix=${1:-/usr/local}
+packaging="$here/snapshotter/packaging"
+
 cargo build --release --quiet --manifest-path "$here/Cargo.toml" -p sealfs-tools
 install -D -m 0755 "$here/target/release/sealctl" "$prefix/bin/sealctl"
+install -D -m 0755 "$here/target/release/containerd-sealfs-grpc" "$prefix/bin/containerd-sealfs-grpc"
 install -D -m 0755 "$here/target/release/mount-sealfs" /sbin/mount.sealfs
-echo "installed $prefix/bin/sealctl and /sbin/mount.sealfs"
+install -d -m 0700 /etc/sealfs/keys
+if [ ! -e /etc/sealfs/config.toml ]; then
+  install -D -m 0644 "$packaging/config.toml" /etc/sealfs/config.toml
+fi
+install -D -m 0644 "$packaging/containerd-snippet.toml" "$prefix/share/sealfs/containerd-snippet.toml"
+install -d "$prefix/share/doc/sealfs"
+install -m 0644 "$here"/docs/*.md "$prefix/share/doc/sealfs/"
+sed "s#/usr/local/bin/#$prefix/bin/#" "$packaging/containerd-sealfs-grpc.service" \
+  > /etc/systemd/system/containerd-sealfs-grpc.service 2>/dev/null \
+  || echo "no /etc/systemd/system: the unit was not installed"
+echo "installed $prefix/bin/sealctl, $prefix/bin/containerd-sealfs-grpc, /sbin/mount.sealfs"
+echo "config: /etc/sealfs/config.toml; put the node's private keys in /etc/sealfs/keys (mode 0600)"
+
+if [ "$configure_containerd" = 1 ]; then
+  config=/etc/containerd/config.toml
+  if [ -e "$config" ] && grep -q '^\[proxy_plugins\.sealfs\]' "$config"; then
+    echo "$config already has [proxy_plugins.sealfs]"
+  else
+    mkdir -p /etc/containerd
+    if [ ! -s "$config" ]; then echo 'version = 2' > "$config"; fi
+    { echo; cat "$packaging/containerd-snippet.toml"; } >> "$config"
+    echo "added [proxy_plugins.sealfs] to $config"
+  fi
+fi
+
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  systemctl enable --now containerd-sealfs-grpc.service
+  if [ "$configure_containerd" = 1 ]; then systemctl restart containerd; fi
+  echo "containerd-sealfs-grpc is running (systemctl status containerd-sealfs-grpc)"
+else
+  echo "systemd is not running: start the snapshotter with"
+  echo "  $prefix/bin/containerd-sealfs-grpc --config /etc/sealfs/config.toml"
+  echo "and add $prefix/share/sealfs/containerd-snippet.toml to containerd's config"
+fi

@@ -238,6 +238,12 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_file_spells_out_the_defaults() {
+        let packaged = Config::parse(include_str!("../packaging/config.toml")).unwrap();
+        assert_eq!(packaged, Config::default());
+    }
+
+    #[test]
     fn options_are_read_and_misspellings_rejected() {
         let config = Config::parse(
             "root = \"/srv/sealfs\"\n[fetch]\nthreads = 16\nbackground_mib_per_sec = 20\n\
