@@ -48,6 +48,10 @@ pub struct LayerRequest {
     pub layer: String,
     /// The manifest digest, when the client sent it (CRI does).
     pub manifest: Option<String>,
+    /// The index digest from the layer annotations of the manifest containerd pulled and
+    /// verified: the manifest this node fetches must agree (a tag may have moved, or a
+    /// registry may lie).
+    pub index_digest: String,
 }
 
 impl LayerRequest {
@@ -57,13 +61,14 @@ impl LayerRequest {
     pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
         let get = |key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
         get(TARGET_LABEL)?;
-        get(SEALED_MARKER_LABEL)?;
+        let index_digest = get(SEALED_MARKER_LABEL)?;
         let image = get(CRI_IMAGE_REF).or_else(|| get(STARGZ_REFERENCE))?;
         let layer = get(CRI_LAYER_DIGEST).or_else(|| get(STARGZ_DIGEST))?;
         Some(LayerRequest {
             image,
             layer,
             manifest: get(CRI_MANIFEST_DIGEST),
+            index_digest,
         })
     }
 }
@@ -97,6 +102,18 @@ pub enum RemoteError {
         /// What failed.
         #[source]
         source: Box<RegistryError>,
+    },
+    /// The registry's manifest describes the layer differently from the one containerd pulled.
+    #[error("layer {layer}: the manifest of {image} in the registry pins index {found}, but the one containerd pulled pins {expected}; was the tag moved during the pull?")]
+    ManifestMismatch {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// The index digest in containerd's labels.
+        expected: String,
+        /// The index digest in the registry's manifest.
+        found: String,
     },
     /// The manifest does not list the layer.
     #[error("layer {layer} is not in the manifest of {image}")]
@@ -242,6 +259,20 @@ impl RemoteLayers {
         if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
             return Ok(None);
         }
+        let found = descriptor
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(SEALED_MARKER_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        if found != request.index_digest {
+            return Err(RemoteError::ManifestMismatch {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                expected: request.index_digest.clone(),
+                found,
+            });
+        }
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
@@ -294,4 +325,82 @@ pub fn snapshot_labels(labels: &HashMap<String, String>, layer: &str) -> BTreeMa
         .collect();
     kept.insert(REMOTE_LABEL.to_string(), layer.to_string());
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layer_requests_come_from_cri_or_stargz_labels_of_sealed_layers() {
+        let cri = labels(&[
+            (TARGET_LABEL, "sha256:chain"),
+            (SEALED_MARKER_LABEL, "sha256:index"),
+            (CRI_IMAGE_REF, "reg.local/app:1"),
+            (CRI_LAYER_DIGEST, "sha256:layer"),
+            (CRI_MANIFEST_DIGEST, "sha256:manifest"),
+        ]);
+        assert_eq!(
+            LayerRequest::from_labels(&cri),
+            Some(LayerRequest {
+                image: "reg.local/app:1".into(),
+                layer: "sha256:layer".into(),
+                manifest: Some("sha256:manifest".into()),
+                index_digest: "sha256:index".into(),
+            })
+        );
+        let stargz = labels(&[
+            (TARGET_LABEL, "sha256:chain"),
+            (SEALED_MARKER_LABEL, "sha256:index"),
+            (STARGZ_REFERENCE, "reg.local/app:1"),
+            (STARGZ_DIGEST, "sha256:layer"),
+            ("containerd.io/snapshot/remote/urls", ""),
+        ]);
+        let request = LayerRequest::from_labels(&stargz).unwrap();
+        assert_eq!(
+            (request.layer.as_str(), request.manifest),
+            ("sha256:layer", None)
+        );
+
+        // Not a request: no target (a container's snapshot), not sealed (a plain layer, whose
+        // descriptor has no sealfs annotation), or no image to find it in.
+        for missing in [
+            TARGET_LABEL,
+            SEALED_MARKER_LABEL,
+            CRI_IMAGE_REF,
+            CRI_LAYER_DIGEST,
+        ] {
+            let mut partial = cri.clone();
+            partial.remove(missing);
+            assert_eq!(
+                LayerRequest::from_labels(&partial),
+                None,
+                "without {missing}"
+            );
+        }
+        let mut empty = cri.clone();
+        empty.insert(SEALED_MARKER_LABEL.into(), String::new());
+        assert_eq!(LayerRequest::from_labels(&empty), None);
+    }
+
+    #[test]
+    fn remote_snapshot_labels_keep_what_containerd_keeps_and_mark_the_layer() {
+        let kept = snapshot_labels(
+            &labels(&[
+                (TARGET_LABEL, "sha256:chain"),
+                ("containerd.io/snapshot/remote/urls", ""),
+            ]),
+            "sha256:layer",
+        );
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[TARGET_LABEL], "sha256:chain");
+        assert_eq!(kept[REMOTE_LABEL], "sha256:layer");
+    }
 }

@@ -545,3 +545,85 @@ impl SpawnOutput for Command {
             .unwrap()
     }
 }
+
+/// Runs the mount command `ctr snapshots mounts` prints for `key` at `target`.
+fn mount_snapshot(node: &Node, target: &Path, key: &str) {
+    fs::create_dir_all(target).unwrap();
+    let command = node.containerd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "sealfs",
+        "mounts",
+        target.to_str().unwrap(),
+        key,
+    ]);
+    run(Command::new("sh").args(["-c", command.trim()]));
+}
+
+#[test]
+fn every_snapshot_verb_works_through_containerd() {
+    if !node_prerequisites() {
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path();
+    keygen(work, "alice");
+    let node = Node::start(work, "");
+    let snapshots = |args: &[&str]| {
+        let mut all = vec!["snapshots", "--snapshotter", "sealfs"];
+        all.extend_from_slice(args);
+        node.containerd.ctr_ok(&all)
+    };
+    let mnt = work.join("mnt");
+
+    // An active snapshot without a parent is a bind mount of its directory.
+    snapshots(&["prepare", "base", ""]);
+    mount_snapshot(&node, &mnt, "base");
+    fs::write(mnt.join("first"), "in base\n").unwrap();
+    run(Command::new("umount").arg(&mnt));
+    snapshots(&["commit", "base-c", "base"]);
+
+    // A child is an overlay on its parent: the parent's file, its own, a deletion (whiteout).
+    snapshots(&["prepare", "child", "base-c"]);
+    mount_snapshot(&node, &mnt, "child");
+    assert_eq!(fs::read_to_string(mnt.join("first")).unwrap(), "in base\n");
+    fs::write(mnt.join("second"), "in child\n").unwrap();
+    fs::remove_file(mnt.join("first")).unwrap();
+    run(Command::new("umount").arg(&mnt));
+    snapshots(&["commit", "child-c", "child"]);
+
+    // A view shows the committed chain read-only.
+    snapshots(&["view", "look", "child-c"]);
+    mount_snapshot(&node, &mnt, "look");
+    assert!(!mnt.join("first").exists());
+    assert_eq!(
+        fs::read_to_string(mnt.join("second")).unwrap(),
+        "in child\n"
+    );
+    assert!(
+        fs::write(mnt.join("third"), "x").is_err(),
+        "a view is read-only"
+    );
+    run(Command::new("umount").arg(&mnt));
+
+    snapshots(&["label", "base-c", "team=storage"]);
+    let info = snapshots(&["info", "base-c"]);
+    assert!(info.contains("\"team\": \"storage\""), "{info}");
+    let usage = snapshots(&["usage", "base-c"]);
+    assert!(usage.contains("base-c"), "{usage}");
+    let tree = snapshots(&["tree"]);
+    assert!(
+        tree.contains("base-c") && tree.contains("child-c"),
+        "{tree}"
+    );
+
+    // A parent cannot go before its children.
+    let out = node
+        .containerd
+        .ctr(&["snapshots", "--snapshotter", "sealfs", "rm", "base-c"]);
+    assert!(!out.status.success(), "removing a parent must fail");
+    for key in ["look", "child-c", "base-c"] {
+        snapshots(&["rm", key]);
+    }
+    assert_eq!(snapshots(&["ls"]).lines().count(), 1);
+}
