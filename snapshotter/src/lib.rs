@@ -34,3 +34,16 @@ pub mod remote;
 pub mod service;
 pub mod snapshot;
 pub mod source;
+
+/// An error and its causes in one line (`outer: cause: root cause`): containerd and
+/// terminals show a single message.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}

@@ -38,20 +38,8 @@ impl From<SnapshotError> for Status {
     }
 }
 
-/// The whole error chain in one line: containerd shows only the message.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    text
-}
-
 fn remote_status(error: &RemoteError) -> Status {
-    let message = format!("sealfs: {}", chain(error));
+    let message = format!("sealfs: {}", crate::error_chain(error));
     match error {
         RemoteError::Registry { .. } => Status::unavailable(message),
         RemoteError::Record(_) => Status::internal(message),
@@ -116,7 +104,7 @@ impl Node {
     pub fn restore(&self) -> Result<(), SnapshotError> {
         for snapshot in self.store.remote_snapshots()? {
             if let Err(error) = self.ensure_mounted(&snapshot) {
-                tracing::warn!(snapshot = %snapshot.name, error = %chain(&error), "remote layer not mounted; will retry on use");
+                tracing::warn!(snapshot = %snapshot.name, error = %crate::error_chain(&error), "remote layer not mounted; will retry on use");
             }
         }
         Ok(())
@@ -194,7 +182,7 @@ impl Node {
                 }
                 Ok(false) => {} // not sealed after all: containerd unpacks it
                 Err(error) => {
-                    tracing::warn!(key, layer = %request.layer, error = %chain(&error), "remote layer refused");
+                    tracing::warn!(key, layer = %request.layer, error = %crate::error_chain(&error), "remote layer refused");
                     return Err(remote_status(&error));
                 }
             }

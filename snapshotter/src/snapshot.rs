@@ -220,23 +220,31 @@ impl SnapshotStore {
             .collect())
     }
 
-    /// Every remote snapshot (to mount again after a restart).
-    pub fn remote_snapshots(&self) -> Result<Vec<Ancestor>, SnapshotError> {
+    /// Every record, by name.
+    fn records(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
         let txn = self.db.begin_read().map_err(internal)?;
         let table = txn.open_table(SNAPSHOTS).map_err(internal)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(internal)? {
             let (name, bytes) = entry.map_err(internal)?;
             let record: Record = serde_json::from_slice(bytes.value()).map_err(internal)?;
-            if record.remote.is_some() {
-                out.push(Ancestor {
-                    name: name.value().to_string(),
-                    id: record.id,
-                    remote: record.remote,
-                });
-            }
+            out.push((name.value().to_string(), record));
         }
         Ok(out)
+    }
+
+    /// Every remote snapshot (to mount again after a restart).
+    pub fn remote_snapshots(&self) -> Result<Vec<Ancestor>, SnapshotError> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .filter(|(_, record)| record.remote.is_some())
+            .map(|(name, record)| Ancestor {
+                name,
+                id: record.id,
+                remote: record.remote,
+            })
+            .collect())
     }
 
     /// Takes the next directory id and creates its `fs` and `work` directories.
@@ -529,15 +537,11 @@ impl SnapshotStore {
 
     /// Every snapshot.
     pub fn walk(&self) -> Result<Vec<Info>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(internal)? {
-            let (name, bytes) = entry.map_err(internal)?;
-            let record: Record = serde_json::from_slice(bytes.value()).map_err(internal)?;
-            out.push(Self::info(name.value(), &record));
-        }
-        Ok(out)
+        Ok(self
+            .records()?
+            .iter()
+            .map(|(name, record)| Self::info(name, record))
+            .collect())
     }
 
     /// Disk usage of a snapshot's own directory (its upper dir or content).
@@ -562,20 +566,11 @@ impl SnapshotStore {
 
     /// Removes snapshot directories that no record names (left by a crash or a failed remove).
     pub fn cleanup(&self) -> Result<Vec<u64>, SnapshotError> {
-        let known: std::collections::HashSet<u64> = {
-            let txn = self.db.begin_read().map_err(internal)?;
-            let table = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            let mut ids = std::collections::HashSet::new();
-            for entry in table.iter().map_err(internal)? {
-                let (_, bytes) = entry.map_err(internal)?;
-                ids.insert(
-                    serde_json::from_slice::<Record>(bytes.value())
-                        .map_err(internal)?
-                        .id,
-                );
-            }
-            ids
-        };
+        let known: std::collections::HashSet<u64> = self
+            .records()?
+            .iter()
+            .map(|(_, record)| record.id)
+            .collect();
         let mut removed = Vec::new();
         for entry in std::fs::read_dir(self.root.join("snapshots")).map_err(internal)? {
             let entry = entry.map_err(internal)?;

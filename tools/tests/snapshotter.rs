@@ -27,27 +27,7 @@ const TREE_SCRIPT: &str =
      busybox find . -xdev -type f | busybox sort | while read -r f; do busybox md5sum \"$f\"; done";
 
 fn node_prerequisites() -> bool {
-    if !prerequisites() {
-        return false;
-    }
-    let missing: Vec<&str> = ["containerd", "ctr", "runc", "ctr-remote", "docker-registry"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "prerequisites missing in CI: {missing:?}"
-    );
-    eprintln!("skipping: missing {missing:?}");
-    false
+    prerequisites() && have_tools(&["containerd", "ctr", "runc", "ctr-remote", "docker-registry"])
 }
 
 /// A `containerd-sealfs-grpc` process with its own root, socket and metrics port.

@@ -41,7 +41,10 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("containerd-sealfs-grpc: {}", error_chain(&error));
+            eprintln!(
+                "containerd-sealfs-grpc: {}",
+                snapshotter::error_chain(&error)
+            );
             return ExitCode::from(2);
         }
     };
@@ -73,20 +76,12 @@ fn main() -> ExitCode {
     match snapshotter::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{}", error_chain(&error));
-            eprintln!("containerd-sealfs-grpc: {}", error_chain(&error));
+            tracing::error!("{}", snapshotter::error_chain(&error));
+            eprintln!(
+                "containerd-sealfs-grpc: {}",
+                snapshotter::error_chain(&error)
+            );
             ExitCode::FAILURE
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    text
 }

@@ -13,8 +13,15 @@ use sealfs_e2e::noise;
 pub const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
 
 pub fn prerequisites() -> bool {
-    let missing: Vec<&str> = ["umoci", "busybox", "setfattr", "mknod", "mkfifo"]
-        .into_iter()
+    have_tools(&["umoci", "busybox", "setfattr", "mknod", "mkfifo"])
+}
+
+/// Whether we are root and `tools` are on PATH; in CI a missing one fails the test, elsewhere
+/// the test is skipped with a note.
+pub fn have_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
         .filter(|tool| {
             !Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
