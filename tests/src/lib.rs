@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod registry;
+pub mod sealfs;
 pub mod tls;
 pub mod token_issuer;
 

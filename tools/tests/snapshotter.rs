@@ -4,15 +4,14 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use sealfs_e2e::containerd::Containerd;
 use sealfs_e2e::noise;
 use sealfs_e2e::registry::DockerRegistry;
+use sealfs_e2e::sealfs::SealfsDaemon;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
 const GREETING: &str = "hello from a sealed image";
@@ -30,158 +29,11 @@ fn node_prerequisites() -> bool {
     prerequisites() && have_tools(&["containerd", "ctr", "runc", "ctr-remote", "docker-registry"])
 }
 
-/// A `containerd-sealfs-grpc` process with its own root, socket and metrics port.
-struct Daemon {
-    config: PathBuf,
-    root: PathBuf,
-    socket: PathBuf,
-    metrics: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, keys: &Path, extra: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let daemon = Daemon {
-            config: dir.join("sealfs.toml"),
-            root: dir.join("sealfs-root"),
-            socket: dir.join("sealfs.sock"),
-            metrics: format!("127.0.0.1:{port}"),
-            log: dir.join("sealfs.log"),
-            child: None,
-        };
-        fs::write(
-            &daemon.config,
-            format!(
-                "root = \"{}\"\nsocket = \"{}\"\nkeys_dir = \"{}\"\nmetrics_address = \"{}\"\n\
-                 log_level = \"info\"\n{extra}",
-                daemon.root.display(),
-                daemon.socket.display(),
-                keys.display(),
-                daemon.metrics,
-            ),
-        )
-        .unwrap();
-        let mut daemon = daemon;
-        daemon.resume();
-        daemon
-    }
-
-    /// Starts the process (again); waits until the socket answers.
-    fn resume(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(DAEMON)
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd-sealfs-grpc");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Sends `signal` and waits for the process to end.
-    fn signal(&mut self, signal: &str) {
-        if let Some(mut child) = self.child.take() {
-            run(Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(child.id().to_string()));
-            let status = child.wait().unwrap();
-            if signal == "TERM" {
-                assert!(status.success(), "exit after SIGTERM: {status:?}");
-            }
-        }
-    }
-
-    /// Restarts the daemon and waits until containerd has reconnected to it (containerd
-    /// redials a proxy plugin with a backoff of up to 3 s).
-    fn restart(&mut self, containerd: &Containerd) {
-        self.resume();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containerd
-            .ctr(&["snapshots", "--snapshotter", "sealfs", "ls"])
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "containerd did not reconnect");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// FUSE mounts under the daemon's root.
-    fn fuse_mounts(&self) -> Vec<String> {
-        let root = self.root.display().to_string();
-        fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(&root) && l.contains(" - fuse"))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// The Prometheus text at /metrics.
-    fn metrics(&self) -> String {
-        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        text
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let text = self.metrics();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
-        }
-    }
-}
-
 /// containerd with sealfs as its `sealfs` snapshotter, a registry, and the node's key.
 struct Node {
     // Dropped first: containerd, then the daemon (unmounts), then the registry.
     containerd: Containerd,
-    daemon: Daemon,
+    daemon: SealfsDaemon,
     registry: DockerRegistry,
 }
 
@@ -192,7 +44,7 @@ impl Node {
         fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
         fs::set_permissions(keys.join("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
         let registry = DockerRegistry::start();
-        let daemon = Daemon::start(work, &keys, extra_config);
+        let daemon = SealfsDaemon::start(DAEMON, work, &keys, extra_config);
         let containerd = Containerd::start_with_snapshotter("sealfs", &daemon.socket);
         Node {
             containerd,

@@ -1,0 +1,165 @@
+//! A `containerd-sealfs-grpc` process for tests and benchmarks: its own root, socket, config,
+//! log and metrics port; stopped on drop.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `containerd-sealfs-grpc` process with its own root, socket and metrics port.
+pub struct SealfsDaemon {
+    config: PathBuf,
+    /// Its root directory.
+    pub root: PathBuf,
+    /// Its gRPC socket.
+    pub socket: PathBuf,
+    /// `127.0.0.1:PORT` of its metrics.
+    pub metrics: String,
+    log: PathBuf,
+    binary: PathBuf,
+    child: Option<Child>,
+}
+
+impl SealfsDaemon {
+    /// Starts `binary` with its root, socket, config and log in `dir`, keys from `keys`,
+    /// metrics on a free port, and `extra` appended to its config.
+    pub fn start(binary: impl AsRef<Path>, dir: &Path, keys: &Path, extra: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let daemon = SealfsDaemon {
+            config: dir.join("sealfs.toml"),
+            root: dir.join("sealfs-root"),
+            socket: dir.join("sealfs.sock"),
+            metrics: format!("127.0.0.1:{port}"),
+            log: dir.join("sealfs.log"),
+            binary: binary.as_ref().to_path_buf(),
+            child: None,
+        };
+        fs::write(
+            &daemon.config,
+            format!(
+                "root = \"{}\"\nsocket = \"{}\"\nkeys_dir = \"{}\"\nmetrics_address = \"{}\"\n\
+                 log_level = \"info\"\n{extra}",
+                daemon.root.display(),
+                daemon.socket.display(),
+                keys.display(),
+                daemon.metrics,
+            ),
+        )
+        .unwrap();
+        let mut daemon = daemon;
+        daemon.resume();
+        daemon
+    }
+
+    /// Starts the process (again); waits until the socket answers.
+    pub fn resume(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd-sealfs-grpc");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    pub fn signal(&mut self, signal: &str) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("running kill");
+            assert!(status.success(), "kill -{signal} failed");
+            let status = child.wait().unwrap();
+            if signal == "TERM" {
+                assert!(status.success(), "exit after SIGTERM: {status:?}");
+            }
+        }
+    }
+
+    /// Restarts the daemon and waits until containerd has reconnected to it (containerd
+    /// redials a proxy plugin with a backoff of up to 3 s).
+    pub fn restart(&mut self, containerd: &crate::containerd::Containerd) {
+        self.resume();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !containerd
+            .ctr(&["snapshots", "--snapshotter", "sealfs", "ls"])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "containerd did not reconnect");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// FUSE mounts under the daemon's root.
+    pub fn fuse_mounts(&self) -> Vec<String> {
+        let root = self.root.display().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&root) && l.contains(" - fuse"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The Prometheus text at /metrics.
+    pub fn metrics(&self) -> String {
+        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for SealfsDaemon {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
