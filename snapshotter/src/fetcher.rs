@@ -503,15 +503,6 @@ impl Shared {
             .clone()
             .map(|c| u64::from(chunks[c as usize].sealed_len))
             .sum();
-        if !job.urgent {
-            let wait = self.bucket.lock().expect("bucket lock").take(len);
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
-            }
-            if self.cancelled.load(Ordering::Relaxed) {
-                return;
-            }
-        }
         self.stats.source_reads.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let bytes = match self.source.read_range(start, len as usize) {
@@ -583,6 +574,55 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A background job, when a worker gets to it: after the bandwidth cap's wait, fetches
+    /// only the chunks that are neither cached nor being fetched by now (reads may have
+    /// fetched some since the job was queued), and registers them as in flight first, so a
+    /// read that wants one of them waits for this fetch instead of fetching it again.
+    fn fetch_background(&self, job: &Job) {
+        let chunks = &self.layer.index().chunks;
+        let len: u64 = job
+            .chunks
+            .clone()
+            .map(|c| u64::from(chunks[c as usize].sealed_len))
+            .sum();
+        let wait = self.bucket.lock().expect("bucket lock").take(len);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        if self.cancelled.load(Ordering::Relaxed) {
+            return;
+        }
+        for run in self.claim(job.chunks.clone()) {
+            self.fetch(&Job::background(run));
+        }
+    }
+
+    /// Registers the chunks of `chunks` that nobody has or fetches as in flight; returns them
+    /// as runs of adjacent chunks.
+    fn claim(&self, chunks: Range<u32>) -> Vec<Range<u32>> {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        for chunk in chunks {
+            if self.is_present(chunk) || inflight.contains_key(&chunk) {
+                continue;
+            }
+            inflight.insert(
+                chunk,
+                Arc::new(Pending {
+                    result: Mutex::new(None),
+                    done: Condvar::new(),
+                }),
+            );
+            match runs.last_mut() {
+                Some(run) if run.end == chunk => run.end += 1,
+                _ => runs.push(chunk..chunk + 1),
+            }
+        }
+        runs
+    }
+}
+
 fn worker(shared: &Shared, urgent: &Receiver<Job>, background: &Receiver<Job>) {
     loop {
         // On-demand reads first, always.
@@ -596,10 +636,11 @@ fn worker(shared: &Shared, urgent: &Receiver<Job>, background: &Receiver<Job>) {
                 } },
             },
         };
-        if !job.urgent && shared.cancelled.load(Ordering::Relaxed) {
-            continue;
+        if job.urgent {
+            shared.fetch(&job);
+        } else if !shared.cancelled.load(Ordering::Relaxed) {
+            shared.fetch_background(&job);
         }
-        shared.fetch(&job);
     }
 }
 

@@ -122,6 +122,17 @@ impl Sealed {
         config: FetchConfig,
         cache: Option<&Path>,
     ) -> (MountedLayer, Arc<Faults>, tempfile::TempDir) {
+        self.mount_with_faults(config, cache, |_| {})
+    }
+
+    /// Like `mount`, with `faults` set before the first read (the background fetch starts at
+    /// once).
+    fn mount_with_faults(
+        &self,
+        config: FetchConfig,
+        cache: Option<&Path>,
+        faults_from_start: impl FnOnce(&Faults),
+    ) -> (MountedLayer, Arc<Faults>, tempfile::TempDir) {
         let size = fs::metadata(&self.blob).unwrap().len();
         let file = fs::File::open(&self.blob).unwrap();
         let layer = Arc::new(
@@ -131,6 +142,7 @@ impl Sealed {
                 .unwrap(),
         );
         let (source, faults) = FaultySource::new(LocalBlob::open(&self.blob).unwrap());
+        faults_from_start(&faults);
         let disk = cache.map(|dir| DiskCache::open(dir, 1 << 30).unwrap());
         let memory = Arc::new(MemoryCache::new(64 << 20));
         let fetcher = LayerFetcher::start(
@@ -449,6 +461,74 @@ fn sixteen_concurrent_readers_get_the_right_bytes_and_each_chunk_is_fetched_once
         stats.urgent_chunks.load(Ordering::SeqCst),
         chunks,
         "every chunk fetched exactly once"
+    );
+}
+
+#[test]
+fn reads_during_the_background_fetch_never_fetch_a_chunk_twice() {
+    if !prerequisites() {
+        return;
+    }
+    let size = 40 * CHUNK as usize;
+    let sealed = Sealed::new(|root| fs::write(root.join("data.bin"), noise(21, size)).unwrap());
+    let config = FetchConfig {
+        background: true,
+        merge_bytes: 4 * CHUNK,
+        ..lazy()
+    };
+    // A slow source (injected latency a local file cannot have), so reads overlap the
+    // background fetch's queued ranges.
+    let (mounted, faults, _mp) = sealed.mount_with_faults(config, None, |faults| {
+        *faults.stall.lock().unwrap() = Duration::from_millis(20);
+        faults.stalled.store(true, Ordering::SeqCst);
+    });
+    let want = Arc::new(noise(21, size));
+    let path = mounted.mountpoint.join("data.bin");
+    let readers: Vec<_> = (0..4)
+        .map(|n| {
+            let (path, want) = (path.clone(), want.clone());
+            std::thread::spawn(move || {
+                let file = fs::File::open(&path).unwrap();
+                // From the end backwards: the background fetch goes forwards, so they meet.
+                for k in (0..10).rev() {
+                    let pos = (k * 4 + n) * CHUNK as usize + 17;
+                    let mut buf = vec![0u8; 1000];
+                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, pos as u64).unwrap();
+                    assert!(buf == want[pos..pos + 1000], "wrong bytes at {pos}");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let fetcher = mounted.fs.fetcher();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fetcher.progress().chunks_present < fetcher.progress().chunks_total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background fetch stuck"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sealed_bytes: u64 = fetcher
+        .layer()
+        .index()
+        .chunks
+        .iter()
+        .map(|c| u64::from(c.sealed_len))
+        .sum();
+    let stats = fetcher.stats();
+    assert!(
+        stats.urgent_chunks.load(Ordering::SeqCst) > 0,
+        "no read went to the source"
+    );
+    assert_eq!(
+        faults.bytes.load(Ordering::SeqCst),
+        sealed_bytes,
+        "every chunk fetched once: {} urgent, {} background",
+        stats.urgent_chunks.load(Ordering::SeqCst),
+        stats.background_chunks.load(Ordering::SeqCst)
     );
 }
 
