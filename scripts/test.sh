@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, runs every test of the workspace (real
-# umoci images, real tars), builds and briefly runs the fuzz targets, and runs the demo.
+# umoci images, real tars, containerd, a registry), builds and briefly runs the fuzz targets,
+# runs the start-up benchmark's smoke test and the demo.
 # In CI (CI set) a missing prerequisite fails the tests instead of skipping them.
 #
 # Usage: sudo bash scripts/test.sh
@@ -33,6 +34,10 @@ export RUSTC_BOOTSTRAP=1
   done
 )
 unset RUSTC_BOOTSTRAP
+
+echo "==> start-up benchmark smoke test (perf startup --quick: the harness works; no timing asserted)"
+cargo build --quiet -p perf -p sealfs-tools
+target/debug/perf startup --quick --work "$(mktemp -d /var/tmp/sealfs-perf-quick.XXXXXX)"
 
 echo "==> demo (the README's main job)"
 SEALFS_SKIP_DEPS=1 bash scripts/demo.sh "$(mktemp -d /tmp/sealfs-demo.XXXXXX)"

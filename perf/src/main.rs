@@ -4,6 +4,7 @@
 mod data;
 mod format;
 mod fuse;
+mod startup;
 
 use clap::{Parser, Subcommand};
 
@@ -21,11 +22,15 @@ enum Bench {
     Format(format::FormatArgs),
     /// Reads through a sealfs mount against local disk, cold and warm; mount cost of 100k files.
     Fuse(fuse::FuseArgs),
+    /// Container start-up (pull + run until ready) from sealed images lazily against full pulls,
+    /// over an emulated link to a registry in its own network namespace.
+    Startup(startup::StartupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Format(args) => format::run(&args),
         Bench::Fuse(args) => fuse::run(&args),
+        Bench::Startup(args) => startup::run_startup(&args),
     }
 }

@@ -81,6 +81,11 @@ impl SealfsDaemon {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Sends `signal` and waits for the process to end.
     pub fn signal(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,400 @@
+//! `perf startup`: how soon a container from a sealed image does useful work, HelloBench
+//! style (pull + create + run until a ready line), side by side with a full pull on
+//! overlayfs, over an emulated link to a registry in its own network namespace.
+//!
+//! Every trial is cold: fresh containerd and snapshotter roots, page cache dropped. The floor
+//! of an image is what no lazy puller can beat: the bytes its start-up reads over the link
+//! rate, plus its warm run time.
+
+mod images;
+mod link;
+mod netns;
+mod trial;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use images::{ImageKind, Scale};
+use link::LinkProfile;
+use trial::{Bench, Floor, Mode, Trial};
+
+/// Options of the start-up benchmark.
+#[derive(clap::Args)]
+pub struct StartupArgs {
+    /// Link between the node and the registry: lan (unshaped), dc (1 Gbit/s, 1 ms RTT) or wan
+    /// (100 Mbit/s, 20 ms RTT).
+    #[arg(long, default_value = "wan", value_parser = ["lan", "dc", "wan"])]
+    profile: String,
+    /// Images to run (repeatable; default all).
+    #[arg(long = "image", value_enum)]
+    images: Vec<ImageKind>,
+    /// Modes to compare (repeatable; default all).
+    #[arg(long = "mode", value_enum)]
+    modes: Vec<Mode>,
+    /// Trials per image and mode; the table shows the median and the range.
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+    /// Where images are built and kept between runs, and results written.
+    #[arg(long, default_value = "/var/tmp/sealfs-perf")]
+    work: PathBuf,
+    /// Smoke test: a small bigdata image, one trial, lan; checks the harness, not the speed.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("perf has no directory")?.join(name);
+    ensure!(
+        path.exists(),
+        "{} is missing: build it first (cargo build --release -p sealfs-tools, or without \
+         --release for a debug perf)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn run(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn require_tools(tools: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "missing tools {missing:?}: run scripts/install-deps.sh"
+    );
+    Ok(())
+}
+
+/// One HTTP/1.1 request on `stream`; returns the response body length (headers skipped).
+fn http_get(stream: &mut TcpStream, host: &str, path: &str, extra: &str) -> Result<u64> {
+    // One request, one segment: no Nagle delay on the probe's own writes.
+    stream.set_nodelay(true)?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").as_bytes())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(
+            stream.read(&mut byte)? == 1,
+            "connection closed in the headers"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .context("no content-length")?
+        .trim()
+        .parse()?;
+    std::io::copy(&mut (&*stream).take(length), &mut std::io::sink())?;
+    Ok(length)
+}
+
+/// Measures the link as clients see it: round trips and the throughput of one blob.
+fn probe_link(address: &str, repository: &str, digest: &str, size: u64) -> Result<String> {
+    let mut stream = TcpStream::connect(address)?;
+    let started = Instant::now();
+    http_get(&mut stream, address, "/v2/", "")?;
+    let first = started.elapsed();
+    let started = Instant::now();
+    http_get(&mut stream, address, "/v2/", "")?;
+    let rtt = started.elapsed();
+    let want = size.min(50 << 20);
+    let mut stream = TcpStream::connect(address)?;
+    let started = Instant::now();
+    let got = http_get(
+        &mut stream,
+        address,
+        &format!("/v2/{repository}/blobs/{digest}"),
+        &format!("Range: bytes=0-{}\r\n", want - 1),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "link: first request on a new connection {:.1} ms, round trip {:.1} ms, \
+         {:.1} MB blob at {:.1} Mbit/s",
+        first.as_secs_f64() * 1e3,
+        rtt.as_secs_f64() * 1e3,
+        got as f64 / 1e6,
+        got as f64 * 8.0 / seconds / 1e6
+    ))
+}
+
+/// The largest layer of a layout's image: (digest, size).
+fn largest_layer(layout: &Path) -> Result<(String, u64)> {
+    let layout = snapshotter::oci_layout::OciLayout::open(layout)?;
+    let image = layout.resolve(Some("latest"))?;
+    image
+        .manifest
+        .layers()
+        .iter()
+        .max_by_key(|l| l.size())
+        .map(|l| (l.digest().to_string(), l.size()))
+        .context("an image without layers")
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The Markdown table: per image and mode, medians with ranges and ratios.
+fn table(trials: &[Trial], floors: &BTreeMap<String, Floor>, profile: &LinkProfile) -> String {
+    let mut out = format!(
+        "Start-up on the `{}` link (pull + run to ready; median of trials, range in brackets)\n\n\
+         | image | mode | pull s | run s | total s | x overlayfs | x floor | MB to ready | snapshotter peak RSS MiB |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        profile.name
+    );
+    let mut groups: BTreeMap<(String, String), Vec<&Trial>> = BTreeMap::new();
+    for trial in trials {
+        groups
+            .entry((
+                trial.image.clone(),
+                format!("{:?}", trial.mode).to_lowercase(),
+            ))
+            .or_default()
+            .push(trial);
+    }
+    let total_of = |image: &str, mode: &str| {
+        groups
+            .get(&(image.to_string(), mode.to_string()))
+            .map(|g| median(&mut g.iter().map(|t| t.total_s).collect::<Vec<_>>()))
+    };
+    for ((image, mode), group) in &groups {
+        let column = |f: fn(&Trial) -> f64| group.iter().map(|t| f(t)).collect::<Vec<_>>();
+        let mut totals = column(|t| t.total_s);
+        let total = median(&mut totals);
+        let range = format!(
+            "{total:.2} [{:.2}–{:.2}]",
+            totals[0],
+            totals[totals.len() - 1]
+        );
+        let vs_overlay = total_of(image, "overlayfs")
+            .map(|base| format!("{:.2}", total / base))
+            .unwrap_or_else(|| "–".into());
+        let vs_floor = floors
+            .get(image)
+            .map(|f| format!("{:.2}", total / f.floor_s))
+            .unwrap_or_else(|| "–".into());
+        let rss = group
+            .iter()
+            .filter_map(|t| t.snapshotter_peak_rss_kib)
+            .max()
+            .map(|k| format!("{:.0}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "–".into());
+        out += &format!(
+            "| {image} | {mode} | {:.2} | {:.2} | {range} | {vs_overlay} | {vs_floor} | {:.1} | {rss} |\n",
+            median(&mut column(|t| t.pull_s)),
+            median(&mut column(|t| t.run_s)),
+            median(&mut column(|t| t.bytes_to_ready as f64)) / 1e6,
+        );
+    }
+    for (image, floor) in floors {
+        out += &format!(
+            "\nFloor of `{image}`: the start-up reads {:.1} MB ({} over this link) and runs warm in \
+             {:.2} s: {:.2} s.",
+            floor.read_bytes as f64 / 1e6,
+            match profile.rate_bits {
+                Some(rate) => format!("{:.2} s", floor.read_bytes as f64 * 8.0 / rate as f64),
+                None => "unshaped".into(),
+            },
+            floor.warm_s,
+            floor.floor_s
+        );
+    }
+    out + "\n"
+}
+
+/// Removes the namespace and detaches mounts under `work` when the run is interrupted.
+fn clean_up_on_interrupt(work: &Path) -> Result<()> {
+    let work = work.display().to_string();
+    ctrlc::set_handler(move || {
+        eprintln!("interrupted: cleaning up");
+        netns::remove();
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&work) || p.starts_with("/tmp/."))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for point in points {
+                let _ = Command::new("umount").args(["-l", point]).status();
+            }
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+/// Runs the benchmark.
+pub fn run_startup(args: &StartupArgs) -> Result<()> {
+    let (profile_name, scale, trials) = if args.quick {
+        ("lan", Scale::Quick, 1)
+    } else {
+        (args.profile.as_str(), Scale::Full, args.trials.max(1))
+    };
+    let profile = *link::PROFILES
+        .iter()
+        .find(|p| p.name == profile_name)
+        .expect("clap checked the profile");
+    let images: Vec<ImageKind> = match (args.quick, args.images.is_empty()) {
+        (true, _) => vec![ImageKind::Bigdata],
+        (false, true) => vec![ImageKind::Python, ImageKind::Bigdata, ImageKind::Manyfiles],
+        (false, false) => args.images.clone(),
+    };
+    let modes = if args.modes.is_empty() {
+        vec![Mode::Overlayfs, Mode::Sealfs]
+    } else {
+        args.modes.clone()
+    };
+    let mut tools = vec![
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "umoci",
+        "skopeo",
+        "busybox",
+        "ip",
+    ];
+    if images.contains(&ImageKind::Python) {
+        tools.push("debootstrap");
+    }
+    require_tools(&tools)?;
+    let sealctl = sibling_binary("sealctl")?;
+    let daemon = sibling_binary("containerd-sealfs-grpc")?;
+    std::fs::create_dir_all(&args.work)?;
+    let work = args.work.canonicalize()?;
+    clean_up_on_interrupt(&work)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let namespace = netns::RegistryNamespace::create()?;
+    let registry_dir = work.join("registry");
+    let _ = std::fs::remove_dir_all(&registry_dir);
+    std::fs::create_dir_all(&registry_dir)?;
+    let _registry = namespace.start_registry(&registry_dir)?;
+    let direct = format!("{}:5000", netns::REGISTRY_ADDRESS);
+
+    let keys = work.join("keys");
+    let _ = std::fs::remove_dir_all(&keys);
+    std::fs::create_dir_all(&keys)?;
+    run(Command::new(&sealctl)
+        .args(["keygen", "--private"])
+        .arg(keys.join("node.key"))
+        .arg("--public")
+        .arg(work.join("node.pub"))
+        .arg("--force"))?;
+
+    let mut probe = None;
+    for image in &images {
+        let (layout, _) = images::build(*image, scale, &work)?;
+        let name = image.name();
+        eprintln!("pushing {name} plain and sealed to the registry (unshaped)");
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{direct}/{name}:plain")))?;
+        run(Command::new(&sealctl)
+            .args(["--insecure", "seal", "--recipient"])
+            .arg(work.join("node.pub"))
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{direct}/{name}:sealed")))?;
+        if probe.is_none() {
+            probe = Some((name, largest_layer(&layout)?));
+        }
+    }
+
+    let upstream = direct.parse()?;
+    let link = runtime.block_on(link::start(profile, upstream))?;
+    let address = link.address.to_string();
+    if let Some((name, (digest, size))) = &probe {
+        println!("{}", probe_link(&address, name, digest, *size)?);
+    }
+
+    let bench = Bench {
+        sealctl,
+        daemon,
+        keys,
+        namespace,
+        registry: address,
+    };
+    let mut results = Vec::new();
+    let mut floors = BTreeMap::new();
+    for image in &images {
+        let name = image.name();
+        for mode in &modes {
+            for number in 1..=trials {
+                let scratch = tempfile::tempdir()?;
+                let (trial, _daemon, _containerd) = bench
+                    .trial(name, *mode, scratch.path(), "")
+                    .with_context(|| format!("{name} {mode:?} trial {number}"))?;
+                eprintln!(
+                    "{name} {mode:?} {number}/{trials}: pull {:.2} s, run {:.2} s, {:.1} MB",
+                    trial.pull_s,
+                    trial.run_s,
+                    trial.bytes_to_ready as f64 / 1e6
+                );
+                results.push(trial);
+            }
+        }
+        if modes.contains(&Mode::Sealfs) {
+            let scratch = tempfile::tempdir()?;
+            let floor = bench
+                .floor(name, scratch.path(), profile.rate_bits)
+                .with_context(|| format!("the floor of {name}"))?;
+            floors.insert(name.to_string(), floor);
+        }
+    }
+    drop(link);
+
+    let report = table(&results, &floors, &profile);
+    println!("\n{report}");
+    let stem = work.join(format!("startup-{}", profile.name));
+    std::fs::write(stem.with_extension("md"), &report)?;
+    std::fs::write(
+        stem.with_extension("json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "profile": profile.name,
+            "quick": args.quick,
+            "trials": results,
+            "floors": floors,
+        }))?,
+    )?;
+    eprintln!("wrote {0}.md and {0}.json", stem.display());
+    Ok(())
+}
