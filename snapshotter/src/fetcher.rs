@@ -263,17 +263,33 @@ impl LayerFetcher {
             config,
         });
         let (urgent_tx, urgent_rx) = unbounded::<Job>();
-        // Bounded: the background fetcher blocks instead of queueing the whole layer.
-        let (background_tx, background_rx) = bounded::<Job>(shared.config.threads.max(1));
+        // Bounded: the background scan blocks instead of queueing the whole layer.
+        let (background_tx, background_rx) = bounded::<Job>(1);
         let mut threads = Vec::new();
         for n in 0..shared.config.threads.max(1) {
-            let (shared, urgent, background) =
-                (shared.clone(), urgent_rx.clone(), background_rx.clone());
+            let (shared, urgent) = (shared.clone(), urgent_rx.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("sealfs-fetch-{n}"))
-                    .spawn(move || worker(&shared, &urgent, &background))
+                    .spawn(move || worker(&shared, &urgent))
                     .expect("spawning a fetch worker"),
+            );
+        }
+        // One background range in flight per layer: the link stays free for reads.
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sealfs-background".into())
+                    .spawn(move || {
+                        for job in background_rx {
+                            if shared.cancelled.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            shared.fetch_background(&job);
+                        }
+                    })
+                    .expect("spawning the background worker"),
             );
         }
         if shared.config.background {
@@ -590,8 +606,14 @@ impl Shared {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        if self.cancelled.load(Ordering::Relaxed) {
-            return;
+        loop {
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            if FOREGROUND.is_quiet() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         for run in self.claim(job.chunks.clone()) {
             self.fetch(&Job::background(run));
@@ -623,24 +645,53 @@ impl Shared {
     }
 }
 
-fn worker(shared: &Shared, urgent: &Receiver<Job>, background: &Receiver<Job>) {
-    loop {
-        // On-demand reads first, always.
-        let job = match urgent.try_recv() {
-            Ok(job) => job,
-            Err(_) => crossbeam_channel::select_biased! {
-                recv(urgent) -> job => match job { Ok(job) => job, Err(_) => break },
-                recv(background) -> job => match job { Ok(job) => job, Err(_) => match urgent.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                } },
-            },
-        };
-        if job.urgent {
-            shared.fetch(&job);
-        } else if !shared.cancelled.load(Ordering::Relaxed) {
-            shared.fetch_background(&job);
-        }
+/// A fetch worker: on-demand reads only (the background has its own thread).
+fn worker(shared: &Shared, urgent: &Receiver<Job>) {
+    for job in urgent {
+        FOREGROUND.begin();
+        shared.fetch(&job);
+        FOREGROUND.end();
+    }
+}
+
+/// On-demand fetches of every layer in the process: the background fetch of all layers waits
+/// while any is in flight and for a short quiet period after, so a container's start-up reads
+/// do not queue behind background data on the shared network link.
+struct Foreground {
+    in_flight: AtomicU64,
+    /// Milliseconds since `EPOCH` when the last on-demand fetch ended.
+    last_end_ms: AtomicU64,
+}
+
+static FOREGROUND: Foreground = Foreground {
+    in_flight: AtomicU64::new(0),
+    last_end_ms: AtomicU64::new(0),
+};
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// How long after the last on-demand fetch the background waits: reads of a start-up come in
+/// bursts a few milliseconds apart.
+const QUIET: Duration = Duration::from_millis(150);
+
+impl Foreground {
+    fn now_ms() -> u64 {
+        EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.last_end_ms.store(Self::now_ms(), Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether the background may fetch now.
+    fn is_quiet(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && Self::now_ms().saturating_sub(self.last_end_ms.load(Ordering::SeqCst))
+                >= QUIET.as_millis() as u64
     }
 }
 

@@ -1,8 +1,9 @@
 //! The background fetch of one layer: after mount, walk the layer's chunks in priority order
 //! (its prefetch list first, if it has one, then every chunk in blob order), skip what a cache
 //! already holds, and hand runs of adjacent missing chunks, merged up to `merge_bytes`, to the
-//! fetch workers through their bounded background queue. The queue is bounded, so this thread
-//! blocks while the workers are busy and on-demand reads always find a worker; it ends when
+//! layer's background worker through a queue of one. That worker fetches one range at a time,
+//! and only while no on-demand read of any layer is in flight or just finished (see
+//! `fetcher`), so start-up reads never wait behind background data. This thread ends when
 //! every chunk has been queued or the layer is unmounted (the queue closes).
 
 use std::sync::Arc;
