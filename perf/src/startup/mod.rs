@@ -6,6 +6,7 @@
 //! of an image is what no lazy puller can beat: the bytes its start-up reads over the link
 //! rate, plus its warm run time.
 
+mod chart;
 mod images;
 mod link;
 mod netns;
@@ -21,7 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use images::{ImageKind, Scale};
 use link::LinkProfile;
-use trial::{Bench, Floor, Mode, Trial};
+use trial::{Bench, Floor, Mode, Transfer, Trial};
 
 /// Options of the start-up benchmark.
 #[derive(clap::Args)]
@@ -73,16 +74,20 @@ fn run(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where `tool` is on PATH.
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(tool))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
 fn require_tools(tools: &[&str]) -> Result<()> {
     let missing: Vec<&str> = tools
         .iter()
         .copied()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+        .filter(|tool| which(tool).is_none())
         .collect();
     ensure!(
         missing.is_empty(),
@@ -169,7 +174,12 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The Markdown table: per image and mode, medians with ranges and ratios.
-fn table(trials: &[Trial], floors: &BTreeMap<String, Floor>, profile: &LinkProfile) -> String {
+fn table(
+    trials: &[Trial],
+    floors: &BTreeMap<String, Floor>,
+    transfers: &BTreeMap<String, Transfer>,
+    profile: &LinkProfile,
+) -> String {
     let mut out = format!(
         "Start-up on the `{}` link (pull + run to ready; median of trials, range in brackets)\n\n\
          | image | mode | pull s | run s | total s | x overlayfs | x floor | MB to ready | snapshotter peak RSS MiB |\n\
@@ -179,10 +189,7 @@ fn table(trials: &[Trial], floors: &BTreeMap<String, Floor>, profile: &LinkProfi
     let mut groups: BTreeMap<(String, String), Vec<&Trial>> = BTreeMap::new();
     for trial in trials {
         groups
-            .entry((
-                trial.image.clone(),
-                format!("{:?}", trial.mode).to_lowercase(),
-            ))
+            .entry((trial.image.clone(), trial.mode.name().to_string()))
             .or_default()
             .push(trial);
     }
@@ -233,26 +240,46 @@ fn table(trials: &[Trial], floors: &BTreeMap<String, Floor>, profile: &LinkProfi
             floor.floor_s
         );
     }
+    for (image, transfer) in transfers {
+        out += &format!(
+            "\nBackground fetch of all of `{image}` ({:.1} MB sealed): sealfs fetched {:.1} MB \
+             ({:.3} x the image), the link carried {:.1} MB with TCP/IP headers ({:.3} x).",
+            transfer.image_bytes as f64 / 1e6,
+            transfer.fetched_bytes as f64 / 1e6,
+            transfer.fetched_bytes as f64 / transfer.image_bytes as f64,
+            transfer.link_bytes as f64 / 1e6,
+            transfer.link_bytes as f64 / transfer.image_bytes as f64,
+        );
+    }
     out + "\n"
 }
 
-/// Removes the namespace and detaches mounts under `work` when the run is interrupted.
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let dir = dir.display().to_string();
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = Command::new("umount").args(["-l", point]).status();
+    }
+}
+
+/// Removes the namespace and detaches mounts under `work` and the trials' scratch
+/// directories when the run is interrupted.
 fn clean_up_on_interrupt(work: &Path) -> Result<()> {
-    let work = work.display().to_string();
+    let work = work.to_path_buf();
     ctrlc::set_handler(move || {
         eprintln!("interrupted: cleaning up");
         netns::remove();
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut points: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(&work) || p.starts_with("/tmp/."))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for point in points {
-                let _ = Command::new("umount").args(["-l", point]).status();
-            }
-        }
+        unmount_under(&work);
+        unmount_under(&std::env::temp_dir().join("."));
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")
@@ -275,10 +302,13 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
         (false, false) => args.images.clone(),
     };
     let modes = if args.modes.is_empty() {
-        vec![Mode::Overlayfs, Mode::Sealfs]
+        vec![Mode::Overlayfs, Mode::Ocicrypt, Mode::Sealfs]
     } else {
         args.modes.clone()
     };
+    if which("containerd-stargz-grpc").is_none() {
+        eprintln!("note: no containerd-stargz-grpc on PATH: the stargz mode is left out");
+    }
     let mut tools = vec![
         "containerd",
         "ctr",
@@ -291,6 +321,9 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
     ];
     if images.contains(&ImageKind::Python) {
         tools.push("debootstrap");
+    }
+    if modes.contains(&Mode::Ocicrypt) {
+        tools.extend(["podman", "openssl"]);
     }
     require_tools(&tools)?;
     let sealctl = sibling_binary("sealctl")?;
@@ -319,16 +352,40 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
         .arg("--public")
         .arg(work.join("node.pub"))
         .arg("--force"))?;
+    // Not in `keys`: the sealfs daemon takes every file there for one of its keys.
+    let ocicrypt_key = work.join("ocicrypt.pem");
+    let ocicrypt_public = work.join("ocicrypt.pub.pem");
+    if modes.contains(&Mode::Ocicrypt) {
+        run(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&ocicrypt_key)
+            .arg("3072"))?;
+        run(Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(&ocicrypt_key)
+            .arg("-out")
+            .arg(&ocicrypt_public))?;
+    }
 
     let mut probe = None;
     for image in &images {
         let (layout, _) = images::build(*image, scale, &work)?;
         let name = image.name();
-        eprintln!("pushing {name} plain and sealed to the registry (unshaped)");
+        eprintln!("pushing {name} plain, encrypted and sealed to the registry (unshaped)");
         run(Command::new("skopeo")
             .args(["copy", "--quiet", "--dest-tls-verify=false"])
             .arg(format!("oci:{}:latest", layout.display()))
             .arg(format!("docker://{direct}/{name}:plain")))?;
+        if modes.contains(&Mode::Ocicrypt) {
+            run(Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .arg(format!(
+                    "--encryption-key=jwe:{}",
+                    ocicrypt_public.display()
+                ))
+                .arg(format!("oci:{}:latest", layout.display()))
+                .arg(format!("docker://{direct}/{name}:{}", Mode::Ocicrypt.tag())))?;
+        }
         run(Command::new(&sealctl)
             .args(["--insecure", "seal", "--recipient"])
             .arg(work.join("node.pub"))
@@ -350,17 +407,19 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
         sealctl,
         daemon,
         keys,
+        ocicrypt_key,
         namespace,
         registry: address,
     };
     let mut results = Vec::new();
     let mut floors = BTreeMap::new();
+    let mut transfers = BTreeMap::new();
     for image in &images {
         let name = image.name();
         for mode in &modes {
             for number in 1..=trials {
                 let scratch = tempfile::tempdir()?;
-                let (trial, _daemon, _containerd) = bench
+                let (trial, _running) = bench
                     .trial(name, *mode, scratch.path(), "")
                     .with_context(|| format!("{name} {mode:?} trial {number}"))?;
                 eprintln!(
@@ -378,11 +437,16 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
                 .floor(name, scratch.path(), profile.rate_bits)
                 .with_context(|| format!("the floor of {name}"))?;
             floors.insert(name.to_string(), floor);
+            let scratch = tempfile::tempdir()?;
+            let transfer = bench
+                .background_transfer(name, scratch.path())
+                .with_context(|| format!("the background fetch of {name}"))?;
+            transfers.insert(name.to_string(), transfer);
         }
     }
     drop(link);
 
-    let report = table(&results, &floors, &profile);
+    let report = table(&results, &floors, &transfers, &profile);
     println!("\n{report}");
     let stem = work.join(format!("startup-{}", profile.name));
     std::fs::write(stem.with_extension("md"), &report)?;
@@ -393,8 +457,36 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
             "quick": args.quick,
             "trials": results,
             "floors": floors,
+            "background_transfers": transfers,
         }))?,
     )?;
-    eprintln!("wrote {0}.md and {0}.json", stem.display());
+    let mode_names: Vec<String> = modes.iter().map(|m| m.name().to_string()).collect();
+    let mut medians: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for trial in &results {
+        medians
+            .entry(trial.image.clone())
+            .or_default()
+            .insert(trial.mode.name().to_string(), 0.0);
+    }
+    for (image, by_mode) in &mut medians {
+        for (mode, value) in by_mode.iter_mut() {
+            let mut totals: Vec<f64> = results
+                .iter()
+                .filter(|t| &t.image == image && t.mode.name() == mode)
+                .map(|t| t.total_s)
+                .collect();
+            *value = median(&mut totals);
+        }
+    }
+    chart::draw(
+        &stem.with_extension("png"),
+        &format!(
+            "Container start-up on the {} link: pull + run to ready",
+            profile.name
+        ),
+        &mode_names,
+        &medians,
+    )?;
+    eprintln!("wrote {0}.md, {0}.json and {0}.png", stem.display());
     Ok(())
 }

@@ -19,15 +19,28 @@ use super::netns::RegistryNamespace;
 pub enum Mode {
     /// The plain image: `ctr image pull` (download, unpack) and `ctr run` on overlayfs.
     Overlayfs,
+    /// The ocicrypt-encrypted image, decrypted into podman's storage with `skopeo copy
+    /// --decryption-key`, then `podman run` (podman 4.3 has no `--decryption-key` itself).
+    Ocicrypt,
     /// The sealed image: `sealctl pull` (lazy) and `ctr run --snapshotter sealfs`.
     Sealfs,
 }
 
 impl Mode {
+    /// Its name in tables and charts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Overlayfs => "overlayfs",
+            Mode::Ocicrypt => "ocicrypt",
+            Mode::Sealfs => "sealfs",
+        }
+    }
+
     /// The tag of the image this mode runs.
     pub fn tag(self) -> &'static str {
         match self {
             Mode::Overlayfs => "plain",
+            Mode::Ocicrypt => "encrypted",
             Mode::Sealfs => "sealed",
         }
     }
@@ -60,6 +73,8 @@ pub struct Bench {
     pub daemon: PathBuf,
     /// A directory with the node's private key.
     pub keys: PathBuf,
+    /// The ocicrypt private key (PEM) the encrypted images were made for.
+    pub ocicrypt_key: PathBuf,
     /// The registry namespace (byte counters).
     pub namespace: RegistryNamespace,
     /// `HOST:PORT` clients pull from (the emulated link).
@@ -83,9 +98,8 @@ fn check(out: std::process::Output, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `ctr run` and returns when the container prints `ready`, and the seconds that took;
-/// waits for it to exit before returning.
-fn run_until_ready(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Result<f64> {
+/// `ctr run` of `reference` as container `id`.
+fn ctr_run(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Command {
     let mut command = Command::new("ctr");
     command.arg("--address").arg(&containerd.socket).args([
         "--namespace",
@@ -96,9 +110,47 @@ fn run_until_ready(containerd: &Containerd, mode: Mode, reference: &str, id: &st
     if mode == Mode::Sealfs {
         command.args(["--snapshotter", "sealfs"]);
     }
+    command.args([reference, id]);
+    command
+}
+
+/// Podman on its own storage under `scratch`, as root without systemd.
+fn podman(scratch: &Path) -> Command {
+    let mut command = Command::new("podman");
+    command
+        .arg("--root")
+        .arg(scratch.join("podman-root"))
+        .arg("--runroot")
+        .arg(scratch.join("podman-run"))
+        .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+    command
+}
+
+/// `podman run` of `reference`. Podman's default rlimits exceed what this machine's sandbox
+/// lets runc set, so the container gets the caller's open-file limits and a modest nproc.
+fn podman_run(scratch: &Path, reference: &str) -> Command {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let mut command = podman(scratch);
+    command
+        .args(["run", "--rm", "--pull", "never", "--network", "none"])
+        .arg(format!(
+            "--ulimit=nofile={}:{}",
+            limit.rlim_cur, limit.rlim_max
+        ))
+        .args(["--ulimit=nproc=4096:4096", reference]);
+    command
+}
+
+/// Runs `command` (a container) and returns when it prints `ready`, and the seconds that took;
+/// waits for it to exit before returning.
+fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
     let started = Instant::now();
     let mut child = command
-        .args([reference, id])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,7 +163,7 @@ fn run_until_ready(containerd: &Containerd, mode: Mode, reference: &str, id: &st
         }
     }
     let out = child.wait_with_output()?;
-    check(out, &format!("ctr run {reference}"))?;
+    check(out, &format!("running {reference}"))?;
     ready.with_context(|| format!("{reference} exited without printing {READY:?}"))
 }
 
@@ -121,6 +173,14 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// What a trial leaves running, so a caller can measure more before it stops.
+pub struct Running {
+    /// The sealfs daemon (sealfs mode).
+    pub daemon: Option<SealfsDaemon>,
+    /// containerd (overlayfs and sealfs modes).
+    pub containerd: Option<Containerd>,
 }
 
 impl Bench {
@@ -136,43 +196,70 @@ impl Bench {
         mode: Mode,
         scratch: &Path,
         daemon_config: &str,
-    ) -> Result<(Trial, Option<SealfsDaemon>, Containerd)> {
+    ) -> Result<(Trial, Running)> {
         let reference = self.reference(image, mode);
         drop_page_cache()?;
-        let daemon = match mode {
-            Mode::Sealfs => Some(SealfsDaemon::start(
-                &self.daemon,
-                scratch,
-                &self.keys,
-                daemon_config,
-            )),
-            Mode::Overlayfs => None,
-        };
-        let containerd = match &daemon {
-            Some(daemon) => Containerd::start_with_snapshotter("sealfs", &daemon.socket),
-            None => Containerd::start(),
+        let daemon = (mode == Mode::Sealfs)
+            .then(|| SealfsDaemon::start(&self.daemon, scratch, &self.keys, daemon_config));
+        let containerd = match (&daemon, mode) {
+            (_, Mode::Ocicrypt) => None,
+            (Some(daemon), _) => Some(Containerd::start_with_snapshotter("sealfs", &daemon.socket)),
+            (None, _) => Some(Containerd::start()),
         };
         let bytes_before = self.namespace.bytes_from_registry()?;
         let started = Instant::now();
-        match mode {
-            Mode::Overlayfs => check(
-                containerd.ctr(&["image", "pull", "--plain-http", &reference]),
-                "ctr image pull",
-            )?,
-            Mode::Sealfs => check(
-                Command::new(&self.sealctl)
-                    .arg("pull")
-                    .arg("--address")
-                    .arg(&containerd.socket)
-                    .args(["--namespace", "sealfs-test", &reference])
-                    .output()?,
-                "sealctl pull",
-            )?,
-        }
+        let run = match (mode, &containerd) {
+            (Mode::Overlayfs, Some(containerd)) => {
+                check(
+                    containerd.ctr(&["image", "pull", "--plain-http", &reference]),
+                    "ctr image pull",
+                )?;
+                ctr_run(containerd, mode, &reference, "bench")
+            }
+            (Mode::Sealfs, Some(containerd)) => {
+                check(
+                    Command::new(&self.sealctl)
+                        .arg("pull")
+                        .arg("--address")
+                        .arg(&containerd.socket)
+                        .args(["--namespace", "sealfs-test", &reference])
+                        .output()?,
+                    "sealctl pull",
+                )?;
+                ctr_run(containerd, mode, &reference, "bench")
+            }
+            (Mode::Ocicrypt, _) => {
+                let storage = format!(
+                    "containers-storage:[overlay@{}+{}]{reference}",
+                    scratch.join("podman-root").display(),
+                    scratch.join("podman-run").display()
+                );
+                check(
+                    Command::new("skopeo")
+                        .args(["copy", "--quiet", "--src-tls-verify=false"])
+                        .arg("--decryption-key")
+                        .arg(&self.ocicrypt_key)
+                        .arg(format!("docker://{reference}"))
+                        .arg(storage)
+                        .output()?,
+                    "skopeo copy --decryption-key",
+                )?;
+                podman_run(scratch, &reference)
+            }
+            _ => unreachable!("containerd runs in every mode but ocicrypt"),
+        };
         let pull_s = started.elapsed().as_secs_f64();
-        let run_s = run_until_ready(&containerd, mode, &reference, "bench")?;
+        let run_s = run_until_ready(run, &reference)?;
         let bytes_to_ready = self.namespace.bytes_from_registry()? - bytes_before;
         let snapshotter_peak_rss_kib = daemon.as_ref().and_then(|d| d.pid()).and_then(peak_rss_kib);
+        if mode == Mode::Ocicrypt {
+            // Podman's storage keeps mounts under scratch (its overlay home); release them so
+            // the scratch directory can go.
+            let _ = podman(scratch)
+                .args(["system", "reset", "--force"])
+                .output();
+            super::unmount_under(scratch);
+        }
         Ok((
             Trial {
                 image: image.to_string(),
@@ -183,27 +270,26 @@ impl Bench {
                 bytes_to_ready,
                 snapshotter_peak_rss_kib,
             },
-            daemon,
-            containerd,
+            Running { daemon, containerd },
         ))
     }
 
     /// The floor of an image: the bytes its start-up reads (sealfs without background fetch
     /// fetches only those) over the link rate, plus the warm run time of the same container.
     pub fn floor(&self, image: &str, scratch: &Path, rate_bits: Option<u64>) -> Result<Floor> {
-        let (_, daemon, containerd) = self.trial(
+        let (_, running) = self.trial(
             image,
             Mode::Sealfs,
             scratch,
             "[fetch]\nbackground = false\n",
         )?;
-        let daemon = daemon.expect("sealfs mode runs the daemon");
+        let daemon = running.daemon.expect("sealfs mode runs the daemon");
+        let containerd = running.containerd.expect("sealfs mode runs containerd");
         let read_bytes = daemon.metric("sealfs_fetched_bytes_total");
+        let reference = self.reference(image, Mode::Sealfs);
         let warm_s = run_until_ready(
-            &containerd,
-            Mode::Sealfs,
-            &self.reference(image, Mode::Sealfs),
-            "warm",
+            ctr_run(&containerd, Mode::Sealfs, &reference, "warm"),
+            &reference,
         )?;
         let transfer_s = rate_bits
             .map(|rate| read_bytes as f64 * 8.0 / rate as f64)
@@ -215,8 +301,67 @@ impl Bench {
             floor_s: transfer_s + warm_s,
         })
     }
+
+    /// What the background fetch of a whole sealed image costs: start it like a trial, wait
+    /// until every chunk of every layer is present, and compare what sealfs fetched (and what
+    /// the link carried, TCP/IP headers included) with the sealed image's size.
+    pub fn background_transfer(&self, image: &str, scratch: &Path) -> Result<Transfer> {
+        let bytes_before = self.namespace.bytes_from_registry()?;
+        let (_, running) = self.trial(image, Mode::Sealfs, scratch, "")?;
+        let daemon = running.daemon.expect("sealfs mode runs the daemon");
+        let deadline = Instant::now() + std::time::Duration::from_secs(1800);
+        loop {
+            let text = daemon.metrics();
+            let sum = |name: &str| -> u64 {
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("{name}{{")))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum()
+            };
+            let (present, total) = (
+                sum("sealfs_layer_chunks_present"),
+                sum("sealfs_layer_chunks"),
+            );
+            if total > 0 && present == total {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the background fetch of {image} did not finish in 30 minutes \
+                 ({present} of {total} chunks)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        let manifest: serde_json::Value = serde_json::from_str(&super::run(
+            Command::new("skopeo")
+                .args(["inspect", "--raw", "--tls-verify=false"])
+                .arg(format!("docker://{}", self.reference(image, Mode::Sealfs))),
+        )?)?;
+        let image_bytes = manifest["layers"]
+            .as_array()
+            .context("a manifest without layers")?
+            .iter()
+            .chain([&manifest["config"]])
+            .filter_map(|d| d["size"].as_u64())
+            .sum();
+        Ok(Transfer {
+            image_bytes,
+            fetched_bytes: daemon.metric("sealfs_fetched_bytes_total"),
+            link_bytes: self.namespace.bytes_from_registry()? - bytes_before,
+        })
+    }
 }
 
+/// The cost of fetching a whole sealed image in the background.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Transfer {
+    /// The sealed image's layers and config, as the manifest gives them.
+    pub image_bytes: u64,
+    /// Sealed bytes sealfs fetched (range bodies: chunks and tails).
+    pub fetched_bytes: u64,
+    /// Bytes the registry sent over the link, headers included.
+    pub link_bytes: u64,
+}
 /// The physical limit of a start-up.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Floor {
