@@ -6,7 +6,13 @@
 //! that one small file costs one round trip and never two. Identical whole chunks, and identical
 //! small pieces, are stored once (SHA-256 of the plaintext, kept in memory only).
 //!
-//! Memory does not grow with the layer's size: one chunk buffer, one pack buffer and one
+//! A *prefetch list* (a startup profile: paths in the order a container first reads them)
+//! changes two things. Small pieces of listed files go into packs of their own, so the files
+//! a start-up reads share a few chunks instead of being spread over every pack of the layer;
+//! and the index's prefetch order names the chunks of the listed files, in list order. Paths
+//! the layer does not have (another layer's files) are ignored.
+//!
+//! Memory does not grow with the layer's size: one chunk buffer, two pack buffers and one
 //! compressed buffer, plus the index, which grows with the number of entries only.
 
 use std::collections::HashMap;
@@ -26,8 +32,11 @@ use crate::layout::{
 /// Files larger than this are rejected as absurd (1 TiB): no real layer has one, and a hostile
 /// header claiming exabytes is refused before anything is read.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
-/// Extent chunk number that marks "the pack chunk still being filled" until it is flushed.
-const PENDING_PACK: u32 = u32::MAX;
+/// Extent chunk numbers that mark "the pack chunk still being filled" until it is flushed: one
+/// per pack (ordinary, prefetch-listed). Real chunk numbers stay below both.
+const PENDING_PACK: [u32; 2] = [u32::MAX, u32::MAX - 1];
+/// The pack of files the prefetch list names.
+const PRIORITY: usize = 1;
 const OCI_WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OCI_OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
@@ -38,6 +47,9 @@ pub struct SealOptions {
     pub chunk_size_log2: u8,
     /// zstd level for chunks and the index.
     pub zstd_level: i32,
+    /// Paths (relative to the layer root, no leading `/`) a container reads first, in order:
+    /// their data is packed together and their chunks become the index's prefetch order.
+    pub prefetch: Vec<Vec<u8>>,
 }
 
 impl Default for SealOptions {
@@ -45,7 +57,34 @@ impl Default for SealOptions {
         SealOptions {
             chunk_size_log2: DEFAULT_CHUNK_SIZE_LOG2,
             zstd_level: 3,
+            prefetch: Vec::new(),
         }
+    }
+}
+
+impl SealOptions {
+    /// Sets the prefetch list from paths as a user writes them (`/usr/bin/python3`,
+    /// `etc/passwd`); duplicates after the first are dropped. Fails on a path that leaves the
+    /// root.
+    pub fn set_prefetch_paths<'a>(
+        &mut self,
+        paths: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        self.prefetch.clear();
+        for raw in paths {
+            let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
+            let path = normalize_path(trimmed).ok_or_else(|| {
+                FormatError::InvalidArgument(format!(
+                    "prefetch path {:?} leaves the layer root",
+                    String::from_utf8_lossy(raw)
+                ))
+            })?;
+            if seen.insert(path.clone()) {
+                self.prefetch.push(path);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -90,6 +129,10 @@ pub struct SealSummary {
     pub file_bytes: u64,
     /// Entries in the index, root included.
     pub entry_count: usize,
+    /// Chunks in the index's prefetch order.
+    pub prefetch_chunks: usize,
+    /// Sealed bytes of those chunks.
+    pub prefetch_bytes: u64,
 }
 
 /// Compression of a layer tar, detected from its first bytes.
@@ -168,6 +211,15 @@ pub fn seal_layer<R: Read, W: Write>(
     Ok(summary)
 }
 
+/// A pack chunk being filled.
+#[derive(Default)]
+struct Pack {
+    data: Vec<u8>,
+    /// Entries with an extent in this pack, and the pieces it holds.
+    entries: Vec<u32>,
+    pieces: Vec<[u8; 32]>,
+}
+
 struct Sealer<W: Write> {
     out: HashingWriter<W>,
     keys: LayerKeys,
@@ -181,10 +233,10 @@ struct Sealer<W: Write> {
     chunk_dedup: HashMap<[u8; 32], u32>,
     /// SHA-256 of a packed piece -> where it is.
     piece_dedup: HashMap<[u8; 32], Extent>,
-    pack: Vec<u8>,
-    /// Entries with an extent in the pack being filled, and the pieces it holds.
-    pack_entries: Vec<u32>,
-    pack_pieces: Vec<[u8; 32]>,
+    /// The ordinary pack and the pack of prefetch-listed files.
+    packs: [Pack; 2],
+    /// Prefetch-listed paths -> their rank in the list.
+    prefetch: HashMap<Vec<u8>, usize>,
     buffer: Vec<u8>,
     /// The last chunk is only known when the next arrives or the layer ends; it waits here
     /// (compressed, unsealed) so its AAD can carry the last-chunk flag.
@@ -227,9 +279,13 @@ impl<W: Write> Sealer<W> {
             paths,
             chunk_dedup: HashMap::new(),
             piece_dedup: HashMap::new(),
-            pack: Vec::with_capacity(chunk_size),
-            pack_entries: Vec::new(),
-            pack_pieces: Vec::new(),
+            packs: [Pack::default(), Pack::default()],
+            prefetch: options
+                .prefetch
+                .iter()
+                .enumerate()
+                .map(|(rank, path)| (path.clone(), rank))
+                .collect(),
             buffer: vec![0; chunk_size],
             held: None,
             file_bytes: 0,
@@ -420,7 +476,9 @@ impl<W: Write> Sealer<W> {
                     }
                     // The old entry's data stays in the blob, unreferenced; the slot is reused
                     // so entry numbers stay dense and parents stay before children.
-                    self.pack_entries.retain(|&e| e != existing);
+                    for pack in &mut self.packs {
+                        pack.entries.retain(|&e| e != existing);
+                    }
                     self.index.entries[existing as usize] = replacement;
                     return Ok(existing);
                 }
@@ -469,6 +527,12 @@ impl<W: Write> Sealer<W> {
         let EntryKind::File { size, .. } = self.index.entries[entry as usize].kind else {
             unreachable!("store_file_data is called for regular files only");
         };
+        let pack = if self.prefetch.is_empty() || !self.prefetch.contains_key(&self.path_of(entry))
+        {
+            0
+        } else {
+            PRIORITY
+        };
         let mut extents = Vec::new();
         let mut remaining = size;
         while remaining > 0 {
@@ -484,7 +548,7 @@ impl<W: Write> Sealer<W> {
                 if len == self.chunk_size {
                     self.store_whole_chunk(&buffer[..len])
                 } else {
-                    self.store_piece(&buffer[..len], entry)
+                    self.store_piece(&buffer[..len], entry, pack)
                 }
             });
             self.buffer = buffer;
@@ -511,50 +575,91 @@ impl<W: Write> Sealer<W> {
         })
     }
 
-    fn store_piece(&mut self, plain: &[u8], entry: u32) -> Result<Extent> {
+    /// The full path of entry `number` (no leading slash).
+    fn path_of(&self, mut number: u32) -> Vec<u8> {
+        let mut parts = Vec::new();
+        while number != 0 {
+            let entry = &self.index.entries[number as usize];
+            parts.push(&entry.name[..]);
+            number = entry.parent;
+        }
+        parts.reverse();
+        parts.join(&b'/')
+    }
+
+    fn store_piece(&mut self, plain: &[u8], entry: u32, pack: usize) -> Result<Extent> {
         let digest: [u8; 32] = Sha256::digest(plain).into();
         if let Some(&extent) = self.piece_dedup.get(&digest) {
-            if extent.chunk == PENDING_PACK {
-                self.pack_entries.push(entry);
+            if let Some(holder) = PENDING_PACK.iter().position(|&p| p == extent.chunk) {
+                self.packs[holder].entries.push(entry);
             }
             return Ok(extent);
         }
-        if self.pack.len() + plain.len() > self.chunk_size {
-            self.flush_pack()?;
+        if self.packs[pack].data.len() + plain.len() > self.chunk_size {
+            self.flush_pack(pack)?;
         }
+        let filling = &mut self.packs[pack];
         let extent = Extent {
-            chunk: PENDING_PACK,
-            offset: self.pack.len() as u32,
+            chunk: PENDING_PACK[pack],
+            offset: filling.data.len() as u32,
             len: plain.len() as u32,
         };
-        self.pack.extend_from_slice(plain);
-        self.pack_entries.push(entry);
-        self.pack_pieces.push(digest);
+        filling.data.extend_from_slice(plain);
+        filling.entries.push(entry);
+        filling.pieces.push(digest);
         self.piece_dedup.insert(digest, extent);
         Ok(extent)
     }
 
-    fn flush_pack(&mut self) -> Result<()> {
-        if self.pack.is_empty() {
+    fn flush_pack(&mut self, pack: usize) -> Result<()> {
+        if self.packs[pack].data.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::take(&mut self.pack);
-        let chunk = self.emit_chunk(&pack)?;
-        self.pack = pack;
-        self.pack.clear();
-        for entry in self.pack_entries.drain(..) {
+        let mut data = std::mem::take(&mut self.packs[pack].data);
+        let chunk = self.emit_chunk(&data)?;
+        data.clear();
+        let filled = &mut self.packs[pack];
+        filled.data = data;
+        for entry in filled.entries.drain(..) {
             if let EntryKind::File { extents, .. } = &mut self.index.entries[entry as usize].kind {
-                for extent in extents.iter_mut().filter(|e| e.chunk == PENDING_PACK) {
+                for extent in extents.iter_mut().filter(|e| e.chunk == PENDING_PACK[pack]) {
                     extent.chunk = chunk;
                 }
             }
         }
-        for digest in self.pack_pieces.drain(..) {
+        for digest in filled.pieces.drain(..) {
             if let Some(extent) = self.piece_dedup.get_mut(&digest) {
                 extent.chunk = chunk;
             }
         }
         Ok(())
+    }
+
+    /// The index's prefetch order: the chunks of the listed files that this layer has, in list
+    /// order, each once.
+    fn prefetch_order(&self) -> Vec<u32> {
+        let mut listed: Vec<(&Vec<u8>, usize)> =
+            self.prefetch.iter().map(|(p, &r)| (p, r)).collect();
+        listed.sort_by_key(|&(_, rank)| rank);
+        let mut seen = std::collections::HashSet::new();
+        let mut order = Vec::new();
+        for (path, _) in listed {
+            let Some(&number) = self.paths.get(path) else {
+                continue;
+            };
+            let number = match self.index.entries[number as usize].kind {
+                EntryKind::HardLink { target } => target,
+                _ => number,
+            };
+            if let EntryKind::File { extents, .. } = &self.index.entries[number as usize].kind {
+                for extent in extents {
+                    if seen.insert(extent.chunk) {
+                        order.push(extent.chunk);
+                    }
+                }
+            }
+        }
+        order
     }
 
     /// Compresses a chunk and queues it; returns its number.
@@ -563,7 +668,7 @@ impl<W: Write> Sealer<W> {
         self.write_held(false)?;
         let number = u32::try_from(self.index.chunks.len())
             .ok()
-            .filter(|&n| n < PENDING_PACK)
+            .filter(|&n| n < PENDING_PACK[PRIORITY])
             .ok_or_else(|| {
                 FormatError::InvalidArgument("layer has more than 2^32-1 chunks".into())
             })?;
@@ -610,8 +715,10 @@ impl<W: Write> Sealer<W> {
     }
 
     fn finish(mut self) -> Result<SealSummary> {
-        self.flush_pack()?;
+        self.flush_pack(PRIORITY)?;
+        self.flush_pack(0)?;
         self.write_held(true)?;
+        self.index.prefetch = self.prefetch_order();
         let plain_index = self.index.encode();
         let index_plain_len = u32::try_from(plain_index.len())
             .ok()
@@ -659,6 +766,13 @@ impl<W: Write> Sealer<W> {
             data_bytes: footer.data_bytes,
             file_bytes: self.file_bytes,
             entry_count: self.index.entries.len(),
+            prefetch_chunks: self.index.prefetch.len(),
+            prefetch_bytes: self
+                .index
+                .prefetch
+                .iter()
+                .map(|&c| u64::from(self.index.chunks[c as usize].sealed_len))
+                .sum(),
         })
     }
 }

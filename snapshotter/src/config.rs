@@ -64,6 +64,12 @@ pub struct FetchSection {
     pub background_mib_per_sec: u64,
     /// How long a read waits for its chunk before failing with EIO (seconds).
     pub read_timeout_secs: u64,
+    /// Fetch a layer's startup profile first, right after it is mounted.
+    pub profile: bool,
+    /// Range requests in flight while a profile is fetched.
+    pub profile_streams: usize,
+    /// How long Prepare waits for a mounted layer's profile (milliseconds); 0: not at all.
+    pub profile_wait_ms: u64,
 }
 
 /// `[registry]`.
@@ -117,6 +123,9 @@ impl Default for FetchSection {
             merge_kib: fetch.merge_bytes >> 10,
             background_mib_per_sec: 0,
             read_timeout_secs: fetch.timeout.as_secs(),
+            profile: fetch.profile,
+            profile_streams: fetch.profile_streams,
+            profile_wait_ms: 0,
         }
     }
 }
@@ -178,6 +187,7 @@ impl Config {
             ("fetch.threads", config.fetch.threads as u64),
             ("fetch.fuse_threads", config.fetch.fuse_threads as u64),
             ("fetch.merge_kib", config.fetch.merge_kib),
+            ("fetch.profile_streams", config.fetch.profile_streams as u64),
             ("fetch.read_timeout_secs", config.fetch.read_timeout_secs),
             (
                 "registry.request_timeout_secs",
@@ -216,11 +226,14 @@ impl Config {
                     merge_bytes: fetch.merge_kib << 10,
                     background_bytes_per_sec: (fetch.background_mib_per_sec > 0)
                         .then_some(fetch.background_mib_per_sec << 20),
+                    profile: fetch.profile,
+                    profile_streams: fetch.profile_streams,
                 },
                 fuse_threads: fetch.fuse_threads,
                 cache_dir: None,
                 disk_cache_bytes: self.cache.disk_per_layer_mib << 20,
             },
+            profile_wait: Duration::from_millis(fetch.profile_wait_ms),
         }
     }
 }

@@ -10,6 +10,13 @@
 //!    the fetch timeout, so a stalled source gives an error, never a hang (the fetch carries on
 //!    and fills the caches when it completes).
 //!
+//! A layer whose index carries a prefetch order (a startup profile) has it fetched first, right
+//! after mount: runs of listed chunks, merged up to `merge_bytes`, `profile_streams` range reads
+//! in flight, each run claimed only when its turn comes, so a read that needs a later chunk
+//! fetches it at once instead of waiting behind the profile. Profile fetches count as
+//! on-demand work for the background gate below. [`LayerFetcher::wait_for_profile`] lets a
+//! caller (the snapshotter's Prepare) wait a bounded time for the profile to land.
+//!
 //! Worker threads take urgent jobs before background ones. The background fetcher (see
 //! `prefetch`) feeds runs of adjacent missing chunks, merged into one range read each, through
 //! a bounded queue, so it can never crowd out on-demand reads; a token bucket caps its
@@ -84,6 +91,10 @@ pub struct FetchConfig {
     pub merge_bytes: u64,
     /// Bandwidth cap of the background fetcher, bytes per second (`None`: unlimited).
     pub background_bytes_per_sec: Option<u64>,
+    /// Fetch the layer's startup profile (its prefetch order) right after mounting.
+    pub profile: bool,
+    /// Range reads in flight while fetching the profile.
+    pub profile_streams: usize,
 }
 
 impl Default for FetchConfig {
@@ -94,6 +105,8 @@ impl Default for FetchConfig {
             background: true,
             merge_bytes: 4 << 20,
             background_bytes_per_sec: None,
+            profile: true,
+            profile_streams: 4,
         }
     }
 }
@@ -109,6 +122,8 @@ pub struct FetchStats {
     pub urgent_chunks: AtomicU64,
     /// Chunks fetched from the source in the background.
     pub background_chunks: AtomicU64,
+    /// Chunks fetched from the source as part of the startup profile.
+    pub profile_chunks: AtomicU64,
     /// Range reads sent to the source.
     pub source_reads: AtomicU64,
     /// Sealed bytes read from the source.
@@ -178,10 +193,21 @@ struct Pending {
     done: Condvar,
 }
 
+/// Why a run of chunks is fetched (which counter it goes to).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A read waits for it.
+    Urgent,
+    /// The startup profile.
+    Profile,
+    /// The background fetch of the whole layer.
+    Background,
+}
+
 /// A run of chunks for the workers.
 pub(crate) struct Job {
     chunks: Range<u32>,
-    urgent: bool,
+    purpose: Purpose,
 }
 
 impl Job {
@@ -189,9 +215,16 @@ impl Job {
     pub(crate) fn background(chunks: Range<u32>) -> Self {
         Job {
             chunks,
-            urgent: false,
+            purpose: Purpose::Background,
         }
     }
+}
+
+/// Whether a layer's startup profile has landed (fetched, failed or cancelled).
+#[derive(Default)]
+struct ProfileState {
+    done: Mutex<bool>,
+    landed: Condvar,
 }
 
 /// State shared by a layer's fetcher, its workers and its background fetch.
@@ -210,6 +243,7 @@ pub(crate) struct Shared {
     stats: Arc<FetchStats>,
     cancelled: AtomicBool,
     bucket: Mutex<TokenBucket>,
+    profile: ProfileState,
 }
 
 /// The fetcher of one mounted layer. Dropping it cancels background work and joins its threads.
@@ -260,6 +294,7 @@ impl LayerFetcher {
             stats: Arc::new(FetchStats::default()),
             cancelled: AtomicBool::new(false),
             bucket: Mutex::new(TokenBucket::new(rate)),
+            profile: ProfileState::default(),
             config,
         });
         let (urgent_tx, urgent_rx) = unbounded::<Job>();
@@ -291,6 +326,17 @@ impl LayerFetcher {
                     })
                     .expect("spawning the background worker"),
             );
+        }
+        if shared.config.profile && !shared.layer.index().prefetch.is_empty() {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sealfs-profile".into())
+                    .spawn(move || shared.fetch_profile())
+                    .expect("spawning the profile fetcher"),
+            );
+        } else {
+            shared.profile.finish();
         }
         if shared.config.background {
             let (shared, sender) = (shared.clone(), background_tx.clone());
@@ -342,7 +388,7 @@ impl LayerFetcher {
                     inflight.insert(chunk, pending.clone());
                     let job = Job {
                         chunks: chunk..chunk + 1,
-                        urgent: true,
+                        purpose: Purpose::Urgent,
                     };
                     let queued = self.urgent.as_ref().is_some_and(|tx| tx.send(job).is_ok());
                     if !queued {
@@ -374,6 +420,18 @@ impl LayerFetcher {
                 })
             }
         }
+    }
+
+    /// Waits until the layer's startup profile has been fetched (at once if it has none),
+    /// at most `timeout`; returns whether it landed.
+    pub fn wait_for_profile(&self, timeout: Duration) -> bool {
+        let state = &self.shared.profile;
+        let done = state.done.lock().expect("profile lock");
+        let (done, _) = state
+            .landed
+            .wait_timeout_while(done, timeout, |done| !*done)
+            .expect("profile lock");
+        *done
     }
 
     /// The layer's name (its digest), as logs show it.
@@ -410,6 +468,7 @@ impl LayerFetcher {
     /// Stops background work, wakes the workers and joins every thread.
     pub fn shutdown(&mut self) {
         self.shared.cancelled.store(true, Ordering::SeqCst);
+        self.shared.profile.finish();
         self.urgent.take();
         self.background.take();
         for thread in self.threads.drain(..) {
@@ -543,10 +602,10 @@ impl Shared {
             }
         };
         self.stats.source_bytes.fetch_add(len, Ordering::Relaxed);
-        let counter = if job.urgent {
-            &self.stats.urgent_chunks
-        } else {
-            &self.stats.background_chunks
+        let counter = match job.purpose {
+            Purpose::Urgent => &self.stats.urgent_chunks,
+            Purpose::Profile => &self.stats.profile_chunks,
+            Purpose::Background => &self.stats.background_chunks,
         };
         let mut at = 0usize;
         for chunk in job.chunks.clone() {
@@ -590,7 +649,60 @@ impl Shared {
     }
 }
 
+impl ProfileState {
+    fn finish(&self) {
+        *self.done.lock().expect("profile lock") = true;
+        self.landed.notify_all();
+    }
+}
+
 impl Shared {
+    /// Fetches the startup profile: the prefetch order cut into runs of adjacent chunks (up to
+    /// `merge_bytes` each, in list order), `profile_streams` runs in flight. Each run is
+    /// claimed when a stream takes it, so chunks that reads fetched meanwhile are skipped.
+    fn fetch_profile(&self) {
+        let chunks = &self.layer.index().chunks;
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        let mut bytes = 0u64;
+        for &chunk in &self.layer.index().prefetch {
+            let len = u64::from(chunks[chunk as usize].sealed_len);
+            match runs.last_mut() {
+                Some(run) if run.end == chunk && bytes + len <= self.config.merge_bytes => {
+                    run.end += 1;
+                    bytes += len;
+                }
+                _ => {
+                    runs.push(chunk..chunk + 1);
+                    bytes = len;
+                }
+            }
+        }
+        let started = Instant::now();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..self.config.profile_streams.clamp(1, runs.len().max(1)) {
+                scope.spawn(|| loop {
+                    let at = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(run) = runs.get(at) else { break };
+                    if self.cancelled.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    FOREGROUND.begin();
+                    for claimed in self.claim(run.clone()) {
+                        self.fetch(&Job {
+                            chunks: claimed,
+                            purpose: Purpose::Profile,
+                        });
+                    }
+                    FOREGROUND.end();
+                });
+            }
+        });
+        tracing::info!(layer = %self.name, chunks = self.layer.index().prefetch.len(),
+            ranges = runs.len(), elapsed = ?started.elapsed(), "startup profile fetched");
+        self.profile.finish();
+    }
+
     /// A background job, when a worker gets to it: after the bandwidth cap's wait, fetches
     /// only the chunks that are neither cached nor being fetched by now (reads may have
     /// fetched some since the job was queued), and registers them as in flight first, so a

@@ -7,7 +7,8 @@
 //! for userxattr mounts). Everything is read-only and immutable, which is what lets the FUSE
 //! adapter keep kernel caches forever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fsformat::layout::{Entry, EntryKind};
@@ -101,9 +102,17 @@ type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 const OPAQUE_XATTRS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
 
+/// The files of a layer in the order of their first read, while recording a startup profile
+/// (`sealctl optimize`). Entry numbers only, in memory: the paths are resolved on request.
+#[derive(Default)]
+struct ReadRecorder {
+    order: Mutex<(Vec<u32>, HashSet<u32>)>,
+}
+
 /// One mounted sealed layer.
 pub struct LayerFs {
     fetcher: LayerFetcher,
+    recorder: Option<ReadRecorder>,
     /// Link count per entry number (targets count their hard links).
     nlinks: Vec<u32>,
     /// Metadata that replaces an implicit directory's defaults (taken from lower layers).
@@ -129,6 +138,7 @@ impl LayerFs {
         }
         LayerFs {
             fetcher,
+            recorder: None,
             nlinks,
             inherited: HashMap::new(),
         }
@@ -161,6 +171,21 @@ impl LayerFs {
                 }
             }
         }
+    }
+
+    /// Records the order in which files are first read, from now on.
+    pub fn record_reads(&mut self) {
+        self.recorder = Some(ReadRecorder::default());
+    }
+
+    /// Paths (relative to the layer root) of the files read since [`Self::record_reads`], in
+    /// the order of their first read.
+    pub fn recorded_reads(&self) -> Vec<Vec<u8>> {
+        let Some(recorder) = &self.recorder else {
+            return Vec::new();
+        };
+        let order = recorder.order.lock().expect("recorder lock");
+        order.0.iter().map(|&n| self.layer().path_of(n)).collect()
     }
 
     /// The layer's fetcher (progress, statistics).
@@ -297,7 +322,13 @@ impl LayerFs {
 
     /// Up to `size` bytes of a file at `offset`, fetching only the chunks the range touches.
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let (_, entry) = self.shown(self.number(ino)?);
+        let (number, entry) = self.shown(self.number(ino)?);
+        if let Some(recorder) = &self.recorder {
+            let mut order = recorder.order.lock().expect("recorder lock");
+            if order.1.insert(number) {
+                order.0.push(number);
+            }
+        }
         let EntryKind::File {
             size: file_size,
             extents,

@@ -23,6 +23,7 @@ pub struct FetchTotals {
     disk_hits: u64,
     urgent_chunks: u64,
     background_chunks: u64,
+    profile_chunks: u64,
     source_reads: u64,
     source_bytes: u64,
     verification_failures: u64,
@@ -39,6 +40,7 @@ impl FetchTotals {
         self.disk_hits += load(&stats.disk_hits);
         self.urgent_chunks += load(&stats.urgent_chunks);
         self.background_chunks += load(&stats.background_chunks);
+        self.profile_chunks += load(&stats.profile_chunks);
         self.source_reads += load(&stats.source_reads);
         self.source_bytes += load(&stats.source_bytes);
         self.verification_failures += load(&stats.verification_failures);
@@ -135,7 +137,7 @@ impl Collector for NodeCollector {
             let mut family = encoder.encode_descriptor(
                 "sealfs_chunks",
                 "Chunks served, by where they came from: memory cache, disk cache, or the \
-                 registry for a read (urgent) or the background fetch.",
+                 registry for a read (urgent), the startup profile or the background fetch.",
                 None,
                 MetricType::Counter,
             )?;
@@ -143,6 +145,7 @@ impl Collector for NodeCollector {
                 ("memory", totals.memory_hits),
                 ("disk", totals.disk_hits),
                 ("registry_urgent", totals.urgent_chunks),
+                ("registry_profile", totals.profile_chunks),
                 ("registry_background", totals.background_chunks),
             ] {
                 let labels = [("source", source)];

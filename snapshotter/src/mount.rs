@@ -337,8 +337,30 @@ fn abort_fuse_connection(id: u64) -> bool {
 
 /// Mounts a read-only overlay of `lowers` (topmost first) at `target`.
 pub fn mount_overlay(lowers: &[PathBuf], target: &Path) -> Result<(), MountError> {
+    overlay(lowers, None, target)
+}
+
+/// Mounts a writable overlay of `lowers` (topmost first) with `upper` and `work` (empty
+/// directories on one filesystem) at `target`.
+pub fn mount_overlay_writable(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
+    overlay(lowers, Some((upper, work)), target)
+}
+
+fn overlay(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+) -> Result<(), MountError> {
     let joined: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-    let data = format!("lowerdir={}", joined.join(":"));
+    let mut data = format!("lowerdir={}", joined.join(":"));
+    if let Some((upper, work)) = upper {
+        data += &format!(",upperdir={},workdir={}", upper.display(), work.display());
+    }
     let fail = |source| MountError::Io {
         what: format!("mounting overlay at {}", target.display()),
         source,
@@ -357,7 +379,7 @@ pub fn mount_overlay(lowers: &[PathBuf], target: &Path) -> Result<(), MountError
             source.as_ptr(),
             target_c.as_ptr(),
             fstype.as_ptr(),
-            libc::MS_RDONLY,
+            if upper.is_some() { 0 } else { libc::MS_RDONLY },
             data_c.as_ptr().cast(),
         )
     };

@@ -153,6 +153,8 @@ pub struct RemoteConfig {
     pub registry: RegistryOptions,
     /// Fetching, FUSE threads and disk cache bounds of each layer.
     pub mount: MountOptions,
+    /// How long Prepare of a remote layer waits for its startup profile.
+    pub profile_wait: Duration,
 }
 
 /// How long a manifest resolved by tag is reused for the other layers of the same pull.
@@ -170,6 +172,11 @@ pub struct RemoteLayers {
 }
 
 impl RemoteLayers {
+    /// How long Prepare waits for a mounted layer's startup profile.
+    pub fn profile_wait(&self) -> Duration {
+        self.config.profile_wait
+    }
+
     /// Remote layers whose registry requests run on `runtime` and whose plain chunks share
     /// `memory`.
     pub fn new(config: RemoteConfig, runtime: Handle, memory: Arc<MemoryCache>) -> Self {

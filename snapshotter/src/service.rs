@@ -238,10 +238,21 @@ impl Node {
         match recorded {
             Ok(()) => {
                 tracing::info!(target, layer = %source.digest(), elapsed = ?started.elapsed(), "remote layer mounted");
+                let fs = mounted.fs.clone();
                 self.mounted
                     .lock()
                     .expect("mounted lock")
                     .insert(id, mounted);
+                drop(_guard);
+                // Like stargz's prefetch wait: the container starts with its profile present.
+                let wait = self.remote.profile_wait();
+                if !wait.is_zero() && !fs.fetcher().wait_for_profile(wait) {
+                    tracing::info!(
+                        target,
+                        ?wait,
+                        "startup profile still fetching; Prepare returns"
+                    );
+                }
                 Ok(true)
             }
             // Another pull of the same layer got there first: theirs stands.

@@ -24,6 +24,10 @@ pub enum Mode {
     Ocicrypt,
     /// The sealed image: `sealctl pull` (lazy) and `ctr run --snapshotter sealfs`.
     Sealfs,
+    /// The sealed image with a startup profile recorded by `sealctl optimize`, as `sealfs`.
+    #[value(name = "sealfs+profile")]
+    #[serde(rename = "sealfs+profile")]
+    SealfsProfile,
 }
 
 impl Mode {
@@ -33,7 +37,13 @@ impl Mode {
             Mode::Overlayfs => "overlayfs",
             Mode::Ocicrypt => "ocicrypt",
             Mode::Sealfs => "sealfs",
+            Mode::SealfsProfile => "sealfs+profile",
         }
+    }
+
+    /// Whether the mode runs the sealfs snapshotter.
+    pub fn is_sealfs(self) -> bool {
+        matches!(self, Mode::Sealfs | Mode::SealfsProfile)
     }
 
     /// The tag of the image this mode runs.
@@ -42,6 +52,7 @@ impl Mode {
             Mode::Overlayfs => "plain",
             Mode::Ocicrypt => "encrypted",
             Mode::Sealfs => "sealed",
+            Mode::SealfsProfile => "profiled",
         }
     }
 }
@@ -107,7 +118,7 @@ fn ctr_run(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Co
         "run",
         "--rm",
     ]);
-    if mode == Mode::Sealfs {
+    if mode.is_sealfs() {
         command.args(["--snapshotter", "sealfs"]);
     }
     command.args([reference, id]);
@@ -199,7 +210,8 @@ impl Bench {
     ) -> Result<(Trial, Running)> {
         let reference = self.reference(image, mode);
         drop_page_cache()?;
-        let daemon = (mode == Mode::Sealfs)
+        let daemon = mode
+            .is_sealfs()
             .then(|| SealfsDaemon::start(&self.daemon, scratch, &self.keys, daemon_config));
         let containerd = match (&daemon, mode) {
             (_, Mode::Ocicrypt) => None,
@@ -216,7 +228,7 @@ impl Bench {
                 )?;
                 ctr_run(containerd, mode, &reference, "bench")
             }
-            (Mode::Sealfs, Some(containerd)) => {
+            (Mode::Sealfs | Mode::SealfsProfile, Some(containerd)) => {
                 check(
                     Command::new(&self.sealctl)
                         .arg("pull")

@@ -40,7 +40,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size (examples: 1M, 256K, 65536)"))
 }
 
-fn is_sealed(layer: &Descriptor) -> bool {
+pub(crate) fn is_sealed(layer: &Descriptor) -> bool {
     layer.media_type().to_string() == MEDIA_TYPE_SEALED_LAYER
 }
 
@@ -50,12 +50,12 @@ fn is_tar_layer(layer: &Descriptor) -> bool {
         || media_type.starts_with("application/vnd.docker.image.rootfs.")
 }
 
-fn short(digest: &str) -> &str {
+pub(crate) fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
 }
 
-fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
+pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
     let value: serde_json::Value =
         serde_json::from_slice(config).context("image config is not JSON")?;
     value["rootfs"]["diff_ids"]
@@ -71,7 +71,7 @@ fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
 }
 
 /// Writes a manifest whose layers (and optionally config) are replaced, and tags it.
-fn write_manifest(
+pub(crate) fn write_manifest(
     destination: &OciLayout,
     source: &ImageManifest,
     layers: Vec<Descriptor>,
@@ -117,7 +117,7 @@ fn bar_style() -> ProgressStyle {
 }
 
 /// Runs `work` on every item with as many threads as there are cores; results in item order.
-fn parallel<T: Sync, R: Send>(
+pub(crate) fn parallel<T: Sync, R: Send>(
     items: &[T],
     work: impl Fn(usize, &T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
@@ -155,6 +155,7 @@ pub fn seal(
     recipient_files: &[PathBuf],
     chunk_size: u64,
     zstd_level: i32,
+    prefetch_list: Option<&std::path::Path>,
     source: &str,
     destination: &str,
 ) -> Result<()> {
@@ -164,6 +165,17 @@ pub fn seal(
         .collect::<Result<_>>()?;
     let mut options = SealOptions::with_chunk_size(chunk_size)?;
     options.zstd_level = zstd_level;
+    if let Some(list) = prefetch_list {
+        let text = std::fs::read(list)
+            .with_context(|| format!("reading the prefetch list {}", list.display()))?;
+        let paths = text
+            .split(|&b| b == b'\n')
+            .map(|line| line.trim_ascii())
+            .filter(|line| !line.is_empty() && !line.starts_with(b"#"));
+        options
+            .set_prefetch_paths(paths)
+            .with_context(|| format!("prefetch list {}", list.display()))?;
+    }
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
@@ -195,39 +207,26 @@ pub fn seal(
                 .with_prefix(short(&digest).to_string()),
         );
         let input = bar.wrap_read(src.read_blob_verified(&digest)?);
-        let mut output = dst.blob_writer()?;
-        let layer_key = LayerKey::generate()?;
-        let summary = seal_layer(input, &mut output, &layer_key, &options)
-            .with_context(|| format!("sealing {which}"))?;
+        let (sealed, summary) = seal_one(
+            dst,
+            layer,
+            input,
+            &options,
+            &recipients,
+            &diff_ids[number],
+            &which,
+        )?;
         ensure!(
             summary.input_diff_id == diff_ids[number],
             "{which}: its uncompressed content hashes to {} but the image config says {}; the source image is corrupt",
             summary.input_diff_id,
             diff_ids[number]
         );
-        let (blob_digest, blob_size) = output.commit()?;
-        let mut stanzas = Vec::new();
-        for recipient in &recipients {
-            stanzas.extend(recipient.wrap(&layer_key)?);
-        }
-        let facts = SealedLayerAnnotations {
-            index_digest: summary.tail_digest.clone(),
-            index_size: summary.tail_size,
-            stanzas,
-            source_diff_id: Some(summary.input_diff_id.clone()),
-        };
-        let mut annotations = layer.annotations().clone().unwrap_or_default();
-        annotations.retain(|k, _| !is_sealfs_annotation(k));
-        annotations.extend(facts.pairs());
-        let mut sealed = descriptor(
-            MediaType::Other(MEDIA_TYPE_SEALED_LAYER.into()),
-            &blob_digest,
-            blob_size,
-        )?;
-        sealed.set_annotations(Some(annotations));
+        let blob_size = summary.blob_size;
         bar.finish_with_message(format!(
-            "sealed: {} chunks, {:.2}x",
+            "sealed: {} chunks ({} to prefetch), {:.2}x",
             summary.chunk_count,
+            summary.prefetch_chunks,
             summary.file_bytes as f64 / blob_size.max(1) as f64
         ));
         Ok(sealed)
@@ -242,6 +241,84 @@ pub fn seal(
         manifest.digest()
     );
     Ok(())
+}
+
+/// Seals the layer tar read from `input` into `dst` under a fresh key wrapped for
+/// `recipients`. The descriptor keeps `source_layer`'s other annotations and records
+/// `diff_id` as the diff id of the tree it was sealed from.
+pub(crate) fn seal_one(
+    dst: &OciLayout,
+    source_layer: &Descriptor,
+    input: impl io::Read,
+    options: &SealOptions,
+    recipients: &[PublicKey],
+    diff_id: &str,
+    which: &str,
+) -> Result<(Descriptor, fsformat::writer::SealSummary)> {
+    let mut output = dst.blob_writer()?;
+    let layer_key = LayerKey::generate()?;
+    let summary = seal_layer(input, &mut output, &layer_key, options)
+        .with_context(|| format!("sealing {which}"))?;
+    let (blob_digest, blob_size) = output.commit()?;
+    let mut stanzas = Vec::new();
+    for recipient in recipients {
+        stanzas.extend(recipient.wrap(&layer_key)?);
+    }
+    let facts = SealedLayerAnnotations {
+        index_digest: summary.tail_digest.clone(),
+        index_size: summary.tail_size,
+        stanzas,
+        source_diff_id: Some(diff_id.to_string()),
+    };
+    let mut annotations = source_layer.annotations().clone().unwrap_or_default();
+    annotations.retain(|k, _| !is_sealfs_annotation(k));
+    annotations.extend(facts.pairs());
+    let mut sealed = descriptor(
+        MediaType::Other(MEDIA_TYPE_SEALED_LAYER.into()),
+        &blob_digest,
+        blob_size,
+    )?;
+    sealed.set_annotations(Some(annotations));
+    Ok((sealed, summary))
+}
+
+/// The startup profile: its chunks, and the files with data in them in the order the
+/// prefetch fetches them (files of one packed chunk in pack order).
+fn print_profile(layer: &SealedLayer) {
+    let index = layer.index();
+    if index.prefetch.is_empty() {
+        println!("  profile      none");
+        return;
+    }
+    let bytes: u64 = index
+        .prefetch
+        .iter()
+        .map(|&c| u64::from(index.chunks[c as usize].sealed_len))
+        .sum();
+    println!(
+        "  profile      {} chunks, {} to prefetch:",
+        index.prefetch.len(),
+        human(bytes)
+    );
+    let mut by_chunk: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (number, entry) in index.entries.iter().enumerate() {
+        if let fsformat::layout::EntryKind::File { extents, .. } = &entry.kind {
+            for extent in extents {
+                let files = by_chunk.entry(extent.chunk).or_default();
+                if files.last() != Some(&(number as u32)) {
+                    files.push(number as u32);
+                }
+            }
+        }
+    }
+    let mut shown = std::collections::HashSet::new();
+    for chunk in &index.prefetch {
+        for &file in by_chunk.get(chunk).into_iter().flatten() {
+            if shown.insert(file) {
+                println!("    /{}", String::from_utf8_lossy(&layer.path_of(file)));
+            }
+        }
+    }
 }
 
 /// Unwraps a sealed layer's key with the given identities.
@@ -433,6 +510,7 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
             "  entries      {} ({files} regular files)",
             opened.index().entries.len()
         );
+        print_profile(&opened);
         for (number, entry) in opened.index().entries.iter().enumerate().skip(1) {
             println!("    {}", describe_entry(&opened, number as u32, entry));
         }

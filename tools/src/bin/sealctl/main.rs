@@ -2,6 +2,7 @@
 
 mod image;
 mod keys;
+mod optimize;
 mod pull;
 mod transport;
 
@@ -61,9 +62,54 @@ enum Command {
         /// zstd level for chunks (1-19).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
+        /// A startup profile made elsewhere: a file with one path per line (`/usr/bin/app`),
+        /// in the order the container reads them ('#' starts a comment). Those files are
+        /// packed together and fetched first, right after mount. `sealctl optimize` records
+        /// such a list by running the image.
+        #[arg(long, value_name = "FILE")]
+        prefetch_list: Option<PathBuf>,
         /// Source image, e.g. oci:./busybox:latest.
         source: String,
         /// Destination image, e.g. oci:./busybox-sealed:latest (created if missing).
+        destination: String,
+    },
+    /// Record what a sealed image reads at start-up and write a copy that prefetches it.
+    ///
+    /// Mounts the image's layers with the sealfs FUSE filesystem (recording, per layer, the
+    /// order in which files are first read), runs its entrypoint (or --args) in a container
+    /// through containerd until it exits or the timeout, then seals every layer again under a
+    /// fresh key with that order as its startup profile: the files it read are packed
+    /// together, and the snapshotter fetches them first after mounting. The recording stays
+    /// in memory and the profile is inside the encrypted index; nothing is written in plain
+    /// text. The container runs as root with the image's environment and working directory.
+    Optimize {
+        /// Private key file that is a recipient of SRC (repeat to try several).
+        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
+        keys: Vec<PathBuf>,
+        /// Public key file of a recipient of DST (repeatable) [default: the public key of
+        /// the first --key].
+        #[arg(long = "recipient", short = 'r', value_name = "PUB")]
+        recipients: Vec<PathBuf>,
+        /// Stop recording after this long (the container is killed), e.g. 30s, 2m.
+        #[arg(long, default_value = "30s", value_parser = optimize::parse_duration)]
+        timeout: std::time::Duration,
+        /// containerd's socket.
+        #[arg(
+            long,
+            value_name = "SOCK",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: PathBuf,
+        /// containerd namespace for the recording container.
+        #[arg(long, short = 'n', default_value = "sealfs-optimize")]
+        namespace: String,
+        /// Command to run instead of the image's entrypoint and cmd, as a JSON array (as
+        /// stargz's optimize takes it): '["python3", "-c", "import json"]'.
+        #[arg(long, value_name = "JSON", value_parser = optimize::parse_args)]
+        args: Option<Vec<String>>,
+        /// Sealed source image (oci:DIR[:TAG] or docker://REF).
+        source: String,
+        /// Destination image.
         destination: String,
     },
     /// Turn a sealed image back into a plain OCI image with the same file trees.
@@ -183,6 +229,7 @@ fn main() -> ExitCode {
             recipients,
             chunk_size,
             zstd_level,
+            prefetch_list,
             source,
             destination,
         } => image::seal(
@@ -190,6 +237,29 @@ fn main() -> ExitCode {
             &recipients,
             chunk_size,
             zstd_level,
+            prefetch_list.as_deref(),
+            &source,
+            &destination,
+        ),
+        Command::Optimize {
+            keys,
+            recipients,
+            timeout,
+            address,
+            namespace,
+            args,
+            source,
+            destination,
+        } => optimize::optimize(
+            t,
+            &optimize::OptimizeOptions {
+                keys,
+                recipients,
+                timeout,
+                address,
+                namespace,
+                args,
+            },
             &source,
             &destination,
         ),
