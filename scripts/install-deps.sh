@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 if ! command -v cargo >/dev/null; then
-  echo "install-deps.sh: cargo is missing; install a Rust toolchain >= 1.85 (rustup) first" >&2
+  echo "install-deps.sh: cargo is missing; install a Rust toolchain >= 1.87 (rustup) first" >&2
   exit 1
 fi
 

@@ -63,6 +63,22 @@ impl Default for SealOptions {
 }
 
 impl SealOptions {
+    /// Options with a chunk size in bytes, which must be a power of two from 64 KiB to 16 MiB.
+    pub fn with_chunk_size(chunk_size: u64) -> Result<Self> {
+        let log2 = chunk_size.trailing_zeros();
+        if !chunk_size.is_power_of_two()
+            || !(u32::from(MIN_CHUNK_SIZE_LOG2)..=u32::from(MAX_CHUNK_SIZE_LOG2)).contains(&log2)
+        {
+            return Err(FormatError::InvalidArgument(format!(
+                "chunk size {chunk_size} must be a power of two from 64 KiB to 16 MiB"
+            )));
+        }
+        Ok(SealOptions {
+            chunk_size_log2: log2 as u8,
+            ..SealOptions::default()
+        })
+    }
+
     /// Sets the prefetch list from paths as a user writes them (`/usr/bin/python3`,
     /// `etc/passwd`); duplicates after the first are dropped. Fails on a path that leaves the
     /// root.
@@ -85,24 +101,6 @@ impl SealOptions {
             }
         }
         Ok(())
-    }
-}
-
-impl SealOptions {
-    /// Options with a chunk size in bytes, which must be a power of two from 64 KiB to 16 MiB.
-    pub fn with_chunk_size(chunk_size: u64) -> Result<Self> {
-        let log2 = chunk_size.trailing_zeros();
-        if !chunk_size.is_power_of_two()
-            || !(u32::from(MIN_CHUNK_SIZE_LOG2)..=u32::from(MAX_CHUNK_SIZE_LOG2)).contains(&log2)
-        {
-            return Err(FormatError::InvalidArgument(format!(
-                "chunk size {chunk_size} must be a power of two from 64 KiB to 16 MiB"
-            )));
-        }
-        Ok(SealOptions {
-            chunk_size_log2: log2 as u8,
-            ..SealOptions::default()
-        })
     }
 }
 

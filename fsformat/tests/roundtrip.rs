@@ -529,3 +529,83 @@ mod props {
         }
     }
 }
+
+/// The chunks holding a file's data.
+fn chunks_of(layer: &SealedLayer, path: &str) -> Vec<u32> {
+    let number = layer.lookup(path.as_bytes()).unwrap();
+    match &layer.data_entry(number).unwrap().kind {
+        EntryKind::File { extents, .. } => extents.iter().map(|e| e.chunk).collect(),
+        other => panic!("{path} is {other:?}"),
+    }
+}
+
+#[test]
+fn a_prefetch_list_packs_listed_files_together_and_orders_their_chunks() {
+    // 200 small files of 2 KiB fill ~6 packs in tar order; the list names four of them spread
+    // over the layer, one large file (two whole chunks and a tail) and paths it lacks.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = header(tar::EntryType::Regular, 0o644, 0, 1);
+        h.set_size(data.len() as u64);
+        builder.append_data(&mut h, path, data).unwrap();
+    };
+    for n in 0..200u64 {
+        add(&format!("small/{n:03}"), &noise(n, 2048));
+    }
+    add("big", &noise(999, 2 * CHUNK + 100));
+    let tar = builder.into_inner().unwrap();
+    let listed = [
+        "small/150",
+        "/big",
+        "small/007",
+        "missing/file",
+        "small/090",
+        "small/199",
+    ];
+    let mut options = SealOptions::with_chunk_size(CHUNK as u64).unwrap();
+    options
+        .set_prefetch_paths(listed.iter().map(|p| p.as_bytes()))
+        .unwrap();
+    let key = LayerKey::generate().unwrap();
+    let mut blob = Vec::new();
+    let summary = seal_layer(&tar[..], &mut blob, &key, &options).unwrap();
+    let layer = open(&blob, &key, &summary.tail_digest).unwrap();
+
+    // The four small files share one pack that no unlisted file is in.
+    let pack = chunks_of(&layer, "small/150");
+    assert_eq!(pack.len(), 1);
+    for path in ["small/007", "small/090", "small/199"] {
+        assert_eq!(chunks_of(&layer, path), pack, "{path}");
+    }
+    for n in (0..200).filter(|n| ![7, 90, 150, 199].contains(n)) {
+        assert_ne!(chunks_of(&layer, &format!("small/{n:03}")), pack);
+    }
+    // Prefetch order: the first listed file's chunk, then big's chunks (its tail is in the
+    // same listed pack, already named), nothing for the missing path.
+    let big = chunks_of(&layer, "big");
+    assert_eq!(big.len(), 3);
+    assert_eq!(
+        big[2], pack[0],
+        "big's tail is packed with the listed files"
+    );
+    assert_eq!(layer.index().prefetch, vec![pack[0], big[0], big[1]]);
+    assert_eq!(summary.prefetch_chunks, 3);
+    // The files still read back intact.
+    assert_eq!(
+        read_all(&layer, &blob, "small/090").unwrap(),
+        noise(90, 2048)
+    );
+    assert_eq!(
+        read_all(&layer, &blob, "big").unwrap(),
+        noise(999, 2 * CHUNK + 100)
+    );
+
+    // A path that leaves the root is refused.
+    let error = SealOptions::default()
+        .set_prefetch_paths([&b"../etc/passwd"[..]])
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("leaves the layer root"),
+        "{error}"
+    );
+}

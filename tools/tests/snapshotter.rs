@@ -459,3 +459,214 @@ fn every_snapshot_verb_works_through_containerd() {
     }
     assert_eq!(snapshots(&["ls"]).lines().count(), 1);
 }
+
+/// The line of `sealctl inspect --key` output for each file of a layer's profile, per layer.
+fn profiles_of(work: &Path, image: &str) -> Vec<Vec<String>> {
+    let text = sealctl_ok(work, &["inspect", "--key", "alice.priv", image]);
+    let mut layers = Vec::new();
+    let mut in_profile = false;
+    for line in text.lines() {
+        if line.starts_with("  profile") {
+            layers.push(Vec::new());
+            in_profile = !line.ends_with("none");
+        } else if in_profile && line.starts_with("    /") {
+            layers.last_mut().unwrap().push(line.trim().to_string());
+        } else {
+            in_profile = false;
+        }
+    }
+    layers
+}
+
+const PROFILED_SCRIPT: &str = "cat /data/blobs/blob-4 /data/big.bin /data/blobs/blob-1 \
+                               /etc/greeting > /dev/null && echo profiled";
+
+#[test]
+fn optimize_records_the_startup_and_the_profile_spares_every_on_demand_fetch() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    // No background fetch, and Prepare waits for the profile: every fetch is counted as
+    // either the profile's or a read's.
+    let node = Node::start(
+        &work,
+        "[fetch]\nbackground = false\nprofile_wait_ms = 60000\n",
+    );
+    let Sealed {
+        reference: sealed, ..
+    } = push_sealed(&work, &node.registry, "alice", "app");
+    let profiled = format!("{}/app:profiled", node.registry.host);
+    let args = serde_json::to_string(&["/bin/busybox", "sh", "-c", PROFILED_SCRIPT]).unwrap();
+    let out = Command::new(SEALCTL)
+        .current_dir(&work)
+        .args([
+            "optimize",
+            "--key",
+            "alice.priv",
+            "--recipient",
+            "alice.pub",
+        ])
+        .arg("--address")
+        .arg(&node.containerd.socket)
+        .args(["--args", &args, "--timeout", "60s"])
+        .arg(format!("docker://{sealed}"))
+        .arg(format!("docker://{profiled}"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sealctl optimize: {stderr}");
+    assert!(stderr.contains("profiled\n"), "the container ran: {stderr}");
+    assert!(stderr.contains("the container exited"), "{stderr}");
+
+    // Per layer, the files read, in the order they were read (whole-chunk files keep the
+    // read order; the small greeting's pack comes last).
+    let profiles = profiles_of(&work, &format!("docker://{profiled}"));
+    // Two layers: busybox and data, then the deletions and the app's files.
+    assert_eq!(profiles.len(), 2, "{profiles:?}");
+    assert_eq!(profiles[0], ["/bin/busybox", "/data/big.bin"]);
+    assert_eq!(
+        profiles[1],
+        ["/data/blobs/blob-4", "/data/blobs/blob-1", "/etc/greeting"]
+    );
+    // The recording is not kept anywhere in plain text.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("blob-4"));
+
+    let pulled = node.pull(&profiled);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let urgent = || {
+        node.daemon
+            .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#)
+    };
+    let from_profile = node
+        .daemon
+        .metric(r#"sealfs_chunks_total{source="registry_profile"}"#);
+    assert!(
+        from_profile >= 4 + 5 + 4,
+        "the profile fetched {from_profile} chunks"
+    );
+    assert_eq!(
+        node.run(
+            &profiled,
+            "profiled",
+            &["/bin/busybox", "sh", "-c", PROFILED_SCRIPT]
+        ),
+        "profiled\n"
+    );
+    assert_eq!(urgent(), 0, "the profiled start-up fetched on demand");
+
+    // The same start-up without the profile fetches those chunks on demand: the count above
+    // can tell. On a second node: the optimized image keeps the config, so its chain ids, and
+    // containerd would give the plain sealed image the profiled image's snapshots.
+    let baseline_dir = work.join("baseline");
+    fs::create_dir(&baseline_dir).unwrap();
+    fs::copy(work.join("alice.priv"), baseline_dir.join("alice.priv")).unwrap();
+    let baseline = Node::start(&baseline_dir, "[fetch]\nbackground = false\n");
+    let Sealed {
+        reference: unprofiled,
+        ..
+    } = push_sealed(&work, &baseline.registry, "alice", "app");
+    let pulled = baseline.pull(&unprofiled);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert_eq!(
+        baseline.run(
+            &unprofiled,
+            "unprofiled",
+            &["/bin/busybox", "sh", "-c", PROFILED_SCRIPT]
+        ),
+        "profiled\n"
+    );
+    let on_demand = baseline
+        .daemon
+        .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#);
+    assert!(on_demand >= 4 + 5 + 4, "{on_demand} chunks on demand");
+}
+
+#[test]
+fn a_prefetch_list_naming_files_an_upper_layer_deleted_still_runs() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let node = Node::start(
+        &work,
+        "[fetch]\nbackground = false\nprofile_wait_ms = 60000\n",
+    );
+    // Layer 2 of the image deletes /etc/removed; the list names it anyway.
+    fs::write(
+        work.join("startup.list"),
+        "# read at start\n/bin/busybox\n/etc/removed\n/etc/motd\n\ndata/many/f007\n\
+         /not/in/the/image\n",
+    )
+    .unwrap();
+    let reference = format!("{}/app:listed", node.registry.host);
+    sealctl_ok(
+        &work,
+        &[
+            "seal",
+            "--recipient",
+            "alice.pub",
+            "--prefetch-list",
+            "startup.list",
+            "oci:img:v1",
+            &format!("docker://{reference}"),
+        ],
+    );
+    let profiles = profiles_of(&work, &format!("docker://{reference}"));
+    assert_eq!(profiles.len(), 2, "{profiles:?}");
+    for file in ["/etc/removed", "/etc/motd", "/data/many/f007"] {
+        assert!(
+            profiles[0].iter().any(|f| f == file),
+            "{file}: {profiles:?}"
+        );
+    }
+    // The upper layer has the whiteout of /etc/removed and no listed file.
+    assert!(profiles[1].is_empty(), "{profiles:?}");
+
+    let pulled = node.pull(&reference);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert_eq!(
+        node.run(
+            &reference,
+            "listed",
+            &[
+                "/bin/sh",
+                "-c",
+                "test ! -e /etc/removed && cat /etc/motd /data/many/f007"
+            ]
+        ),
+        "sealed with sealfs\nsmall file 7\n"
+    );
+    assert_eq!(
+        node.daemon
+            .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#),
+        0
+    );
+
+    let error = sealctl_err(
+        &work,
+        &[
+            "seal",
+            "--recipient",
+            "alice.pub",
+            "--prefetch-list",
+            "no-such-list",
+            "oci:img:v1",
+            "oci:never:v1",
+        ],
+    );
+    assert!(
+        error.contains("reading the prefetch list no-such-list"),
+        "{error}"
+    );
+}

@@ -106,7 +106,7 @@ enum Command {
         /// Command to run instead of the image's entrypoint and cmd, as a JSON array (as
         /// stargz's optimize takes it): '["python3", "-c", "import json"]'.
         #[arg(long, value_name = "JSON", value_parser = optimize::parse_args)]
-        args: Option<Vec<String>>,
+        args: Option<optimize::JsonArgs>,
         /// Sealed source image (oci:DIR[:TAG] or docker://REF).
         source: String,
         /// Destination image.
@@ -212,6 +212,10 @@ enum KeyCommand {
 }
 
 fn main() -> ExitCode {
+    // `sealctl inspect | head` ends quietly when the reader goes away, as Unix tools do,
+    // instead of panicking on a broken pipe.
+    // SAFETY: restoring a signal's default disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let transport = transport::Transport::new(
         cli.insecure,

@@ -37,7 +37,7 @@ pub struct OptimizeOptions {
     /// containerd namespace of the recording container.
     pub namespace: String,
     /// Command instead of the image's entrypoint and cmd.
-    pub args: Option<Vec<String>>,
+    pub args: Option<JsonArgs>,
 }
 
 /// Parses `30s`, `2m`, `500ms` or a number of seconds.
@@ -61,10 +61,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration (examples: 30s, 2m, 500ms)"))
 }
 
+/// A command line given as a JSON array (`--args`).
+#[derive(Clone, Debug)]
+pub struct JsonArgs(pub Vec<String>);
+
 /// Parses `--args`: a JSON array of strings.
-pub fn parse_args(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_args(text: &str) -> Result<JsonArgs, String> {
     match serde_json::from_str::<Vec<String>>(text) {
-        Ok(args) if !args.is_empty() => Ok(args),
+        Ok(args) if !args.is_empty() => Ok(JsonArgs(args)),
         _ => Err(format!(
             "{text:?} is not a non-empty JSON array of strings (example: '[\"python3\", \"-c\", \"import json\"]')"
         )),
@@ -303,7 +307,7 @@ pub fn optimize(
                 .with_context(|| format!("{which}: cannot open the layer"))?,
         );
     }
-    let process = process_of(&image.config, options.args.as_deref())?;
+    let process = process_of(&image.config, options.args.as_ref().map(|a| a.0.as_slice()))?;
 
     eprintln!(
         "recording the start-up of {source}: {:?} (at most {:?})",
@@ -317,7 +321,8 @@ pub fn optimize(
     let total: usize = profiles.iter().map(Vec::len).sum();
     ensure!(
         total > 0,
-        "the container read no file of the image; nothing to profile (is --args right?)"
+        "the container read no file of the image ({ended}); nothing to profile: check \
+         containerd's --address and --args"
     );
 
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
