@@ -55,6 +55,32 @@ pub(crate) fn short(digest: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
+/// How messages name layer `number` (from 0) of `layers`: `layer 2/3 (1a2b3c4d5e6f)`.
+pub(crate) fn layer_label(number: usize, layers: &[Descriptor]) -> String {
+    format!(
+        "layer {}/{} ({})",
+        number + 1,
+        layers.len(),
+        short(layers[number].digest().as_ref())
+    )
+}
+
+/// The config's diff ids, one per layer of `layers`, or an error naming `source`.
+pub(crate) fn layer_diff_ids(
+    config: &[u8],
+    layers: &[Descriptor],
+    source: &str,
+) -> Result<Vec<String>> {
+    let ids = diff_ids(config)?;
+    ensure!(
+        ids.len() == layers.len(),
+        "{source}: the config lists {} diff ids for {} layers; the image is inconsistent",
+        ids.len(),
+        layers.len()
+    );
+    Ok(ids)
+}
+
 pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
     let value: serde_json::Value =
         serde_json::from_slice(config).context("image config is not JSON")?;
@@ -179,19 +205,13 @@ pub fn seal(
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
-    let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
-    let diff_ids = diff_ids(&image.config)?;
+    let dst = &destination_layout.layout;
     let layers = image.manifest.layers();
-    ensure!(
-        diff_ids.len() == layers.len(),
-        "{source}: the config lists {} diff ids for {} layers; the image is inconsistent",
-        diff_ids.len(),
-        layers.len()
-    );
+    let diff_ids = layer_diff_ids(&image.config, layers, source)?;
     let bars = MultiProgress::new();
     let sealed = parallel(layers, |number, layer| {
         let digest = layer.digest().to_string();
-        let which = format!("layer {}/{} ({})", number + 1, layers.len(), short(&digest));
+        let which = layer_label(number, layers);
         if is_sealed(layer) {
             bail!("{which} is already sealed; unseal the image first or seal the original");
         }
@@ -231,9 +251,7 @@ pub fn seal(
         ));
         Ok(sealed)
     })?;
-    dst.import_blob(src, image.manifest.config().digest().as_ref())?;
-    let manifest = write_manifest(dst, &image.manifest, sealed, None, true, tag.as_deref())?;
-    destination_layout.finish(&manifest)?;
+    let manifest = finish_sealed(&source_image, destination_layout, sealed)?;
     eprintln!(
         "sealed {} layer(s) of {source} for {} recipient(s) into {destination} (manifest {})",
         image.manifest.layers().len(),
@@ -241,6 +259,21 @@ pub fn seal(
         manifest.digest()
     );
     Ok(())
+}
+
+/// Completes a sealed copy of `source`: its config, a manifest listing `sealed` layers
+/// (tagged), then the push or the layout's completion.
+pub(crate) fn finish_sealed(
+    source: &crate::transport::SourceImage,
+    destination: crate::transport::Destination,
+    sealed: Vec<Descriptor>,
+) -> Result<Descriptor> {
+    let (dst, tag) = (&destination.layout, &destination.tag);
+    let manifest = &source.image.manifest;
+    dst.import_blob(&source.layout, manifest.config().digest().as_ref())?;
+    let written = write_manifest(dst, manifest, sealed, None, true, tag.as_deref())?;
+    destination.finish(&written)?;
+    Ok(written)
 }
 
 /// Seals the layer tar read from `input` into `dst` under a fresh key wrapped for
@@ -373,7 +406,7 @@ pub fn unseal(
     let bars = MultiProgress::new();
     let results = parallel(layers, |number, layer| {
         let digest = layer.digest().to_string();
-        let which = format!("layer {}/{} ({})", number + 1, layers.len(), short(&digest));
+        let which = layer_label(number, layers);
         if !is_sealed(layer) {
             dst.import_blob(src, &digest)?;
             return Ok((layer.clone(), None));
@@ -597,12 +630,7 @@ pub fn rewrap(
     let layers = image.manifest.layers();
     let mut rewrapped = Vec::new();
     for (number, layer) in layers.iter().enumerate() {
-        let which = format!(
-            "layer {}/{} ({})",
-            number + 1,
-            layers.len(),
-            short(layer.digest().as_ref())
-        );
+        let which = layer_label(number, layers);
         dst.import_blob(src, layer.digest().as_ref())?;
         if !is_sealed(layer) {
             rewrapped.push(layer.clone());

@@ -83,30 +83,8 @@ enum Command {
     /// in memory and the profile is inside the encrypted index; nothing is written in plain
     /// text. The container runs as root with the image's environment and working directory.
     Optimize {
-        /// Private key file that is a recipient of SRC (repeat to try several).
-        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
-        keys: Vec<PathBuf>,
-        /// Public key file of a recipient of DST (repeatable) [default: the public key of
-        /// the first --key].
-        #[arg(long = "recipient", short = 'r', value_name = "PUB")]
-        recipients: Vec<PathBuf>,
-        /// Stop recording after this long (the container is killed), e.g. 30s, 2m.
-        #[arg(long, default_value = "30s", value_parser = optimize::parse_duration)]
-        timeout: std::time::Duration,
-        /// containerd's socket.
-        #[arg(
-            long,
-            value_name = "SOCK",
-            default_value = "/run/containerd/containerd.sock"
-        )]
-        address: PathBuf,
-        /// containerd namespace for the recording container.
-        #[arg(long, short = 'n', default_value = "sealfs-optimize")]
-        namespace: String,
-        /// Command to run instead of the image's entrypoint and cmd, as a JSON array (as
-        /// stargz's optimize takes it): '["python3", "-c", "import json"]'.
-        #[arg(long, value_name = "JSON", value_parser = optimize::parse_args)]
-        args: Option<optimize::JsonArgs>,
+        #[command(flatten)]
+        options: optimize::OptimizeOptions,
         /// Sealed source image (oci:DIR[:TAG] or docker://REF).
         source: String,
         /// Destination image.
@@ -246,27 +224,10 @@ fn main() -> ExitCode {
             &destination,
         ),
         Command::Optimize {
-            keys,
-            recipients,
-            timeout,
-            address,
-            namespace,
-            args,
+            options,
             source,
             destination,
-        } => optimize::optimize(
-            t,
-            &optimize::OptimizeOptions {
-                keys,
-                recipients,
-                timeout,
-                address,
-                namespace,
-                args,
-            },
-            &source,
-            &destination,
-        ),
+        } => optimize::optimize(t, &options, &source, &destination),
         Command::Unseal {
             keys,
             source,

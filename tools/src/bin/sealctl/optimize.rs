@@ -21,22 +21,35 @@ use snapshotter::fetcher::FetchConfig;
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
 use snapshotter::oci_layout::OciLayout;
 
-use crate::image::{diff_ids, is_sealed, parallel, seal_one, short, write_manifest};
+use crate::image::{finish_sealed, is_sealed, layer_diff_ids, layer_label, parallel, seal_one};
 use crate::transport::{source_tag, Transport};
 
-/// What `sealctl optimize` was asked.
+/// What `sealctl optimize` was asked, besides SRC and DST.
+#[derive(clap::Args)]
 pub struct OptimizeOptions {
-    /// Private keys that open the source.
+    /// Private key file that is a recipient of SRC (repeat to try several).
+    #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
     pub keys: Vec<PathBuf>,
-    /// Recipients of the destination (empty: the first key's public key).
+    /// Public key file of a recipient of DST (repeatable) [default: the public key of the
+    /// first --key].
+    #[arg(long = "recipient", short = 'r', value_name = "PUB")]
     pub recipients: Vec<PathBuf>,
-    /// When recording stops.
+    /// Stop recording after this long (the container is killed), e.g. 30s, 2m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// containerd's socket.
+    #[arg(
+        long,
+        value_name = "SOCK",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     pub address: PathBuf,
-    /// containerd namespace of the recording container.
+    /// containerd namespace for the recording container.
+    #[arg(long, short = 'n', default_value = "sealfs-optimize")]
     pub namespace: String,
-    /// Command instead of the image's entrypoint and cmd.
+    /// Command to run instead of the image's entrypoint and cmd, as a JSON array (as
+    /// stargz's optimize takes it): '["python3", "-c", "import json"]'.
+    #[arg(long, value_name = "JSON", value_parser = parse_args)]
     pub args: Option<JsonArgs>,
 }
 
@@ -283,21 +296,10 @@ pub fn optimize(
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
     let layers = image.manifest.layers();
-    let diff_ids = diff_ids(&image.config)?;
-    ensure!(
-        diff_ids.len() == layers.len(),
-        "{source}: the config lists {} diff ids for {} layers; the image is inconsistent",
-        diff_ids.len(),
-        layers.len()
-    );
+    let diff_ids = layer_diff_ids(&image.config, layers, source)?;
     let mut opened = Vec::new();
     for (number, layer) in layers.iter().enumerate() {
-        let which = format!(
-            "layer {}/{} ({})",
-            number + 1,
-            layers.len(),
-            short(layer.digest().as_ref())
-        );
+        let which = layer_label(number, layers);
         ensure!(
             is_sealed(layer),
             "{which} is not sealed: optimize records sealed images; seal it first (sealctl seal)"
@@ -326,16 +328,11 @@ pub fn optimize(
     );
 
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
-    let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
+    let dst = &destination_layout.layout;
     let items: Vec<usize> = (0..layers.len()).collect();
     let sealed = parallel(&items, |_, &number| {
         let layer = &layers[number];
-        let which = format!(
-            "layer {}/{} ({})",
-            number + 1,
-            layers.len(),
-            short(layer.digest().as_ref())
-        );
+        let which = layer_label(number, layers);
         // The same chunk size as before: the profile changes packing, not chunking.
         let chunk_size = 1u64 << opened[number].layer.footer().chunk_size_log2;
         let mut seal_options = SealOptions::with_chunk_size(chunk_size)?;
@@ -358,9 +355,7 @@ pub fn optimize(
         );
         Ok(sealed)
     })?;
-    dst.import_blob(src, image.manifest.config().digest().as_ref())?;
-    let manifest = write_manifest(dst, &image.manifest, sealed, None, true, tag.as_deref())?;
-    destination_layout.finish(&manifest)?;
+    let manifest = finish_sealed(&source_image, destination_layout, sealed)?;
     eprintln!(
         "wrote {destination} with a startup profile of {total} files for {} recipient(s) (manifest {})",
         recipients.len(),
