@@ -151,6 +151,11 @@ fn now_ns() -> u128 {
 pub struct SnapshotStore {
     root: PathBuf,
     db: Database,
+    /// Held shared by a Prepare or View from making its directory until its record commits,
+    /// and exclusively by cleanup, which would otherwise take that directory for an orphan.
+    /// (Remote snapshots span a mount between reserve and record; the service serializes
+    /// those with cleanup itself.)
+    unrecorded: std::sync::RwLock<()>,
 }
 
 impl SnapshotStore {
@@ -165,6 +170,7 @@ impl SnapshotStore {
         Ok(SnapshotStore {
             root: root.to_path_buf(),
             db,
+            unrecorded: std::sync::RwLock::new(()),
         })
     }
 
@@ -338,6 +344,7 @@ impl SnapshotStore {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         self.check_parent(parent)?;
+        let unrecorded = self.unrecorded.read().expect("unrecorded lock");
         let txn = self.db.begin_write().map_err(internal)?;
         // The directory exists before the record that names it (see the module docs); if
         // the key is taken, the transaction is dropped and cleanup removes the directory.
@@ -354,6 +361,7 @@ impl SnapshotStore {
         };
         Self::insert_new(&txn, key, &record)?;
         txn.commit().map_err(internal)?;
+        drop(unrecorded);
         self.mounts(key)
     }
 
@@ -503,7 +511,12 @@ impl SnapshotStore {
         if crate::mount::is_mounted(&content) {
             crate::mount::unmount(&content).map_err(internal)?;
         }
-        std::fs::remove_dir_all(self.dir(id)).map_err(internal)
+        // A remove and a cleanup can both reach a directory whose record just went: the
+        // second finds nothing to do.
+        match std::fs::remove_dir_all(self.dir(id)) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(internal),
+        }
     }
 
     /// Facts of one snapshot.
@@ -566,6 +579,7 @@ impl SnapshotStore {
 
     /// Removes snapshot directories that no record names (left by a crash or a failed remove).
     pub fn cleanup(&self) -> Result<Vec<u64>, SnapshotError> {
+        let _no_create_in_flight = self.unrecorded.write().expect("unrecorded lock");
         let known: std::collections::HashSet<u64> = self
             .records()?
             .iter()

@@ -190,3 +190,28 @@ fn error_classes_labels_persistence_and_cleanup() {
     assert_eq!(store.cleanup().unwrap(), vec![999]);
     assert!(store.mounts("c").is_ok());
 }
+
+#[test]
+fn cleanup_never_takes_the_directory_of_a_prepare_in_flight() {
+    // containerd runs garbage collection (and so Cleanup) while other containers' snapshots
+    // are being prepared; a directory made but not yet recorded is not an orphan.
+    let temp = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(temp.path()).unwrap();
+    std::thread::scope(|scope| {
+        let cleaner = scope.spawn(|| {
+            for _ in 0..200 {
+                store.cleanup().unwrap();
+            }
+        });
+        for n in 0..200 {
+            let mounts = store
+                .prepare(&format!("active-{n}"), None, BTreeMap::new())
+                .unwrap();
+            // An active snapshot without a parent is a bind mount of its own directory.
+            let source = Path::new(&mounts[0].source);
+            assert!(source.is_dir(), "{} was taken", source.display());
+        }
+        cleaner.join().unwrap();
+    });
+    assert!(store.cleanup().unwrap().is_empty());
+}
