@@ -293,6 +293,18 @@ const EXTENT_LEN: usize = 12;
 const MAX_NAME_LEN: usize = 4096;
 
 impl Index {
+    /// The full path of entry `number`, relative to the root (no leading slash).
+    pub fn path_of(&self, mut number: u32) -> Vec<u8> {
+        let mut parts = Vec::new();
+        while number != 0 {
+            let entry = &self.entries[number as usize];
+            parts.push(entry.name.as_slice());
+            number = entry.parent;
+        }
+        parts.reverse();
+        parts.join(&b'/')
+    }
+
     /// Encodes the index canonically.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 64);

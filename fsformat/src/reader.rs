@@ -256,15 +256,8 @@ impl SealedLayer {
     }
 
     /// The full path of an entry, relative to the root.
-    pub fn path_of(&self, mut number: u32) -> Vec<u8> {
-        let mut parts = Vec::new();
-        while number != 0 {
-            let entry = &self.index.entries[number as usize];
-            parts.push(entry.name.as_slice());
-            number = entry.parent;
-        }
-        parts.reverse();
-        parts.join(&b'/')
+    pub fn path_of(&self, number: u32) -> Vec<u8> {
+        self.index.path_of(number)
     }
 
     /// Where chunk `chunk` is in the blob: offset and sealed length.

@@ -15,7 +15,7 @@
 //! Memory does not grow with the layer's size: one chunk buffer, two pack buffers and one
 //! compressed buffer, plus the index, which grows with the number of entries only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Component, Path};
 
@@ -86,7 +86,7 @@ impl SealOptions {
         &mut self,
         paths: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         self.prefetch.clear();
         for raw in paths {
             let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
@@ -233,8 +233,9 @@ struct Sealer<W: Write> {
     piece_dedup: HashMap<[u8; 32], Extent>,
     /// The ordinary pack and the pack of prefetch-listed files.
     packs: [Pack; 2],
-    /// Prefetch-listed paths -> their rank in the list.
-    prefetch: HashMap<Vec<u8>, usize>,
+    /// The prefetch list, in order, and the same paths for lookups.
+    prefetch: Vec<Vec<u8>>,
+    listed: HashSet<Vec<u8>>,
     buffer: Vec<u8>,
     /// The last chunk is only known when the next arrives or the layer ends; it waits here
     /// (compressed, unsealed) so its AAD can carry the last-chunk flag.
@@ -278,12 +279,8 @@ impl<W: Write> Sealer<W> {
             chunk_dedup: HashMap::new(),
             piece_dedup: HashMap::new(),
             packs: [Pack::default(), Pack::default()],
-            prefetch: options
-                .prefetch
-                .iter()
-                .enumerate()
-                .map(|(rank, path)| (path.clone(), rank))
-                .collect(),
+            prefetch: options.prefetch.clone(),
+            listed: options.prefetch.iter().cloned().collect(),
             buffer: vec![0; chunk_size],
             held: None,
             file_bytes: 0,
@@ -418,7 +415,12 @@ impl<W: Write> Sealer<W> {
         let is_file = matches!(kind, EntryKind::File { .. });
         let number = self.insert(&path, kind, meta, shown)?;
         if is_file {
-            let extents = self.store_file_data(&mut entry, number, shown)?;
+            let pack = if self.listed.contains(&path) {
+                PRIORITY
+            } else {
+                0
+            };
+            let extents = self.store_file_data(&mut entry, number, pack, shown)?;
             if let EntryKind::File { extents: slot, .. } =
                 &mut self.index.entries[number as usize].kind
             {
@@ -516,20 +518,16 @@ impl<W: Write> Sealer<W> {
         self.insert(path, implicit, meta, shown)
     }
 
+    /// Stores a file's data; its small pieces go into `pack`.
     fn store_file_data(
         &mut self,
         data: &mut impl Read,
         entry: u32,
+        pack: usize,
         shown: &str,
     ) -> Result<Vec<Extent>> {
         let EntryKind::File { size, .. } = self.index.entries[entry as usize].kind else {
             unreachable!("store_file_data is called for regular files only");
-        };
-        let pack = if self.prefetch.is_empty() || !self.prefetch.contains_key(&self.path_of(entry))
-        {
-            0
-        } else {
-            PRIORITY
         };
         let mut extents = Vec::new();
         let mut remaining = size;
@@ -571,18 +569,6 @@ impl<W: Write> Sealer<W> {
             offset: 0,
             len: plain.len() as u32,
         })
-    }
-
-    /// The full path of entry `number` (no leading slash).
-    fn path_of(&self, mut number: u32) -> Vec<u8> {
-        let mut parts = Vec::new();
-        while number != 0 {
-            let entry = &self.index.entries[number as usize];
-            parts.push(&entry.name[..]);
-            number = entry.parent;
-        }
-        parts.reverse();
-        parts.join(&b'/')
     }
 
     fn store_piece(&mut self, plain: &[u8], entry: u32, pack: usize) -> Result<Extent> {
@@ -636,12 +622,9 @@ impl<W: Write> Sealer<W> {
     /// The index's prefetch order: the chunks of the listed files that this layer has, in list
     /// order, each once.
     fn prefetch_order(&self) -> Vec<u32> {
-        let mut listed: Vec<(&Vec<u8>, usize)> =
-            self.prefetch.iter().map(|(p, &r)| (p, r)).collect();
-        listed.sort_by_key(|&(_, rank)| rank);
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut order = Vec::new();
-        for (path, _) in listed {
+        for path in &self.prefetch {
             let Some(&number) = self.paths.get(path) else {
                 continue;
             };

@@ -193,6 +193,15 @@ struct Pending {
     done: Condvar,
 }
 
+impl Pending {
+    fn new() -> Arc<Self> {
+        Arc::new(Pending {
+            result: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+}
+
 /// Why a run of chunks is fetched (which counter it goes to).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Purpose {
@@ -381,10 +390,7 @@ impl LayerFetcher {
             match inflight.get(&chunk) {
                 Some(pending) => pending.clone(),
                 None => {
-                    let pending = Arc::new(Pending {
-                        result: Mutex::new(None),
-                        done: Condvar::new(),
-                    });
+                    let pending = Pending::new();
                     inflight.insert(chunk, pending.clone());
                     let job = Job {
                         chunks: chunk..chunk + 1,
@@ -485,6 +491,14 @@ impl Drop for LayerFetcher {
 }
 
 impl Shared {
+    /// Sealed bytes of a run of chunks: the length of its range read.
+    fn sealed_len(&self, chunks: Range<u32>) -> u64 {
+        let table = &self.layer.index().chunks;
+        chunks
+            .map(|c| u64::from(table[c as usize].sealed_len))
+            .sum()
+    }
+
     fn prefetch_view(self: &Arc<Self>) -> crate::prefetch::PrefetchView {
         crate::prefetch::PrefetchView {
             layer: self.layer.clone(),
@@ -573,11 +587,7 @@ impl Shared {
         let Some((start, _)) = self.layer.chunk_range(job.chunks.start) else {
             return;
         };
-        let len: u64 = job
-            .chunks
-            .clone()
-            .map(|c| u64::from(chunks[c as usize].sealed_len))
-            .sum();
+        let len = self.sealed_len(job.chunks.clone());
         self.stats.source_reads.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let bytes = match self.source.read_range(start, len as usize) {
@@ -661,22 +671,14 @@ impl Shared {
     /// `merge_bytes` each, in list order), `profile_streams` runs in flight. Each run is
     /// claimed when a stream takes it, so chunks that reads fetched meanwhile are skipped.
     fn fetch_profile(&self) {
-        let chunks = &self.layer.index().chunks;
-        let mut runs: Vec<Range<u32>> = Vec::new();
-        let mut bytes = 0u64;
-        for &chunk in &self.layer.index().prefetch {
-            let len = u64::from(chunks[chunk as usize].sealed_len);
-            match runs.last_mut() {
-                Some(run) if run.end == chunk && bytes + len <= self.config.merge_bytes => {
-                    run.end += 1;
-                    bytes += len;
-                }
-                _ => {
-                    runs.push(chunk..chunk + 1);
-                    bytes = len;
-                }
-            }
-        }
+        let index = self.layer.index();
+        let mut merger = crate::prefetch::RunMerger::new(&index.chunks, self.config.merge_bytes);
+        let mut runs: Vec<Range<u32>> = index
+            .prefetch
+            .iter()
+            .filter_map(|&chunk| merger.push(chunk))
+            .collect();
+        runs.extend(merger.finish());
         let started = Instant::now();
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
@@ -687,14 +689,13 @@ impl Shared {
                     if self.cancelled.load(Ordering::Relaxed) {
                         break;
                     }
-                    FOREGROUND.begin();
+                    let _foreground = FOREGROUND.enter();
                     for claimed in self.claim(run.clone()) {
                         self.fetch(&Job {
                             chunks: claimed,
                             purpose: Purpose::Profile,
                         });
                     }
-                    FOREGROUND.end();
                 });
             }
         });
@@ -708,12 +709,7 @@ impl Shared {
     /// fetched some since the job was queued), and registers them as in flight first, so a
     /// read that wants one of them waits for this fetch instead of fetching it again.
     fn fetch_background(&self, job: &Job) {
-        let chunks = &self.layer.index().chunks;
-        let len: u64 = job
-            .chunks
-            .clone()
-            .map(|c| u64::from(chunks[c as usize].sealed_len))
-            .sum();
+        let len = self.sealed_len(job.chunks.clone());
         let wait = self.bucket.lock().expect("bucket lock").take(len);
         if !wait.is_zero() {
             std::thread::sleep(wait);
@@ -741,13 +737,7 @@ impl Shared {
             if self.is_present(chunk) || inflight.contains_key(&chunk) {
                 continue;
             }
-            inflight.insert(
-                chunk,
-                Arc::new(Pending {
-                    result: Mutex::new(None),
-                    done: Condvar::new(),
-                }),
-            );
+            inflight.insert(chunk, Pending::new());
             match runs.last_mut() {
                 Some(run) if run.end == chunk => run.end += 1,
                 _ => runs.push(chunk..chunk + 1),
@@ -760,9 +750,8 @@ impl Shared {
 /// A fetch worker: on-demand reads only (the background has its own thread).
 fn worker(shared: &Shared, urgent: &Receiver<Job>) {
     for job in urgent {
-        FOREGROUND.begin();
+        let _foreground = FOREGROUND.enter();
         shared.fetch(&job);
-        FOREGROUND.end();
     }
 }
 
@@ -790,13 +779,10 @@ impl Foreground {
         EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
     }
 
-    fn begin(&self) {
+    /// Counts an on-demand fetch as in flight until the guard drops.
+    fn enter(&'static self) -> ForegroundFetch {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn end(&self) {
-        self.last_end_ms.store(Self::now_ms(), Ordering::SeqCst);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        ForegroundFetch(self)
     }
 
     /// Whether the background may fetch now.
@@ -804,6 +790,18 @@ impl Foreground {
         self.in_flight.load(Ordering::SeqCst) == 0
             && Self::now_ms().saturating_sub(self.last_end_ms.load(Ordering::SeqCst))
                 >= QUIET.as_millis() as u64
+    }
+}
+
+/// An on-demand fetch in flight (see [`Foreground::enter`]).
+struct ForegroundFetch(&'static Foreground);
+
+impl Drop for ForegroundFetch {
+    fn drop(&mut self) {
+        self.0
+            .last_end_ms
+            .store(Foreground::now_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -231,6 +231,50 @@ pub fn layer_fs(
     Ok(LayerFs::new(fetcher))
 }
 
+/// The filesystems of an image's layers (`opened`, bottom first), sharing `memory`. A
+/// directory a layer's tar left implicit shows the metadata the layers below give it, as
+/// extracting the layers in order would.
+pub fn image_filesystems(
+    opened: &[OpenedLayer],
+    memory: &Arc<MemoryCache>,
+    options: &MountOptions,
+) -> Result<Vec<LayerFs>, MountError> {
+    let mut filesystems = Vec::with_capacity(opened.len());
+    for (number, layer) in opened.iter().enumerate() {
+        let mut fs = layer_fs(layer, number as u64, memory.clone(), options)?;
+        let lowers: Vec<_> = opened[..number].iter().rev().map(|l| &*l.layer).collect();
+        fs.inherit_implicit_dirs(&lowers);
+        filesystems.push(fs);
+    }
+    Ok(filesystems)
+}
+
+/// Mounts each of `filesystems` (bottom first, of the layers `opened`) at `dir/0`, `dir/1`, ...
+/// Returns the mounts and the overlayfs lower dirs that stack them (topmost first).
+pub fn mount_each(
+    filesystems: Vec<LayerFs>,
+    opened: &[OpenedLayer],
+    dir: &Path,
+    options: &MountOptions,
+) -> Result<(Vec<MountedLayer>, Vec<PathBuf>), MountError> {
+    let mut layers = Vec::with_capacity(filesystems.len());
+    for (number, fs) in filesystems.into_iter().enumerate() {
+        let point = dir.join(number.to_string());
+        std::fs::create_dir_all(&point).map_err(|source| MountError::Io {
+            what: format!("creating {}", point.display()),
+            source,
+        })?;
+        layers.push(MountedLayer::mount(
+            fs,
+            &point,
+            options,
+            &opened[number].digest,
+        )?);
+    }
+    let lowers = layers.iter().rev().map(|l| l.mountpoint.clone()).collect();
+    Ok((layers, lowers))
+}
+
 /// One layer served over FUSE.
 pub struct MountedLayer {
     /// The filesystem (progress, statistics).

@@ -211,7 +211,7 @@ impl Node {
         else {
             return Ok(false);
         };
-        let _guard = self.remote_lock.lock().expect("remote lock");
+        let guard = self.remote_lock.lock().expect("remote lock");
         let record_error = |e: SnapshotError| RemoteError::Record(e.to_string());
         let id = self.store.reserve_dir().map_err(record_error)?;
         let mountpoint = self.store.content_dir(id);
@@ -243,7 +243,9 @@ impl Node {
                     .lock()
                     .expect("mounted lock")
                     .insert(id, mounted);
-                drop(_guard);
+                drop(guard);
+                // The lock guards mounting and recording only; waiting for the profile must not
+                // hold up other layers.
                 // Like stargz's prefetch wait: the container starts with its profile present.
                 let wait = self.remote.profile_wait();
                 if !wait.is_zero() && !fs.fetcher().wait_for_profile(wait) {

@@ -103,18 +103,7 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Snapshot mounts under the private root would pin the temporary directory.
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.path().display().to_string();
-            let mut points: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(&root))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for point in points {
-                let _ = Command::new("umount").arg("-l").arg(point).status();
-            }
-        }
+        crate::unmount_under(self.dir.path());
     }
 }
 

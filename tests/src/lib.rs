@@ -14,6 +14,26 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+/// Detaches every mount at or below `dir`, deepest first (lazily: a busy mount goes when its
+/// last user does).
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dir = dir.display().to_string();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", point])
+            .status();
+    }
+}
+
 /// Deterministic, incompressible bytes from a seed (xorshift64): test data that neither zstd
 /// nor deduplication can shrink, identical on every run.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {

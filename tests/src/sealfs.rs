@@ -147,6 +147,16 @@ impl SealfsDaemon {
         text
     }
 
+    /// The sum of every series of the metric family `name` (`name{labels} value` lines).
+    pub fn metric_sum(&self, name: &str) -> u64 {
+        let prefix = format!("{name}{{");
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     pub fn metric(&self, name: &str) -> u64 {
         let text = self.metrics();
         text.lines()

@@ -63,6 +63,16 @@ impl Node {
             .unwrap()
     }
 
+    /// Pulls `reference` lazily and fails the test if the pull fails.
+    fn pull_ok(&self, reference: &str) {
+        let pulled = self.pull(reference);
+        assert!(
+            pulled.status.success(),
+            "sealctl pull {reference}: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+    }
+
     /// Runs a container of `reference` on the sealfs snapshotter; its standard output.
     fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
         let mut all = vec!["run", "--snapshotter", "sealfs", "--rm", reference, id];
@@ -211,9 +221,11 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout) == format!("{GREETING}\n"),
-            "container {i}: {}{}",
+            "container {i}: {}{}\n--- daemon log ---\n{}\n--- containerd log ---\n{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            node.daemon.log(),
+            node.containerd.log()
         );
     }
 
@@ -531,12 +543,7 @@ fn optimize_records_the_startup_and_the_profile_spares_every_on_demand_fetch() {
     // The recording is not kept anywhere in plain text.
     assert!(!String::from_utf8_lossy(&out.stdout).contains("blob-4"));
 
-    let pulled = node.pull(&profiled);
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    node.pull_ok(&profiled);
     let urgent = || {
         node.daemon
             .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#)
@@ -569,12 +576,7 @@ fn optimize_records_the_startup_and_the_profile_spares_every_on_demand_fetch() {
         reference: unprofiled,
         ..
     } = push_sealed(&work, &baseline.registry, "alice", "app");
-    let pulled = baseline.pull(&unprofiled);
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    baseline.pull_ok(&unprofiled);
     assert_eq!(
         baseline.run(
             &unprofiled,
@@ -629,12 +631,7 @@ fn a_prefetch_list_naming_files_an_upper_layer_deleted_still_runs() {
     // The upper layer has the whiteout of /etc/removed and no listed file.
     assert!(profiles[1].is_empty(), "{profiles:?}");
 
-    let pulled = node.pull(&reference);
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    node.pull_ok(&reference);
     assert_eq!(
         node.run(
             &reference,

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use sealfs_e2e::noise;
+
+use super::{run, which};
 
 /// The line every workload prints when it is ready.
 pub const READY: &str = "ready";
@@ -46,39 +49,11 @@ pub enum Scale {
     Quick,
 }
 
-fn run(command: &mut Command) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// Deterministic incompressible bytes (xorshift), so images are the same on every build.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Writes a busybox base (sh, cat, echo) into `root`.
 fn busybox_base(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join("bin"))?;
     fs::create_dir_all(root.join("etc"))?;
-    let busybox = which("busybox")?;
+    let busybox = which("busybox").context("busybox is not installed")?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
     for applet in ["sh", "cat", "echo"] {
         let link = root.join("bin").join(applet);
@@ -87,16 +62,6 @@ fn busybox_base(root: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn which(tool: &str) -> Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()?;
-    if !out.status.success() {
-        bail!("{tool} is not installed");
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 /// The Debian mirror this machine's apt uses.
@@ -162,22 +127,26 @@ pub fn build(kind: ImageKind, scale: Scale, work: &Path) -> Result<(PathBuf, Vec
         .arg(&bundle))?;
     let root = bundle.join("rootfs");
     // The base layer, then the data layer: two layers, as in a typical image.
+    if kind == ImageKind::Python {
+        let rootfs = staging.join("debootstrap");
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=python3", "bookworm"])
+            .arg(&rootfs)
+            .arg(debian_mirror()?))?;
+        run(Command::new("sh").arg("-c").arg(format!(
+            "cp -a {}/. {}/",
+            rootfs.display(),
+            root.display()
+        )))?;
+    } else {
+        busybox_base(&root)?;
+    }
+    run(Command::new("umoci")
+        .args(["repack", "--refresh-bundle", "--image", &tag])
+        .arg(&bundle))?;
     match kind {
         ImageKind::Python => {
-            let rootfs = staging.join("debootstrap");
-            run(Command::new("debootstrap")
-                .args(["--variant=minbase", "--include=python3", "bookworm"])
-                .arg(&rootfs)
-                .arg(debian_mirror()?))?;
-            run(Command::new("sh").arg("-c").arg(format!(
-                "cp -a {}/. {}/",
-                rootfs.display(),
-                root.display()
-            )))?;
-            run(Command::new("umoci")
-                .args(["repack", "--refresh-bundle", "--image", &tag])
-                .arg(&bundle))?;
-            // The second layer: an application directory, as images add on a base.
+            // An application directory, as images add on a base.
             fs::create_dir_all(root.join("app"))?;
             fs::write(
                 root.join("app/main.py"),
@@ -186,10 +155,6 @@ pub fn build(kind: ImageKind, scale: Scale, work: &Path) -> Result<(PathBuf, Vec
             )?;
         }
         ImageKind::Bigdata => {
-            busybox_base(&root)?;
-            run(Command::new("umoci")
-                .args(["repack", "--refresh-bundle", "--image", &tag])
-                .arg(&bundle))?;
             let files = if scale == Scale::Quick { 16 } else { 256 };
             fs::create_dir_all(root.join("data"))?;
             for i in 0..files {
@@ -200,10 +165,6 @@ pub fn build(kind: ImageKind, scale: Scale, work: &Path) -> Result<(PathBuf, Vec
             }
         }
         ImageKind::Manyfiles => {
-            busybox_base(&root)?;
-            run(Command::new("umoci")
-                .args(["repack", "--refresh-bundle", "--image", &tag])
-                .arg(&bundle))?;
             let (dirs, per_dir) = if scale == Scale::Quick {
                 (10, 100)
             } else {

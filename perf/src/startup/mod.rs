@@ -60,13 +60,19 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `command`; its standard output, or an error with everything it printed.
 fn run(command: &mut Command) -> Result<String> {
     let out = command
         .output()
         .with_context(|| format!("running {command:?}"))?;
+    succeeded(out, &format!("{command:?}"))
+}
+
+/// The standard output of a finished command (`what`), or an error with everything it printed.
+fn succeeded(out: std::process::Output, what: &str) -> Result<String> {
     if !out.status.success() {
         bail!(
-            "{command:?} failed: {}{}",
+            "{what} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -173,6 +179,29 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// Per image and mode, the median total (pull + run) of its trials.
+fn median_totals(trials: &[Trial]) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut totals: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for trial in trials {
+        totals
+            .entry(trial.image.clone())
+            .or_default()
+            .entry(trial.mode.name().to_string())
+            .or_default()
+            .push(trial.total_s);
+    }
+    totals
+        .into_iter()
+        .map(|(image, modes)| {
+            let medians = modes
+                .into_iter()
+                .map(|(mode, mut values)| (mode, median(&mut values)))
+                .collect();
+            (image, medians)
+        })
+        .collect()
+}
+
 /// The Markdown table: per image and mode, medians with ranges and ratios.
 fn table(
     trials: &[Trial],
@@ -193,11 +222,8 @@ fn table(
             .or_default()
             .push(trial);
     }
-    let total_of = |image: &str, mode: &str| {
-        groups
-            .get(&(image.to_string(), mode.to_string()))
-            .map(|g| median(&mut g.iter().map(|t| t.total_s).collect::<Vec<_>>()))
-    };
+    let medians = median_totals(trials);
+    let total_of = |image: &str, mode: &str| medians.get(image)?.get(mode).copied();
     for ((image, mode), group) in &groups {
         let column = |f: fn(&Trial) -> f64| group.iter().map(|t| f(t)).collect::<Vec<_>>();
         let mut totals = column(|t| t.total_s);
@@ -267,23 +293,6 @@ fn table(
     out + "\n"
 }
 
-/// Detaches every mount at or below `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let dir = dir.display().to_string();
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for point in points {
-        let _ = Command::new("umount").args(["-l", point]).status();
-    }
-}
-
 /// Removes the namespace and detaches mounts under `work` and the trials' scratch
 /// directories when the run is interrupted.
 fn clean_up_on_interrupt(work: &Path) -> Result<()> {
@@ -291,8 +300,8 @@ fn clean_up_on_interrupt(work: &Path) -> Result<()> {
     ctrlc::set_handler(move || {
         eprintln!("interrupted: cleaning up");
         netns::remove();
-        unmount_under(&work);
-        unmount_under(&std::env::temp_dir().join("."));
+        sealfs_e2e::unmount_under(&work);
+        sealfs_e2e::unmount_under(&std::env::temp_dir().join("."));
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")
@@ -453,9 +462,10 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
                 let scratch = tempfile::tempdir()?;
                 let (trial, _running) = bench
                     .trial(name, *mode, scratch.path(), "")
-                    .with_context(|| format!("{name} {mode:?} trial {number}"))?;
+                    .with_context(|| format!("{name} {} trial {number}", mode.name()))?;
                 eprintln!(
-                    "{name} {mode:?} {number}/{trials}: pull {:.2} s, run {:.2} s, {:.1} MB",
+                    "{name} {} {number}/{trials}: pull {:.2} s, run {:.2} s, {:.1} MB",
+                    mode.name(),
                     trial.pull_s,
                     trial.run_s,
                     trial.bytes_to_ready as f64 / 1e6
@@ -493,23 +503,7 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
         }))?,
     )?;
     let mode_names: Vec<String> = modes.iter().map(|m| m.name().to_string()).collect();
-    let mut medians: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-    for trial in &results {
-        medians
-            .entry(trial.image.clone())
-            .or_default()
-            .insert(trial.mode.name().to_string(), 0.0);
-    }
-    for (image, by_mode) in &mut medians {
-        for (mode, value) in by_mode.iter_mut() {
-            let mut totals: Vec<f64> = results
-                .iter()
-                .filter(|t| &t.image == image && t.mode.name() == mode)
-                .map(|t| t.total_s)
-                .collect();
-            *value = median(&mut totals);
-        }
-    }
+    let medians = median_totals(&results);
     chart::draw(
         &stem.with_extension("png"),
         &format!(

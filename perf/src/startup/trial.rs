@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use sealfs_e2e::containerd::Containerd;
 use sealfs_e2e::sealfs::SealfsDaemon;
 
@@ -98,17 +98,6 @@ fn drop_page_cache() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
-fn check(out: std::process::Output, what: &str) -> Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// `ctr run` of `reference` as container `id`.
 fn ctr_run(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Command {
     let mut command = Command::new("ctr");
@@ -165,7 +154,7 @@ fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running ctr")?;
+        .with_context(|| format!("running {reference}"))?;
     let stdout = child.stdout.take().expect("piped");
     let mut ready = None;
     for line in BufReader::new(stdout).lines() {
@@ -173,8 +162,7 @@ fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
             ready = Some(started.elapsed().as_secs_f64());
         }
     }
-    let out = child.wait_with_output()?;
-    check(out, &format!("running {reference}"))?;
+    super::succeeded(child.wait_with_output()?, &format!("running {reference}"))?;
     ready.with_context(|| format!("{reference} exited without printing {READY:?}"))
 }
 
@@ -220,45 +208,40 @@ impl Bench {
         };
         let bytes_before = self.namespace.bytes_from_registry()?;
         let started = Instant::now();
-        let run = match (mode, &containerd) {
-            (Mode::Overlayfs, Some(containerd)) => {
-                check(
+        let run = match &containerd {
+            Some(containerd) if mode.is_sealfs() => {
+                super::run(
+                    Command::new(&self.sealctl)
+                        .arg("pull")
+                        .arg("--address")
+                        .arg(&containerd.socket)
+                        .args(["--namespace", "sealfs-test", &reference]),
+                )?;
+                ctr_run(containerd, mode, &reference, "bench")
+            }
+            Some(containerd) => {
+                super::succeeded(
                     containerd.ctr(&["image", "pull", "--plain-http", &reference]),
                     "ctr image pull",
                 )?;
                 ctr_run(containerd, mode, &reference, "bench")
             }
-            (Mode::Sealfs | Mode::SealfsProfile, Some(containerd)) => {
-                check(
-                    Command::new(&self.sealctl)
-                        .arg("pull")
-                        .arg("--address")
-                        .arg(&containerd.socket)
-                        .args(["--namespace", "sealfs-test", &reference])
-                        .output()?,
-                    "sealctl pull",
-                )?;
-                ctr_run(containerd, mode, &reference, "bench")
-            }
-            (Mode::Ocicrypt, _) => {
+            None => {
                 let storage = format!(
                     "containers-storage:[overlay@{}+{}]{reference}",
                     scratch.join("podman-root").display(),
                     scratch.join("podman-run").display()
                 );
-                check(
+                super::run(
                     Command::new("skopeo")
                         .args(["copy", "--quiet", "--src-tls-verify=false"])
                         .arg("--decryption-key")
                         .arg(&self.ocicrypt_key)
                         .arg(format!("docker://{reference}"))
-                        .arg(storage)
-                        .output()?,
-                    "skopeo copy --decryption-key",
+                        .arg(storage),
                 )?;
                 podman_run(scratch, &reference)
             }
-            _ => unreachable!("containerd runs in every mode but ocicrypt"),
         };
         let pull_s = started.elapsed().as_secs_f64();
         let run_s = run_until_ready(run, &reference)?;
@@ -270,7 +253,7 @@ impl Bench {
             let _ = podman(scratch)
                 .args(["system", "reset", "--force"])
                 .output();
-            super::unmount_under(scratch);
+            sealfs_e2e::unmount_under(scratch);
         }
         Ok((
             Trial {
@@ -323,16 +306,9 @@ impl Bench {
         let daemon = running.daemon.expect("sealfs mode runs the daemon");
         let deadline = Instant::now() + std::time::Duration::from_secs(1800);
         loop {
-            let text = daemon.metrics();
-            let sum = |name: &str| -> u64 {
-                text.lines()
-                    .filter(|l| l.starts_with(&format!("{name}{{")))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                    .sum()
-            };
             let (present, total) = (
-                sum("sealfs_layer_chunks_present"),
-                sum("sealfs_layer_chunks"),
+                daemon.metric_sum("sealfs_layer_chunks_present"),
+                daemon.metric_sum("sealfs_layer_chunks"),
             );
             if total > 0 && present == total {
                 break;
@@ -374,6 +350,7 @@ pub struct Transfer {
     /// Bytes the registry sent over the link, headers included.
     pub link_bytes: u64,
 }
+
 /// The physical limit of a start-up.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Floor {

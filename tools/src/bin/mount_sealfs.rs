@@ -301,13 +301,7 @@ impl Drop for Served {
 
 fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Result<Served> {
     let memory = Arc::new(MemoryCache::new(options.memory_bytes));
-    let mut fss = Vec::new();
-    for (number, layer) in opened.iter().enumerate() {
-        let mut fs = mount::layer_fs(layer, number as u64, memory.clone(), &options.mount)?;
-        let lowers: Vec<_> = opened[..number].iter().rev().map(|l| &*l.layer).collect();
-        fs.inherit_implicit_dirs(&lowers);
-        fss.push(fs);
-    }
+    let mut fss = mount::image_filesystems(&opened, &memory, &options.mount)?;
     if fss.len() == 1 {
         let fs = fss.pop().expect("one layer");
         let layer = MountedLayer::mount(fs, mountpoint, &options.mount, &opened[0].digest)?;
@@ -324,22 +318,8 @@ fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Resu
         overlay: None,
         scratch: Some(scratch.clone()),
     };
-    for (number, fs) in fss.into_iter().enumerate() {
-        let dir = scratch.join(number.to_string());
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        served.layers.push(MountedLayer::mount(
-            fs,
-            &dir,
-            &options.mount,
-            &opened[number].digest,
-        )?);
-    }
-    let lowers: Vec<PathBuf> = served
-        .layers
-        .iter()
-        .rev()
-        .map(|l| l.mountpoint.clone())
-        .collect();
+    let (layers, lowers) = mount::mount_each(fss, &opened, &scratch, &options.mount)?;
+    served.layers = layers;
     mount::mount_overlay(&lowers, mountpoint)?;
     served.overlay = Some(mountpoint.to_path_buf());
     Ok(served)

@@ -156,28 +156,16 @@ impl Recording {
             ..MountOptions::default()
         };
         let memory = Arc::new(MemoryCache::new(256 << 20));
-        let mut recording = Recording {
-            layers: Vec::new(),
+        let mut filesystems = mount::image_filesystems(opened, &memory, &options)?;
+        for fs in &mut filesystems {
+            fs.record_reads();
+        }
+        let (layers, lowers) = mount::mount_each(filesystems, opened, scratch.path(), &options)?;
+        let recording = Recording {
+            layers,
             root: scratch.path().join("r"),
             scratch,
         };
-        for (number, layer) in opened.iter().enumerate() {
-            let mut fs = mount::layer_fs(layer, number as u64, memory.clone(), &options)?;
-            let lowers: Vec<_> = opened[..number].iter().rev().map(|l| &*l.layer).collect();
-            fs.inherit_implicit_dirs(&lowers);
-            fs.record_reads();
-            let dir = recording.scratch.path().join(number.to_string());
-            std::fs::create_dir(&dir)?;
-            recording
-                .layers
-                .push(MountedLayer::mount(fs, &dir, &options, &layer.digest)?);
-        }
-        let lowers: Vec<PathBuf> = recording
-            .layers
-            .iter()
-            .rev()
-            .map(|l| l.mountpoint.clone())
-            .collect();
         let (upper, work) = (
             recording.scratch.path().join("u"),
             recording.scratch.path().join("w"),
