@@ -4,7 +4,7 @@
 # runs the start-up benchmark's smoke test and the demo.
 # In CI (CI set) a missing prerequisite fails the tests instead of skipping them.
 #
-# Usage: sudo bash scripts/test.sh
+# Usage: bash scripts/test.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -28,7 +28,8 @@ export RUSTC_BOOTSTRAP=1
   tar -C "$seeds" -cf "$seeds/seed.tar" hello
   for target in tail index seal_tar; do
     mkdir -p "fuzz/corpus/$target"
-    [ "$target" = seal_tar ] && cp "$seeds/seed.tar" fuzz/corpus/seal_tar/
+    # The sealer starts from a good tar and from every negative vector (tests/vectors).
+    [ "$target" = seal_tar ] && cp "$seeds/seed.tar" tests/vectors/*.tar fuzz/corpus/seal_tar/
     cargo fuzz run -O "$target" -- -max_total_time="$SEALFS_FUZZ_SECONDS" 2>&1 | grep -E '^(Done|INFO: seed)|ERROR|panicked' || true
     [ -z "$(ls -A fuzz/artifacts/$target 2>/dev/null)" ] || { echo "fuzz target $target found a crash" >&2; exit 1; }
   done

@@ -100,8 +100,20 @@ impl FormatError {
     }
 
     pub(crate) fn bad_tar(entry: impl Into<String>, reason: impl Into<String>) -> Self {
+        // A hostile tar's path can be megabytes long: keep its start, enough to find it.
+        const SHOWN: usize = 200;
+        let mut entry = entry.into();
+        if entry.len() > SHOWN {
+            let cut = (0..=SHOWN)
+                .rev()
+                .find(|&i| entry.is_char_boundary(i))
+                .unwrap_or(0);
+            let total = entry.len();
+            entry.truncate(cut);
+            entry.push_str(&format!("... ({total} bytes)"));
+        }
         FormatError::BadTar {
-            entry: entry.into(),
+            entry,
             reason: reason.into(),
         }
     }

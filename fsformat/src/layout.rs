@@ -10,7 +10,7 @@
 //! remain before anything is allocated, every reference points backwards or into a table whose
 //! size is known, and only canonical encodings are accepted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::crypto::{Compression, COMMITMENT_LEN, LAYER_ID_LEN, TAG_LEN};
 use crate::error::{FormatError, Result};
@@ -290,7 +290,12 @@ pub struct Index {
 const MIN_ENTRY_LEN: usize = 4 + 2 + 1 + 4 + 4 + 4 + 8 + 4 + 2;
 const CHUNK_RECORD_LEN: usize = 9;
 const EXTENT_LEN: usize = 12;
-const MAX_NAME_LEN: usize = 4096;
+/// Longest name component and longest xattr name (Linux's `NAME_MAX` and `XATTR_NAME_MAX`):
+/// no filesystem a layer is extracted to holds longer ones, so nothing longer is sealed or read.
+pub const MAX_NAME_LEN: usize = 255;
+/// Most extended attributes one entry may carry. Linux caps an inode's xattr names at 64 KiB in
+/// all; 1024 leaves room for any real image while bounding the work per entry.
+pub const MAX_XATTRS_PER_ENTRY: usize = 1024;
 
 impl Index {
     /// The full path of entry `number`, relative to the root (no leading slash).
@@ -305,22 +310,38 @@ impl Index {
         parts.join(&b'/')
     }
 
-    /// Encodes the index canonically.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the index canonically. Fails, instead of truncating, when a length does not
+    /// fit its field or a name or xattr list exceeds the format's limits: every length is
+    /// written through a checked conversion.
+    pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 64);
         out.extend_from_slice(&INDEX_MAGIC);
         put_u16(&mut out, FORMAT_VERSION);
         put_u16(&mut out, 0);
-        put_u32(&mut out, len_u32(self.chunks.len()));
+        put_u32(&mut out, len_u32(self.chunks.len(), "chunk table")?);
         for chunk in &self.chunks {
             put_u32(&mut out, chunk.sealed_len);
             put_u32(&mut out, chunk.plain_len);
             out.push(chunk.compression as u8);
         }
-        put_u32(&mut out, len_u32(self.entries.len()));
-        for entry in &self.entries {
+        put_u32(&mut out, len_u32(self.entries.len(), "entry table")?);
+        for (number, entry) in self.entries.iter().enumerate() {
+            let too_long = |what: &str| {
+                FormatError::InvalidArgument(format!(
+                    "entry {number}: {what} (limit {MAX_NAME_LEN} bytes)"
+                ))
+            };
+            if entry.name.len() > MAX_NAME_LEN {
+                return Err(too_long("name is too long"));
+            }
+            if entry.xattrs.len() > MAX_XATTRS_PER_ENTRY {
+                return Err(FormatError::InvalidArgument(format!(
+                    "entry {number}: {} extended attributes (limit {MAX_XATTRS_PER_ENTRY})",
+                    entry.xattrs.len()
+                )));
+            }
             put_u32(&mut out, entry.parent);
-            put_u16(&mut out, entry.name.len() as u16);
+            put_u16(&mut out, len_u16(entry.name.len(), "name")?);
             out.extend_from_slice(&entry.name);
             out.push(entry.kind.tag());
             put_u32(&mut out, entry.mode);
@@ -331,7 +352,7 @@ impl Index {
             match &entry.kind {
                 EntryKind::File { size, extents } => {
                     out.extend_from_slice(&size.to_le_bytes());
-                    put_u32(&mut out, len_u32(extents.len()));
+                    put_u32(&mut out, len_u32(extents.len(), "extent list")?);
                     for extent in extents {
                         put_u32(&mut out, extent.chunk);
                         put_u32(&mut out, extent.offset);
@@ -342,7 +363,7 @@ impl Index {
                     out.push(u8::from(*opaque) | (u8::from(*implicit) << 1))
                 }
                 EntryKind::Symlink { target } => {
-                    put_u32(&mut out, len_u32(target.len()));
+                    put_u32(&mut out, len_u32(target.len(), "symlink target")?);
                     out.extend_from_slice(target);
                 }
                 EntryKind::HardLink { target } => put_u32(&mut out, *target),
@@ -353,19 +374,22 @@ impl Index {
                 }
                 EntryKind::Fifo | EntryKind::Whiteout => {}
             }
-            put_u16(&mut out, entry.xattrs.len() as u16);
+            put_u16(&mut out, len_u16(entry.xattrs.len(), "xattr list")?);
             for (name, value) in &entry.xattrs {
-                put_u16(&mut out, name.len() as u16);
+                if name.len() > MAX_NAME_LEN {
+                    return Err(too_long("xattr name is too long"));
+                }
+                put_u16(&mut out, len_u16(name.len(), "xattr name")?);
                 out.extend_from_slice(name);
-                put_u32(&mut out, len_u32(value.len()));
+                put_u32(&mut out, len_u32(value.len(), "xattr value")?);
                 out.extend_from_slice(value);
             }
         }
-        put_u32(&mut out, len_u32(self.prefetch.len()));
+        put_u32(&mut out, len_u32(self.prefetch.len(), "prefetch list")?);
         for chunk in &self.prefetch {
             put_u32(&mut out, *chunk);
         }
-        out
+        Ok(out)
     }
 
     /// Decodes and validates an index whose footer says `chunk_count` chunks of at most
@@ -593,16 +617,22 @@ fn decode_entry(
         return Err(fail("the root must be a directory"));
     }
     let count = usize::from(r.u16()?);
+    if count > MAX_XATTRS_PER_ENTRY {
+        return Err(fail("too many extended attributes"));
+    }
     let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count.min(r.remaining() / 6));
+    // A set, not a scan of the earlier names: the check stays linear in the entry's size.
+    let mut names: HashSet<&[u8]> = HashSet::with_capacity(xattrs.capacity());
     for _ in 0..count {
         let name_len = usize::from(r.u16()?);
-        let name = r.take(name_len)?.to_vec();
+        let name = r.take(name_len)?;
         let value_len = r.count(1)?;
         let value = r.take(value_len)?.to_vec();
-        if name.is_empty() || name.contains(&0) || xattrs.iter().any(|(n, _)| *n == name) {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains(&0) || !names.insert(name)
+        {
             return Err(fail("invalid or duplicate xattr name"));
         }
-        xattrs.push((name, value));
+        xattrs.push((name.to_vec(), value));
     }
     Ok(Entry {
         parent,
@@ -628,10 +658,18 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Lengths in the index are u32; the writer never builds anything larger (names are capped,
-/// tables are bounded by the 1 GiB index limit).
-fn len_u32(len: usize) -> u32 {
-    u32::try_from(len).expect("index tables are bounded far below 4 GiB")
+/// A length for a u32 field, or an error naming the field: never a silent truncation.
+fn len_u32(len: usize, what: &str) -> Result<u32> {
+    u32::try_from(len).map_err(|_| {
+        FormatError::InvalidArgument(format!("{what} of {len} does not fit the index"))
+    })
+}
+
+/// A length for a u16 field, or an error naming the field.
+fn len_u16(len: usize, what: &str) -> Result<u16> {
+    u16::try_from(len).map_err(|_| {
+        FormatError::InvalidArgument(format!("{what} of {len} does not fit the index"))
+    })
 }
 
 struct Cursor<'a> {
@@ -754,7 +792,7 @@ mod tests {
     #[test]
     fn index_round_trips() {
         let index = sample();
-        let bytes = index.encode();
+        let bytes = index.encode().unwrap();
         assert_eq!(Index::decode(&bytes, 1, 1 << 20).unwrap(), index);
         // Every strict prefix is rejected, and so is a trailing byte.
         for len in 0..bytes.len() {
@@ -773,28 +811,93 @@ mod tests {
         let mut index = sample();
         index.entries[3].kind = EntryKind::HardLink { target: 2 };
         assert!(
-            Index::decode(&index.encode(), 1, 1 << 20).is_err(),
+            Index::decode(&index.encode().unwrap(), 1, 1 << 20).is_err(),
             "hard link to dir"
         );
         let mut index = sample();
         index.entries[4].name = b"f".to_vec();
         index.entries[4].parent = 0;
         assert!(
-            Index::decode(&index.encode(), 1, 1 << 20).is_err(),
+            Index::decode(&index.encode().unwrap(), 1, 1 << 20).is_err(),
             "duplicate name"
         );
         let mut index = sample();
         index.entries[4].parent = 1;
         assert!(
-            Index::decode(&index.encode(), 1, 1 << 20).is_err(),
+            Index::decode(&index.encode().unwrap(), 1, 1 << 20).is_err(),
             "parent is a file"
         );
         let mut index = sample();
         index.entries[4].name = b"..".to_vec();
         assert!(
-            Index::decode(&index.encode(), 1, 1 << 20).is_err(),
+            Index::decode(&index.encode().unwrap(), 1, 1 << 20).is_err(),
             "dot-dot name"
         );
+    }
+
+    #[test]
+    fn encoder_refuses_what_its_fields_cannot_hold_instead_of_truncating() {
+        // A 65,539-byte name written `as u16` would leave 65,536 bytes behind to be parsed as
+        // further fields (a directory coming back as a setuid block device).
+        let mut index = sample();
+        index.entries[1].name = vec![b'a'; 65_539];
+        let error = index.encode().unwrap_err().to_string();
+        assert!(error.contains("entry 1: name is too long"), "{error}");
+        let mut index = sample();
+        index.entries[1].name = vec![b'a'; MAX_NAME_LEN + 1];
+        assert!(index.encode().is_err(), "one byte over NAME_MAX");
+        index.entries[1].name = vec![b'a'; MAX_NAME_LEN];
+        let bytes = index.encode().unwrap();
+        assert_eq!(Index::decode(&bytes, 1, 1 << 20).unwrap(), index);
+
+        let mut index = sample();
+        index.entries[1].xattrs = vec![(vec![b'x'; MAX_NAME_LEN + 1], vec![])];
+        let error = index.encode().unwrap_err().to_string();
+        assert!(error.contains("xattr name is too long"), "{error}");
+        let mut index = sample();
+        index.entries[1].xattrs = (0..=MAX_XATTRS_PER_ENTRY)
+            .map(|n| (format!("user.{n}").into_bytes(), vec![]))
+            .collect();
+        let error = index.encode().unwrap_err().to_string();
+        assert!(error.contains("extended attributes"), "{error}");
+    }
+
+    #[test]
+    fn decoder_bounds_names_and_xattr_counts_of_hostile_indexes() {
+        // Hand-made bytes, as a hostile sealer would write them: the encoder refuses them.
+        let mut index = sample();
+        index.entries[2].xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+        let good = index.encode().unwrap();
+        let at = |bytes: &[u8], needle: &[u8]| {
+            bytes
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap()
+        };
+        // Two xattrs with one name: the count goes to 2 and the record is repeated.
+        let record_at = at(&good, b"user.a") - 2;
+        let record = good[record_at..record_at + 2 + 6 + 4 + 1].to_vec();
+        let mut duplicate = good.clone();
+        duplicate[record_at - 2..record_at].copy_from_slice(&2u16.to_le_bytes());
+        duplicate.splice(record_at..record_at, record);
+        let error = Index::decode(&duplicate, 1, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("duplicate xattr name"), "{error}");
+        // A count over the cap is refused before any record is read.
+        let mut many = good.clone();
+        many[record_at - 2..record_at].copy_from_slice(&u16::MAX.to_le_bytes());
+        let error = Index::decode(&many, 1, 1 << 20).unwrap_err().to_string();
+        assert!(error.contains("too many extended attributes"), "{error}");
+        // A name over NAME_MAX is refused.
+        let mut index = sample();
+        index.entries[1].name = vec![b'n'; MAX_NAME_LEN];
+        let mut long = index.encode().unwrap();
+        let name_at = at(&long, &[b'n'; MAX_NAME_LEN]);
+        long[name_at - 2..name_at].copy_from_slice(&((MAX_NAME_LEN + 1) as u16).to_le_bytes());
+        long.insert(name_at, b'n');
+        let error = Index::decode(&long, 1, 1 << 20).unwrap_err().to_string();
+        assert!(error.contains("invalid name"), "{error}");
     }
 
     #[test]

@@ -26,7 +26,8 @@ use crate::digest::{digest_of, HashingReader, HashingWriter};
 use crate::error::{FormatError, Result};
 use crate::layout::{
     ChunkInfo, Entry, EntryKind, Extent, Footer, Index, Timestamp, DEFAULT_CHUNK_SIZE_LOG2,
-    FOOTER_AAD_LEN, MAX_CHUNK_SIZE_LOG2, MAX_INDEX_LEN, MIN_CHUNK_SIZE_LOG2,
+    FOOTER_AAD_LEN, MAX_CHUNK_SIZE_LOG2, MAX_INDEX_LEN, MAX_NAME_LEN, MAX_XATTRS_PER_ENTRY,
+    MIN_CHUNK_SIZE_LOG2,
 };
 
 /// Files larger than this are rejected as absurd (1 TiB): no real layer has one, and a hostile
@@ -298,6 +299,15 @@ impl<W: Write> Sealer<W> {
         let path = normalize_path(&raw_path).ok_or_else(|| {
             FormatError::bad_tar(shown, "path escapes the layer root (absolute or `..`)")
         })?;
+        if let Some(long) = path.split(|&b| b == b'/').find(|c| c.len() > MAX_NAME_LEN) {
+            return Err(FormatError::bad_tar(
+                shown,
+                format!(
+                    "a path component of {} bytes exceeds the {MAX_NAME_LEN}-byte limit",
+                    long.len()
+                ),
+            ));
+        }
         let meta = Metadata::read(&mut entry, shown)?;
         let (dir_path, name) = split_path(&path);
 
@@ -314,6 +324,12 @@ impl<W: Write> Sealer<W> {
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(OCI_WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(FormatError::bad_tar(
+                    shown,
+                    "a whiteout must name an entry (`.wh.NAME`)",
+                ));
+            }
             let mut target = dir_path.to_vec();
             if !target.is_empty() {
                 target.push(b'/');
@@ -700,7 +716,23 @@ impl<W: Write> Sealer<W> {
         self.flush_pack(0)?;
         self.write_held(true)?;
         self.index.prefetch = self.prefetch_order();
-        let plain_index = self.index.encode();
+        let plain_index = self.index.encode()?;
+        // Seal only what every reader will accept and read back as this very index: the
+        // writer's own checks and the reader's strict decoder cannot drift apart unnoticed.
+        let chunk_count = u32::try_from(self.index.chunks.len())
+            .map_err(|_| FormatError::InvalidArgument("too many chunks".into()))?;
+        let read_back =
+            Index::decode(&plain_index, chunk_count, self.chunk_size as u32).map_err(|e| {
+                FormatError::InvalidArgument(format!(
+                    "the index this layer produced would not be readable: {e}"
+                ))
+            })?;
+        if read_back != self.index {
+            return Err(FormatError::InvalidArgument(
+                "the index this layer produced does not read back as written".into(),
+            ));
+        }
+        drop(read_back);
         let index_plain_len = u32::try_from(plain_index.len())
             .ok()
             .filter(|&len| len <= MAX_INDEX_LEN)
@@ -800,7 +832,23 @@ impl Metadata {
                     if name.is_empty() || name.contains(&0) {
                         return Err(FormatError::bad_tar(shown, "bad xattr name"));
                     }
+                    if name.len() > MAX_NAME_LEN {
+                        return Err(FormatError::bad_tar(
+                            shown,
+                            format!(
+                                "xattr name of {} bytes exceeds the {MAX_NAME_LEN}-byte limit",
+                                name.len()
+                            ),
+                        ));
+                    }
                     xattrs.retain(|(n, _)| n != name);
+                    // Checked as they arrive, so the scan above stays bounded too.
+                    if xattrs.len() >= MAX_XATTRS_PER_ENTRY {
+                        return Err(FormatError::bad_tar(
+                            shown,
+                            format!("more than {MAX_XATTRS_PER_ENTRY} extended attributes"),
+                        ));
+                    }
                     xattrs.push((name.to_vec(), value.to_vec()));
                 } else if key == b"uid" {
                     uid = number()?;
@@ -811,9 +859,6 @@ impl Metadata {
                         .ok_or_else(|| FormatError::bad_tar(shown, "bad PAX mtime"))?;
                 }
             }
-        }
-        if xattrs.len() > usize::from(u16::MAX) {
-            return Err(FormatError::bad_tar(shown, "too many xattrs"));
         }
         let uid = u32::try_from(uid).map_err(|_| FormatError::bad_tar(shown, "uid above 2^32"))?;
         let gid = u32::try_from(gid).map_err(|_| FormatError::bad_tar(shown, "gid above 2^32"))?;
