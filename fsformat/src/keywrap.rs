@@ -145,6 +145,17 @@ impl PrivateKey {
         PrivateKey(x25519_dalek::StaticSecret::from(bytes))
     }
 
+    /// A private key from its 32 raw bytes in a slice; `None` if it is not 32 bytes. The one
+    /// fixed-size copy it makes is zeroized.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        if bytes.len() != scalar.len() {
+            return None;
+        }
+        scalar.copy_from_slice(bytes);
+        Some(PrivateKey(x25519_dalek::StaticSecret::from(*scalar)))
+    }
+
     /// The raw bytes, for splitting into shares only.
     pub fn expose_bytes(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.0.to_bytes())
@@ -191,11 +202,7 @@ impl FromStr for PrivateKey {
                 .decode(encoded)
                 .map_err(|_| bad("not base64url"))?,
         );
-        let bytes: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| bad("not 32 bytes"))?;
-        Ok(PrivateKey::from_bytes(bytes))
+        PrivateKey::from_slice(&bytes).ok_or_else(|| bad("not 32 bytes"))
     }
 }
 

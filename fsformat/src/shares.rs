@@ -88,10 +88,8 @@ impl KeyShare {
         for c in &self.commitments {
             bytes.extend_from_slice(c);
         }
-        Zeroizing::new(format!(
-            "{SHARE_PREFIX}{}\n",
-            URL_SAFE_NO_PAD.encode(&bytes[..])
-        ))
+        let encoded = Zeroizing::new(URL_SAFE_NO_PAD.encode(&bytes[..]));
+        Zeroizing::new(format!("{SHARE_PREFIX}{}\n", encoded.as_str()))
     }
 
     /// Parses the text form (comment lines starting with `#` are ignored).
@@ -222,11 +220,8 @@ pub fn combine(shares: &[KeyShare]) -> Result<PrivateKey> {
             .recover(&points)
             .map_err(|e| FormatError::Shares(format!("shares do not combine: {e}")))?,
     );
-    let bytes: [u8; 32] = secret
-        .as_slice()
-        .try_into()
-        .map_err(|_| FormatError::Shares("shares do not hold a 32-byte key".into()))?;
-    let key = PrivateKey::from_bytes(bytes);
+    let key = PrivateKey::from_slice(&secret)
+        .ok_or_else(|| FormatError::Shares("shares do not hold a 32-byte key".into()))?;
     if key.public().key_id() != first.key_id {
         return Err(FormatError::Shares(format!(
             "the shares combine to a key other than {}: at least one share is wrong",

@@ -35,7 +35,7 @@ pub enum CredentialsError {
     },
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Default, serde::Deserialize)]
 struct AuthEntry {
     auth: Option<String>,
     username: Option<String>,
@@ -43,7 +43,27 @@ struct AuthEntry {
     identitytoken: Option<String>,
 }
 
-/// A parsed `config.json`.
+/// Shows which fields are set, never their values: a debug print or log line must not carry a
+/// password or token.
+impl std::fmt::Debug for AuthEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |field: &Option<String>| {
+            if field.is_some() {
+                "<redacted>"
+            } else {
+                "<unset>"
+            }
+        };
+        f.debug_struct("AuthEntry")
+            .field("auth", &set(&self.auth))
+            .field("username", &self.username)
+            .field("password", &set(&self.password))
+            .field("identitytoken", &set(&self.identitytoken))
+            .finish()
+    }
+}
+
+/// A parsed `config.json`. Its `Debug` redacts secrets (see `AuthEntry`).
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct DockerConfig {
     #[serde(default)]
@@ -276,5 +296,25 @@ esac
         assert_eq!(basic(carol.unwrap()), ("carol".into(), "pw".into()));
         assert!(matches!(token.unwrap(), RegistryAuth::Bearer(t) if t == "refresh"));
         assert!(matches!(none.unwrap(), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn debug_output_names_fields_but_never_shows_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"reg.example.com": {"auth": "YWxpY2U6c2VjcmV0MQ==", "username": "alice", "password": "secret2", "identitytoken": "secret3"}}}"#,
+        )
+        .unwrap();
+        let config = DockerConfig::load(&path).unwrap();
+        let shown = format!("{config:?} {config:#?}");
+        for secret in ["YWxpY2U6c2VjcmV0MQ==", "secret2", "secret3"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

@@ -38,14 +38,30 @@ fn write_new(path: &Path, text: &str, mode: u32, force: bool) -> Result<()> {
 }
 
 pub fn keygen(private: &Path, public: &Path, force: bool) -> Result<()> {
+    // Both paths are checked before either is written: a failure never leaves a private key
+    // behind without its public key.
+    if !force {
+        for path in [private, public] {
+            if path.exists() || path.is_symlink() {
+                bail!(
+                    "{} already exists; nothing was written (pass --force to overwrite both, or choose other paths)",
+                    path.display()
+                );
+            }
+        }
+    }
     let key = PrivateKey::generate()?;
     let public_key = key.public();
-    write_new(private, &key.to_file_text(), 0o600, force)?;
     let text = format!(
         "# sealfs public key; key id {}\n{public_key}\n",
         public_key.key_id()
     );
     write_new(public, &text, 0o644, force)?;
+    if let Err(error) = write_new(private, &key.to_file_text(), 0o600, force) {
+        // The public key alone is harmless but useless: take it back.
+        let _ = fs::remove_file(public);
+        return Err(error);
+    }
     eprintln!(
         "key id {}: private key in {}, public key in {}",
         public_key.key_id(),
@@ -63,11 +79,11 @@ pub fn split(threshold: u8, total: u8, private: &Path, outdir: &Path) -> Result<
     let key_id = key.public().key_id();
     for share in &shares {
         let path = outdir.join(format!("share-{}-of-{total}.txt", share.number()));
-        let text = format!(
+        let text = zeroize::Zeroizing::new(format!(
             "# sealfs key share {} of {total} for key id {key_id}; any {threshold} recover the key\n{}",
             share.number(),
             &**share.to_text()
-        );
+        ));
         write_new(&path, &text, 0o600, false)?;
     }
     eprintln!(
