@@ -5,7 +5,7 @@
 # `sealctl pull`, run a container from it with `ctr run --snapshotter sealfs`, and show how
 # little of the image was fetched to do so.
 #
-# Usage: sudo bash scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
+# Usage: bash scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /tmp/sealfs-demo.XXXXXX)}

@@ -7,7 +7,7 @@
 # With --configure-containerd it also adds [proxy_plugins.sealfs] to
 # /etc/containerd/config.toml (unless present) and restarts containerd.
 #
-# Usage: sudo bash scripts/install.sh [--configure-containerd] [PREFIX]   (PREFIX: /usr/local)
+# Usage: bash scripts/install.sh [--configure-containerd] [PREFIX]   (PREFIX: /usr/local)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 configure_containerd=0

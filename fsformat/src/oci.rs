@@ -18,10 +18,33 @@ pub const ANNOTATION_INDEX_DIGEST: &str = "containerd.io/snapshot/sealfs.index.d
 pub const ANNOTATION_INDEX_SIZE: &str = "containerd.io/snapshot/sealfs.index.size";
 /// Annotation prefix: one wrapped layer key per recipient, suffixed with the key id.
 pub const ANNOTATION_KEY_PREFIX: &str = "containerd.io/snapshot/sealfs.key.";
-/// Annotation: the diff id (uncompressed tar digest) of the layer that was sealed.
-pub const ANNOTATION_SOURCE_DIFF_ID: &str = "containerd.io/snapshot/sealfs.source.diff-id";
-/// Manifest annotation marking a sealed image, with the format version.
+/// Annotation that images sealed by sealfs before image format v2 carried: the plain layer's
+/// diff id. Readers ignore it; its presence tells such an image apart (see [`SEALED_IMAGE_VERSION`]).
+pub const ANNOTATION_LEGACY_SOURCE_DIFF_ID: &str = "containerd.io/snapshot/sealfs.source.diff-id";
+/// Manifest annotation marking a sealed image, with the image format version.
 pub const ANNOTATION_SEALED_IMAGE: &str = "org.sealfs.sealed";
+/// The image format version this crate writes in [`ANNOTATION_SEALED_IMAGE`]. Version 2 made
+/// each sealed layer's diff id [`sealed_diff_id`]; version 1 images kept the plain layers' diff
+/// ids, which nothing on the node could check, and must be sealed again.
+pub const SEALED_IMAGE_VERSION: &str = "v2";
+
+/// The diff id a sealed image's config lists for a sealed layer: a domain-separated hash of the
+/// layer's tail digest (the manifest pins the tail, the tail pins every chunk and, through its
+/// key commitment, the key). containerd derives snapshot identities (chain ids) from diff ids,
+/// so a sealed layer's snapshot identity is a function of what is authenticated: no image can
+/// claim another image's diff ids for content of its own.
+///
+/// ```text
+/// sealed_diff_id = "sha256:" || hex(SHA-256("sealfs/v2 diff id" || index_digest))
+/// ```
+/// where `index_digest` is the `sealfs.index.digest` annotation's text (`sha256:<hex>`).
+pub fn sealed_diff_id(index_digest: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"sealfs/v2 diff id");
+    hash.update(index_digest.as_bytes());
+    format!("sha256:{}", hex::encode(hash.finalize()))
+}
 
 /// What a sealed layer's descriptor says about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,8 +55,6 @@ pub struct SealedLayerAnnotations {
     pub index_size: u64,
     /// Wrapped layer keys.
     pub stanzas: Vec<Stanza>,
-    /// The original layer's diff id.
-    pub source_diff_id: Option<String>,
 }
 
 impl SealedLayerAnnotations {
@@ -56,9 +77,6 @@ impl SealedLayerAnnotations {
                 stanza.encode(),
             ));
         }
-        if let Some(diff_id) = &self.source_diff_id {
-            pairs.push((ANNOTATION_SOURCE_DIFF_ID.to_string(), diff_id.clone()));
-        }
         pairs
     }
 
@@ -71,7 +89,6 @@ impl SealedLayerAnnotations {
         let mut index_digest = None;
         let mut index_size = None;
         let mut stanzas = Vec::new();
-        let mut source_diff_id = None;
         for (key, value) in map {
             if key == ANNOTATION_INDEX_DIGEST {
                 let ok = value
@@ -99,8 +116,6 @@ impl SealedLayerAnnotations {
                     )));
                 }
                 stanzas.push(stanza);
-            } else if key == ANNOTATION_SOURCE_DIFF_ID {
-                source_diff_id = Some(value.clone());
             }
         }
         Ok(SealedLayerAnnotations {
@@ -109,7 +124,6 @@ impl SealedLayerAnnotations {
             index_size: index_size
                 .ok_or_else(|| bad(format!("{ANNOTATION_INDEX_SIZE} is missing")))?,
             stanzas,
-            source_diff_id,
         })
     }
 }
@@ -117,4 +131,24 @@ impl SealedLayerAnnotations {
 /// Whether a descriptor annotation belongs to sealfs (and is rewritten with the layer's facts).
 pub fn is_sealfs_annotation(key: &str) -> bool {
     key.starts_with("containerd.io/snapshot/sealfs.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_diff_ids_are_domain_separated_digests_of_the_tail_digest() {
+        let tail = format!("sha256:{}", "ab".repeat(32));
+        let id = sealed_diff_id(&tail);
+        assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+        assert_ne!(id, tail, "not the tail digest itself");
+        assert_ne!(id, sealed_diff_id(&format!("sha256:{}", "ac".repeat(32))));
+        // A fixed vector (computed independently with Python's hashlib), so a second
+        // implementation can check its derivation against docs/format.md.
+        assert_eq!(
+            id,
+            "sha256:5c23bd831b9be107115b74059635c35a3370e305cfee535f2ac78a98b873d727"
+        );
+    }
 }

@@ -82,6 +82,38 @@ impl UnverifiedTail {
         })
     }
 
+    /// Takes the tail fetched for a descriptor that pins its digest and size (`tail` is exactly
+    /// the blob's last `sealfs.index.size` bytes): hashes it first, and parses nothing of a
+    /// tail that is not the pinned one. The sealed index stays in `tail`'s buffer (no copy).
+    pub fn from_pinned(blob_size: u64, mut tail: Vec<u8>, expected_digest: &str) -> Result<Self> {
+        let digest = digest_of(&tail);
+        if digest != expected_digest {
+            return Err(FormatError::TailDigestMismatch {
+                expected: expected_digest.to_string(),
+                actual: digest,
+            });
+        }
+        if tail.len() < FOOTER_LEN || tail.len() as u64 > blob_size {
+            return Err(FormatError::BadFooter("blob shorter than a footer".into()));
+        }
+        let footer_bytes: [u8; FOOTER_LEN] = tail[tail.len() - FOOTER_LEN..].try_into().unwrap();
+        let footer = Footer::decode(&footer_bytes, blob_size)?;
+        if footer.tail_len() != tail.len() as u64 {
+            return Err(FormatError::BadFooter(format!(
+                "the pinned tail has {} bytes but the footer says {}",
+                tail.len(),
+                footer.tail_len()
+            )));
+        }
+        tail.truncate(tail.len() - FOOTER_LEN);
+        Ok(UnverifiedTail {
+            footer,
+            footer_bytes,
+            sealed_index: tail,
+            digest,
+        })
+    }
+
     /// Reads footer then index from `source` (two reads). Use [`Self::read_sized`] when the
     /// tail size is known from the descriptor: one read.
     pub fn read<S: BlobSource + ?Sized>(source: &S, blob_size: u64) -> Result<Self> {

@@ -129,7 +129,7 @@ struct DiskState {
 impl DiskCache {
     /// Opens (creating) the cache directory of one layer, adopting the chunks already there.
     pub fn open(dir: &Path, limit_bytes: u64) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        crate::hardening::ensure_private_dir(dir)?;
         let mut state = DiskState {
             sizes: HashMap::new(),
             order: VecDeque::new(),

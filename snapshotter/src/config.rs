@@ -70,6 +70,9 @@ pub struct FetchSection {
     pub profile_streams: usize,
     /// How long Prepare waits for a mounted layer's profile (milliseconds); 0: not at all.
     pub profile_wait_ms: u64,
+    /// Largest index a layer may have, compressed (its tail) or decompressed (MiB): a layer
+    /// over it is refused before its index is fetched or decompressed.
+    pub max_index_mib: u64,
 }
 
 /// `[registry]`.
@@ -126,6 +129,7 @@ impl Default for FetchSection {
             profile: fetch.profile,
             profile_streams: fetch.profile_streams,
             profile_wait_ms: 0,
+            max_index_mib: crate::mount::DEFAULT_MAX_INDEX_BYTES >> 20,
         }
     }
 }
@@ -189,6 +193,7 @@ impl Config {
             ("fetch.merge_kib", config.fetch.merge_kib),
             ("fetch.profile_streams", config.fetch.profile_streams as u64),
             ("fetch.read_timeout_secs", config.fetch.read_timeout_secs),
+            ("fetch.max_index_mib", config.fetch.max_index_mib),
             (
                 "registry.request_timeout_secs",
                 config.registry.request_timeout_secs,
@@ -232,6 +237,8 @@ impl Config {
                 fuse_threads: fetch.fuse_threads,
                 cache_dir: None,
                 disk_cache_bytes: self.cache.disk_per_layer_mib << 20,
+                max_index_bytes: fetch.max_index_mib << 20,
+                restrictions: crate::mount::MountRestrictions::default(),
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
         }

@@ -49,8 +49,9 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError 
 
 /// Binds the socket, replacing one a dead daemon left; refuses one a live daemon answers on.
 fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(setup(format!("creating {}", dir.display())))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::hardening::ensure_private_dir(dir)
+            .map_err(setup(format!("making {} private", dir.display())))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -58,9 +59,11 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
         }
         std::fs::remove_file(path).map_err(setup(format!("removing stale {}", path.display())))?;
     }
+    // containerd runs as root; nobody else may drive the snapshotter. The umask (077, set at
+    // start) makes bind create the socket 0600, so it is never open to others, not even for
+    // the moment before a chmod; the chmod states the intent whatever the umask was.
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(setup(format!("listening on {}", path.display())))?;
-    // containerd runs as root; nobody else may drive the snapshotter.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(setup(format!("restricting {}", path.display())))?;
@@ -86,8 +89,15 @@ async fn termination() {
 /// Runs the daemon with `config` until a termination signal; unmounts its layers on the way
 /// out (a restart mounts them again).
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&config.root)
-        .map_err(setup(format!("creating {}", config.root.display())))?;
+    // Before anything is created or decrypted: files, sockets and directories private by
+    // default, and no core dump that would write plaintext to disk.
+    let old_umask = crate::hardening::restrict_umask();
+    if old_umask != 0o077 {
+        tracing::debug!(old = format!("{old_umask:03o}"), "umask set to 077");
+    }
+    crate::hardening::disable_core_dumps().map_err(setup("disabling core dumps"))?;
+    crate::hardening::ensure_private_dir(&config.root)
+        .map_err(setup(format!("making {} private", config.root.display())))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sealfs-grpc")

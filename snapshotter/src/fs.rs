@@ -295,7 +295,13 @@ impl LayerFs {
                 name: b"..".to_vec(),
             },
         ];
-        let children = layer.children(number).iter().map(|&child| {
+        // Position p is dots[p] for p < 2, else child p - 2: a resumed listing starts at its
+        // child directly, so listing a directory of n entries costs O(n) in all, not O(n^2).
+        let children = layer.children(number);
+        let first_child = offset.saturating_sub(dots.len()).min(children.len());
+        let dots = dots.into_iter().skip(offset).take(max);
+        let room = max.saturating_sub(dots.len());
+        let children = children[first_child..].iter().take(room).map(|&child| {
             let attr = self.attr_of(child);
             let name = layer.entry(child).expect("child exists").name.clone();
             DirEntry {
@@ -304,12 +310,7 @@ impl LayerFs {
                 name,
             }
         });
-        Ok(dots
-            .into_iter()
-            .chain(children)
-            .skip(offset)
-            .take(max)
-            .collect())
+        Ok(dots.chain(children).collect())
     }
 
     /// A symlink's target.

@@ -248,6 +248,10 @@ pub struct MountConfig {
     pub threads: usize,
     /// Shown as the mount's source in /proc/mounts.
     pub fs_name: String,
+    /// Mount `nosuid,nodev` (as root, FUSE does not impose them).
+    pub nosuid_nodev: bool,
+    /// Mount `noexec`.
+    pub noexec: bool,
 }
 
 /// Mounts `fs` read-only at `mountpoint`; the session runs on background threads until the
@@ -265,6 +269,14 @@ pub fn mount(
         MountOption::DefaultPermissions,
         MountOption::CUSTOM(format!("max_read={MAX_READ}")),
     ];
+    if config.nosuid_nodev {
+        options
+            .mount_options
+            .extend([MountOption::NoSuid, MountOption::NoDev]);
+    }
+    if config.noexec {
+        options.mount_options.push(MountOption::NoExec);
+    }
     // Containers run as any user; permissions are checked by the kernel (DefaultPermissions).
     options.acl = fuser::SessionACL::All;
     options.n_threads = Some(config.threads.max(1));

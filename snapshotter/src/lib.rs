@@ -4,7 +4,8 @@
 //! up through `fsformat`, which verifies and decrypts them, into the caches and the reply.
 //! Each module knows only the one below it.
 //!
-//! Modules, in dependency order: [`image_ref`] and [`oci_layout`] (image access), [`source`],
+//! Modules, in dependency order: [`hardening`] (private directories, no core dumps),
+//! [`image_ref`] and [`oci_layout`] (image access), [`source`],
 //! [`cache`], [`fetcher`], `prefetch` (the background fetch), [`fs`], [`fuse`] and [`mount`]
 //! (mounting one layer or a whole image), [`registry`] with [`credentials`] and [`hosts`], and
 //! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb), [`keys`] (the node's
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod fetcher;
 pub mod fs;
 pub mod fuse;
+pub mod hardening;
 pub mod hosts;
 pub mod image_ref;
 pub mod keys;

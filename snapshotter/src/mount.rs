@@ -44,6 +44,16 @@ pub enum MountError {
         #[source]
         source: FormatError,
     },
+    /// The layer's index is larger than this node accepts.
+    #[error("layer {digest}: its index is {size} bytes, above this node's limit of {limit} bytes (fetch.max_index_mib); nothing was fetched")]
+    IndexTooLarge {
+        /// The layer.
+        digest: String,
+        /// The size its annotation or footer gives.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The layer's blob could not be read.
     #[error("layer {digest}: reading its index")]
     Source {
@@ -75,6 +85,45 @@ pub struct MountOptions {
     pub cache_dir: Option<PathBuf>,
     /// Disk cache bound per layer.
     pub disk_cache_bytes: u64,
+    /// Largest index a layer may have (its tail fetched, and its decompressed index), see
+    /// [`DEFAULT_MAX_INDEX_BYTES`].
+    pub max_index_bytes: u64,
+    /// What the mounts of an image opened for inspection (`mount.sealfs`) refuse: setuid and
+    /// device nodes always there, execution on request. The snapshotter's layer mounts are
+    /// container lowers: the container's overlay decides, so these stay off for them.
+    pub restrictions: MountRestrictions,
+}
+
+/// Mount flags that keep an untrusted image's setuid files, device nodes and programs inert.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountRestrictions {
+    /// `nosuid` and `nodev`: setuid/setgid bits and file capabilities are ignored, device
+    /// nodes cannot be opened.
+    pub nosuid_nodev: bool,
+    /// `noexec`: nothing on the mount can be executed.
+    pub noexec: bool,
+}
+
+impl MountRestrictions {
+    /// What every inspection mount gets: `nosuid,nodev`, and `noexec` if asked for.
+    pub fn inspection(noexec: bool) -> Self {
+        MountRestrictions {
+            nosuid_nodev: true,
+            noexec,
+        }
+    }
+
+    /// The mount(2) flags.
+    fn flags(self) -> libc::c_ulong {
+        let mut flags = 0;
+        if self.nosuid_nodev {
+            flags |= libc::MS_NOSUID | libc::MS_NODEV;
+        }
+        if self.noexec {
+            flags |= libc::MS_NOEXEC;
+        }
+        flags
+    }
 }
 
 impl Default for MountOptions {
@@ -84,6 +133,8 @@ impl Default for MountOptions {
             fuse_threads: 8,
             cache_dir: None,
             disk_cache_bytes: 10 << 30,
+            max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
+            restrictions: MountRestrictions::default(),
         }
     }
 }
@@ -109,7 +160,12 @@ pub fn open_layer(
         what: format!("opening {}", path.display()),
         source,
     })?;
-    open_sealed_layer(descriptor, Arc::new(source), identities)
+    open_sealed_layer(
+        descriptor,
+        Arc::new(source),
+        identities,
+        DEFAULT_MAX_INDEX_BYTES,
+    )
 }
 
 /// A sealed layer's descriptor facts (annotations) and its unwrapped key: the first step of
@@ -137,21 +193,32 @@ pub fn unwrap_layer(
 }
 
 /// Fetches a sealed layer's tail (index and footer) with one range read and checks it against
-/// the digest the descriptor pins; no key is needed, so the footer can be shown without one.
+/// the digest the descriptor pins before parsing any of it; no key is needed, so the footer can
+/// be shown without one. A tail or a decompressed index over `max_index_bytes` is refused
+/// before it is fetched or decompressed: it would be memory spent on unauthenticated bytes.
 pub fn read_tail(
     descriptor: &Descriptor,
     facts: &SealedLayerAnnotations,
     source: &dyn ChunkSource,
+    max_index_bytes: u64,
 ) -> Result<UnverifiedTail, MountError> {
     let digest = descriptor.digest().to_string();
     let layer_error = |source| MountError::Layer {
         digest: digest.clone(),
         source,
     };
+    let too_large = |size| MountError::IndexTooLarge {
+        digest: digest.clone(),
+        size,
+        limit: max_index_bytes,
+    };
     let size = descriptor.size();
-    if facts.index_size > size || facts.index_size > MAX_TAIL_BYTES {
+    if facts.index_size > max_index_bytes {
+        return Err(too_large(facts.index_size));
+    }
+    if facts.index_size > size {
         return Err(layer_error(FormatError::BadFooter(format!(
-            "index size {} is out of range",
+            "index size {} is larger than the blob",
             facts.index_size
         ))));
     }
@@ -161,12 +228,10 @@ pub fn read_tail(
             digest: digest.clone(),
             source,
         })?;
-    let tail = UnverifiedTail::parse(size, &tail).map_err(layer_error)?;
-    if tail.digest() != facts.index_digest {
-        return Err(layer_error(FormatError::TailDigestMismatch {
-            expected: facts.index_digest.clone(),
-            actual: tail.digest().to_string(),
-        }));
+    let tail = UnverifiedTail::from_pinned(size, tail, &facts.index_digest).map_err(layer_error)?;
+    let plain_len = u64::from(tail.footer().index_plain_len);
+    if plain_len > max_index_bytes {
+        return Err(too_large(plain_len));
     }
     Ok(tail)
 }
@@ -178,9 +243,10 @@ pub fn open_sealed_layer(
     descriptor: &Descriptor,
     source: Arc<dyn ChunkSource>,
     identities: &[PrivateKey],
+    max_index_bytes: u64,
 ) -> Result<OpenedLayer, MountError> {
     let (facts, key) = unwrap_layer(descriptor, identities)?;
-    let tail = read_tail(descriptor, &facts, &*source)?;
+    let tail = read_tail(descriptor, &facts, &*source, max_index_bytes)?;
     let digest = descriptor.digest().to_string();
     let layer = tail
         .open(&key, &facts.index_digest)
@@ -195,8 +261,10 @@ pub fn open_sealed_layer(
     })
 }
 
-/// Largest tail (index plus footer) a mount fetches: bounds memory on a hostile annotation.
-const MAX_TAIL_BYTES: u64 = 1 << 30;
+/// Default for [`MountOptions::max_index_bytes`]: 64 MiB holds the index of a layer with
+/// about a million files, and bounds what a hostile descriptor or footer can make a node
+/// allocate before anything is authenticated.
+pub const DEFAULT_MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// Builds the filesystem of an opened layer: fetcher, caches, background fetch.
 pub fn layer_fs(
@@ -257,6 +325,11 @@ pub fn mount_each(
     dir: &Path,
     options: &MountOptions,
 ) -> Result<(Vec<MountedLayer>, Vec<PathBuf>), MountError> {
+    // The layers' own mount points show plaintext: only root may reach them.
+    crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
     let mut layers = Vec::with_capacity(filesystems.len());
     for (number, fs) in filesystems.into_iter().enumerate() {
         let point = dir.join(number.to_string());
@@ -296,6 +369,8 @@ impl MountedLayer {
         let config = MountConfig {
             threads: options.fuse_threads,
             fs_name: format!("sealfs:{name}"),
+            nosuid_nodev: options.restrictions.nosuid_nodev,
+            noexec: options.restrictions.noexec,
         };
         let session = crate::fuse::mount(fs.clone(), mountpoint, &config).map_err(|source| {
             MountError::Io {
@@ -379,9 +454,14 @@ fn abort_fuse_connection(id: u64) -> bool {
     std::fs::write(&abort, "1").is_ok()
 }
 
-/// Mounts a read-only overlay of `lowers` (topmost first) at `target`.
-pub fn mount_overlay(lowers: &[PathBuf], target: &Path) -> Result<(), MountError> {
-    overlay(lowers, None, target)
+/// Mounts a read-only overlay of `lowers` (topmost first) at `target` for inspection, with
+/// `restrictions` (see [`MountRestrictions::inspection`]).
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    target: &Path,
+    restrictions: MountRestrictions,
+) -> Result<(), MountError> {
+    overlay(lowers, None, target, restrictions.flags())
 }
 
 /// Mounts a writable overlay of `lowers` (topmost first) with `upper` and `work` (empty
@@ -392,13 +472,14 @@ pub fn mount_overlay_writable(
     work: &Path,
     target: &Path,
 ) -> Result<(), MountError> {
-    overlay(lowers, Some((upper, work)), target)
+    overlay(lowers, Some((upper, work)), target, 0)
 }
 
 fn overlay(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,
     target: &Path,
+    flags: libc::c_ulong,
 ) -> Result<(), MountError> {
     let joined: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
     let mut data = format!("lowerdir={}", joined.join(":"));
@@ -423,7 +504,7 @@ fn overlay(
             source.as_ptr(),
             target_c.as_ptr(),
             fstype.as_ptr(),
-            if upper.is_some() { 0 } else { libc::MS_RDONLY },
+            flags | if upper.is_some() { 0 } else { libc::MS_RDONLY },
             data_c.as_ptr().cast(),
         )
     };

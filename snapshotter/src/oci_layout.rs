@@ -480,17 +480,21 @@ impl<R: Read> Read for VerifyingReader<R> {
     }
 }
 
-/// OCI chain ids of a layer stack from its diff ids, bottom first: the first layer's chain id
-/// is its diff id, each next one `sha256(previous + " " + diff id)`. containerd names committed
-/// layer snapshots by them.
+/// OCI chain ids of a layer stack from its diff ids, bottom first (see [`chain_id`]).
+/// containerd names committed layer snapshots by them.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff in diff_ids {
-        let next = match out.last() {
-            None => diff.clone(),
-            Some(previous) => fsformat::digest::digest_of(format!("{previous} {diff}").as_bytes()),
-        };
-        out.push(next);
+        out.push(chain_id(out.last().map(String::as_str), diff));
     }
     out
+}
+
+/// The chain id of a layer with diff id `diff_id` on a stack whose top chain id is `parent`:
+/// the diff id itself for a base layer, else `sha256(parent + " " + diff_id)`.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(parent) => fsformat::digest::digest_of(format!("{parent} {diff_id}").as_bytes()),
+    }
 }

@@ -87,6 +87,19 @@ impl RemoteLayerSource {
     pub fn digest(&self) -> String {
         self.descriptor.digest().to_string()
     }
+
+    /// The layer's diff id in its sealed image's config: derived from the tail digest the
+    /// manifest pins (and the mount verifies), see [`fsformat::oci::sealed_diff_id`].
+    pub fn sealed_diff_id(&self) -> String {
+        let index_digest = self
+            .descriptor
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(SEALED_MARKER_LABEL))
+            .map(String::as_str)
+            .unwrap_or_default();
+        fsformat::oci::sealed_diff_id(index_digest)
+    }
 }
 
 /// Why a remote layer could not be mounted. Messages name the layer and image; never a key.
@@ -115,6 +128,41 @@ pub enum RemoteError {
         /// The index digest in the registry's manifest.
         found: String,
     },
+    /// The image was sealed in an older image format, whose diff ids nothing can check.
+    #[error("layer {layer} of {image}: the image was sealed in sealfs image format {found}, which this node no longer accepts (its config lists the plain layers' diff ids, which nothing on the node can check); seal the original image again with the current sealctl (format {current})", current = fsformat::oci::SEALED_IMAGE_VERSION)]
+    LegacyFormat {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// The format version the manifest names.
+        found: String,
+    },
+    /// The snapshot containerd asked for (a chain id from the image config) is not the one the
+    /// sealed content authenticates: the config claims diff ids its layers do not have.
+    #[error("layer {layer} of {image}: containerd asked for snapshot {target}, but the sealed layer on that parent is snapshot {expected} (chain id of its sealed diff id {diff_id}); the image config claims diff ids its sealed layers do not have, so the layer is refused")]
+    ChainIdMismatch {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// The chain id containerd computed (the Prepare's target).
+        target: String,
+        /// The chain id of the sealed content on the given parent.
+        expected: String,
+        /// The sealed layer's diff id.
+        diff_id: String,
+    },
+    /// The parent snapshot's chain id is unknown, so the layer's cannot be checked.
+    #[error("layer {layer} of {image}: the parent snapshot {parent} has no chain id (no {TARGET_LABEL} label and not named by one), so the sealed layer's identity cannot be checked")]
+    UnknownParent {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// The parent snapshot.
+        parent: String,
+    },
     /// The manifest does not list the layer.
     #[error("layer {layer} is not in the manifest of {image}")]
     NotInManifest {
@@ -136,6 +184,14 @@ pub enum RemoteError {
         /// What failed.
         #[source]
         source: Box<MountError>,
+    },
+    /// Another Prepare of the same layer did not finish in time.
+    #[error("snapshot {target}: another Prepare of this layer has been running for {waited:?}; try again")]
+    Busy {
+        /// The target snapshot.
+        target: String,
+        /// How long this one waited.
+        waited: Duration,
     },
     /// A stored source does not parse (a damaged database).
     #[error("remote snapshot record: {0}")]
@@ -266,6 +322,24 @@ impl RemoteLayers {
         if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
             return Ok(None);
         }
+        let version = image
+            .image
+            .manifest
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(fsformat::oci::ANNOTATION_SEALED_IMAGE))
+            .cloned();
+        let legacy = descriptor
+            .annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(fsformat::oci::ANNOTATION_LEGACY_SOURCE_DIFF_ID));
+        if legacy || version.as_deref() != Some(fsformat::oci::SEALED_IMAGE_VERSION) {
+            return Err(RemoteError::LegacyFormat {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                found: version.unwrap_or_else(|| "v1 (unmarked)".to_string()),
+            });
+        }
         let found = descriptor
             .annotations()
             .as_ref()
@@ -310,8 +384,13 @@ impl RemoteLayers {
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = registry.blob(&reference, &layer, source.descriptor.size());
-        let opened = mount::open_sealed_layer(&source.descriptor, Arc::new(blob), &identities)
-            .map_err(mount_error)?;
+        let opened = mount::open_sealed_layer(
+            &source.descriptor,
+            Arc::new(blob),
+            &identities,
+            self.config.mount.max_index_bytes,
+        )
+        .map_err(mount_error)?;
         let options = MountOptions {
             cache_dir: Some(cache_dir.to_path_buf()),
             ..self.config.mount.clone()

@@ -13,8 +13,8 @@
 // only be undone at the trait boundary.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use containerd_snapshots::api::types::Mount as ApiMount;
@@ -41,7 +41,7 @@ impl From<SnapshotError> for Status {
 fn remote_status(error: &RemoteError) -> Status {
     let message = format!("sealfs: {}", crate::error_chain(error));
     match error {
-        RemoteError::Registry { .. } => Status::unavailable(message),
+        RemoteError::Registry { .. } | RemoteError::Busy { .. } => Status::unavailable(message),
         RemoteError::Record(_) => Status::internal(message),
         _ => Status::failed_precondition(message),
     }
@@ -60,9 +60,13 @@ pub struct Node {
     remote: RemoteLayers,
     /// Live FUSE mounts of remote snapshots, by directory id.
     mounted: Mutex<HashMap<u64, MountedLayer>>,
-    /// Held while a remote layer is mounted and recorded, and by cleanup, so cleanup never
-    /// takes a directory that is being filled for an orphan.
-    remote_lock: Mutex<()>,
+    /// Held shared while a remote layer is mounted and recorded, and exclusively by cleanup,
+    /// so cleanup never takes a directory that is being filled for an orphan. Prepares of
+    /// different layers run side by side.
+    unrecorded_remote: RwLock<()>,
+    /// Targets being prepared: a second Prepare of the same layer waits for the first, with
+    /// a deadline, instead of mounting it twice.
+    preparing: InFlightTargets,
     /// Counters.
     pub stats: ServiceStats,
     /// Fetch counters of layers removed since the start, so totals never go down.
@@ -76,7 +80,8 @@ impl Node {
             store,
             remote,
             mounted: Mutex::new(HashMap::new()),
-            remote_lock: Mutex::new(()),
+            unrecorded_remote: RwLock::new(()),
+            preparing: InFlightTargets::default(),
             stats: ServiceStats::default(),
             retired: Mutex::new(FetchTotals::default()),
         }
@@ -200,6 +205,13 @@ impl Node {
         labels: &HashMap<String, String>,
         request: &LayerRequest,
     ) -> Result<bool, RemoteError> {
+        let _preparing =
+            self.preparing
+                .claim(target, PREPARE_WAIT)
+                .ok_or_else(|| RemoteError::Busy {
+                    target: target.to_string(),
+                    waited: PREPARE_WAIT,
+                })?;
         if self.store.stat(target).is_ok() {
             return Ok(true);
         }
@@ -211,7 +223,11 @@ impl Node {
         else {
             return Ok(false);
         };
-        let guard = self.remote_lock.lock().expect("remote lock");
+        // Before any key is unwrapped or anything mounted: the snapshot identity containerd
+        // asks for must be the one the sealed content has.
+        self.check_chain_id(target, parent, request, &source)
+            .inspect_err(|_| self.count_failure())?;
+        let guard = self.unrecorded_remote.read().expect("unrecorded lock");
         let record_error = |e: SnapshotError| RemoteError::Record(e.to_string());
         let id = self.store.reserve_dir().map_err(record_error)?;
         let mountpoint = self.store.content_dir(id);
@@ -269,6 +285,60 @@ impl Node {
                 Err(record_error(error))
             }
         }
+    }
+
+    /// Refuses a sealed layer whose target chain id is not `chainID(parent's chain id, the
+    /// layer's sealed diff id)`. containerd computes targets from the image config's diff ids
+    /// and checks diff ids only when it unpacks a layer itself, never for a remote one; the
+    /// sealed diff id is derived from the tail digest the manifest pins, so a config cannot
+    /// claim another image's diff ids (and so its snapshots) for content of its own.
+    fn check_chain_id(
+        &self,
+        target: &str,
+        parent: Option<&str>,
+        request: &LayerRequest,
+        source: &RemoteLayerSource,
+    ) -> Result<(), RemoteError> {
+        let parent_chain = match parent {
+            None => None,
+            Some(parent) => {
+                Some(
+                    self.chain_id_of(parent)
+                        .ok_or_else(|| RemoteError::UnknownParent {
+                            image: request.image.clone(),
+                            layer: request.layer.clone(),
+                            parent: parent.to_string(),
+                        })?,
+                )
+            }
+        };
+        let diff_id = source.sealed_diff_id();
+        let expected = crate::oci_layout::chain_id(parent_chain.as_deref(), &diff_id);
+        if expected != target {
+            return Err(RemoteError::ChainIdMismatch {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                target: target.to_string(),
+                expected,
+                diff_id,
+            });
+        }
+        Ok(())
+    }
+
+    /// The chain id of committed snapshot `name`: containerd names the layer snapshots it
+    /// commits `NAMESPACE/ID/CHAINID` and remote ones are named by their target chain id, so
+    /// it is the name's last segment; otherwise the target label its Prepare carried.
+    fn chain_id_of(&self, name: &str) -> Option<String> {
+        let last = name.rsplit('/').next().unwrap_or(name);
+        if is_sha256_digest(last) {
+            return Some(last.to_string());
+        }
+        let info = self.store.stat(name).ok()?;
+        info.labels
+            .get(remote::TARGET_LABEL)
+            .filter(|label| is_sha256_digest(label))
+            .cloned()
     }
 
     /// containerd's View.
@@ -371,7 +441,7 @@ impl Node {
 
     /// containerd's Cleanup: directories no snapshot owns (after a crash), their mounts first.
     pub fn cleanup(&self) -> Result<(), Status> {
-        let _guard = self.remote_lock.lock().expect("remote lock");
+        let _guard = self.unrecorded_remote.write().expect("unrecorded lock");
         let removed = self.store.cleanup()?;
         if !removed.is_empty() {
             tracing::info!(?removed, "removed orphaned snapshot directories");
@@ -383,6 +453,58 @@ impl Node {
     pub fn unmount_all(&self) {
         self.mounted.lock().expect("mounted lock").clear();
     }
+}
+
+/// How long a Prepare waits for another Prepare of the same layer before giving up. A
+/// Prepare's own registry requests are bounded by their timeouts and retries; this bounds the
+/// wait behind one that is slow.
+const PREPARE_WAIT: Duration = Duration::from_secs(120);
+
+/// The targets whose Prepare is running, with a wake-up for those waiting on one.
+#[derive(Default)]
+struct InFlightTargets {
+    targets: Mutex<HashSet<String>>,
+    finished: Condvar,
+}
+
+/// A claim on one target; dropping it (however the Prepare ends) wakes the waiters.
+struct TargetClaim<'a> {
+    owner: &'a InFlightTargets,
+    target: String,
+}
+
+impl InFlightTargets {
+    /// Claims `target`, waiting up to `wait` for a Prepare of it that is running; `None` if
+    /// that one is still running then.
+    fn claim(&self, target: &str, wait: Duration) -> Option<TargetClaim<'_>> {
+        let targets = self.targets.lock().expect("targets lock");
+        let (mut targets, timeout) = self
+            .finished
+            .wait_timeout_while(targets, wait, |t| t.contains(target))
+            .expect("targets lock");
+        if timeout.timed_out() && targets.contains(target) {
+            return None;
+        }
+        targets.insert(target.to_string());
+        Some(TargetClaim {
+            owner: self,
+            target: target.to_string(),
+        })
+    }
+}
+
+impl Drop for TargetClaim<'_> {
+    fn drop(&mut self) {
+        let mut targets = self.owner.targets.lock().expect("targets lock");
+        targets.remove(&self.target);
+        drop(targets);
+        self.owner.finished.notify_all();
+    }
+}
+
+fn is_sha256_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
@@ -539,5 +661,82 @@ impl Snapshotter for Service {
                 .map(|i| Ok(api_info(i)))
                 .collect::<Vec<_>>(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepares_of_one_layer_wait_for_each_other_and_other_layers_do_not() {
+        let targets = Arc::new(InFlightTargets::default());
+        let first = targets.claim("sha256:a", Duration::ZERO).unwrap();
+        // Another layer is not held up by the first one's Prepare.
+        let other = targets.claim("sha256:b", Duration::ZERO).unwrap();
+        // The same layer is: a claim with a deadline gives up (and says so with None)...
+        assert!(targets
+            .claim("sha256:a", Duration::from_millis(20))
+            .is_none());
+        // ...and one that waits gets it as soon as the first claim ends, however it ends.
+        let (claimed, got) = std::sync::mpsc::channel();
+        let waiter = {
+            let targets = targets.clone();
+            std::thread::spawn(move || {
+                let claim = targets.claim("sha256:a", Duration::from_secs(600));
+                claimed.send(claim.is_some()).unwrap();
+            })
+        };
+        drop(first);
+        assert!(got.recv().unwrap());
+        waiter.join().unwrap();
+        drop(other);
+        assert!(
+            targets.targets.lock().unwrap().is_empty(),
+            "claims released"
+        );
+    }
+
+    #[test]
+    fn chain_ids_come_from_containerd_names_or_the_target_label() {
+        let chain = format!("sha256:{}", "c".repeat(64));
+        assert!(is_sha256_digest(&chain));
+        assert!(!is_sha256_digest("sha256:abc"));
+        assert!(!is_sha256_digest(&format!("sha512:{}", "c".repeat(64))));
+        let temp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(temp.path()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let remote = RemoteLayers::new(
+            crate::config::Config::default().remote(),
+            runtime.handle().clone(),
+            Arc::new(crate::cache::MemoryCache::new(1 << 20)),
+        );
+        let node = Node::new(store, remote);
+        // containerd's own commits: NAMESPACE/ID/CHAINID.
+        assert_eq!(
+            node.chain_id_of(&format!("k8s.io/12/{chain}")),
+            Some(chain.clone())
+        );
+        // A remote snapshot is named by its chain id.
+        assert_eq!(node.chain_id_of(&chain), Some(chain.clone()));
+        // Otherwise the target label it was prepared with; no label, no chain id.
+        let labelled = [(remote::TARGET_LABEL.to_string(), chain.clone())];
+        node.store
+            .prepare("extract-1", None, labelled.into_iter().collect())
+            .unwrap();
+        node.store
+            .commit("ns/1/layer", "extract-1", BTreeMap::new())
+            .unwrap();
+        assert_eq!(node.chain_id_of("ns/1/layer"), Some(chain));
+        node.store
+            .prepare("extract-2", None, BTreeMap::new())
+            .unwrap();
+        node.store
+            .commit("ns/2/other", "extract-2", BTreeMap::new())
+            .unwrap();
+        assert_eq!(node.chain_id_of("ns/2/other"), None);
+        assert_eq!(node.chain_id_of("missing"), None);
     }
 }

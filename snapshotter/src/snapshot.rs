@@ -147,6 +147,17 @@ fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Creates directory `path` (its parent exists) with exactly `mode`, whatever the umask; an
+/// existing one is left as it is.
+fn create_dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::create_dir(path) {
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
 /// The snapshot store under one root directory.
 pub struct SnapshotStore {
     root: PathBuf,
@@ -161,7 +172,9 @@ pub struct SnapshotStore {
 impl SnapshotStore {
     /// Opens (creating) the store at `root`.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
-        std::fs::create_dir_all(root.join("snapshots")).map_err(internal)?;
+        // Only root may enter: below are the mount points of decrypted layers.
+        crate::hardening::ensure_private_dir(root).map_err(internal)?;
+        crate::hardening::ensure_private_dir(&root.join("snapshots")).map_err(internal)?;
         let db = Database::create(root.join("metadata.redb")).map_err(internal)?;
         let txn = db.begin_write().map_err(internal)?;
         txn.open_table(SNAPSHOTS).map_err(internal)?;
@@ -263,8 +276,11 @@ impl SnapshotStore {
             .unwrap_or(1);
         meta.insert("next_id", id + 1).map_err(internal)?;
         let dir = self.dir(id);
-        std::fs::create_dir_all(dir.join("fs")).map_err(internal)?;
-        std::fs::create_dir_all(dir.join("work")).map_err(internal)?;
+        crate::hardening::ensure_private_dir(&dir).map_err(internal)?;
+        // `fs` becomes a container's root directory: 0755 as containerd's overlayfs makes it,
+        // whatever the umask (set explicitly: a umask of 0 would make it world-writable).
+        create_dir_with_mode(&dir.join("fs"), 0o755).map_err(internal)?;
+        create_dir_with_mode(&dir.join("work"), 0o700).map_err(internal)?;
         Ok(id)
     }
 

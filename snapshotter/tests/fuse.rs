@@ -125,6 +125,35 @@ impl Sealed {
         self.mount_with_faults(config, cache, |_| {})
     }
 
+    /// The layer's verified index, read from the blob.
+    fn opened(&self) -> Arc<fsformat::reader::SealedLayer> {
+        let size = fs::metadata(&self.blob).unwrap().len();
+        let file = fs::File::open(&self.blob).unwrap();
+        Arc::new(
+            UnverifiedTail::read(&file, size)
+                .unwrap()
+                .open(&self.key, &self.tail_digest)
+                .unwrap(),
+        )
+    }
+
+    /// The layer's filesystem core, for tests that drive it without a kernel.
+    fn filesystem(&self) -> LayerFs {
+        let fetcher = LayerFetcher::start(
+            "sha256:test".into(),
+            1,
+            self.opened(),
+            Arc::new(LocalBlob::open(&self.blob).unwrap()),
+            Arc::new(MemoryCache::new(1 << 20)),
+            None,
+            FetchConfig {
+                background: false,
+                ..FetchConfig::default()
+            },
+        );
+        LayerFs::new(fetcher)
+    }
+
     /// Like `mount`, with `faults` set before the first read (the background fetch starts at
     /// once).
     fn mount_with_faults(
@@ -133,14 +162,7 @@ impl Sealed {
         cache: Option<&Path>,
         faults_from_start: impl FnOnce(&Faults),
     ) -> (MountedLayer, Arc<Faults>, tempfile::TempDir) {
-        let size = fs::metadata(&self.blob).unwrap().len();
-        let file = fs::File::open(&self.blob).unwrap();
-        let layer = Arc::new(
-            UnverifiedTail::read(&file, size)
-                .unwrap()
-                .open(&self.key, &self.tail_digest)
-                .unwrap(),
-        );
+        let layer = self.opened();
         let (source, faults) = FaultySource::new(LocalBlob::open(&self.blob).unwrap());
         faults_from_start(&faults);
         let disk = cache.map(|dir| DiskCache::open(dir, 1 << 30).unwrap());
@@ -600,4 +622,108 @@ fn background_fetch_completes_and_the_disk_cache_holds_only_ciphertext() {
         1,
         "only the corrupt chunk is fetched again"
     );
+}
+
+/// The fs core without a kernel: a listing resumed at every offset a kernel could ask for
+/// gives each entry of a large directory exactly once, in order (the listing starts at the
+/// resumed child instead of walking past every earlier one).
+#[test]
+fn readdir_pages_through_a_large_directory_from_any_offset() {
+    if !prerequisites() {
+        return;
+    }
+    let files = 3000;
+    let sealed = Sealed::new(|root| {
+        fs::create_dir(root.join("big")).unwrap();
+        for n in 0..files {
+            fs::write(root.join("big").join(format!("f{n:05}")), b"x").unwrap();
+        }
+    });
+    let layer = sealed.filesystem();
+    let big = layer.lookup(snapshotter::fs::ROOT, b"big").unwrap().ino;
+    let whole = layer.readdir(big, 0, usize::MAX).unwrap();
+    assert_eq!(whole.len(), files + 2, ". and .. first");
+    assert_eq!(
+        (&whole[0].name[..], &whole[1].name[..]),
+        (&b"."[..], &b".."[..])
+    );
+    let expected: Vec<Vec<u8>> = (0..files)
+        .map(|n| format!("f{n:05}").into_bytes())
+        .collect();
+    let names: Vec<Vec<u8>> = whole[2..].iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names, expected);
+    for page in [1, 2, 3, 97, 1000] {
+        let mut paged = Vec::new();
+        loop {
+            let next = layer.readdir(big, paged.len(), page).unwrap();
+            if next.is_empty() {
+                break;
+            }
+            assert!(next.len() <= page);
+            paged.extend(next.into_iter().map(|e| e.name));
+        }
+        let whole_names: Vec<Vec<u8>> = whole.iter().map(|e| e.name.clone()).collect();
+        assert_eq!(paged, whole_names, "pages of {page}");
+    }
+    assert!(layer.readdir(big, files + 2, 10).unwrap().is_empty());
+    assert!(layer.readdir(big, files + 50, 10).unwrap().is_empty());
+}
+
+/// A hostile descriptor or footer cannot make a node allocate or decompress an index beyond
+/// its limit: the tail is refused before it is fetched, a decompressed index over the limit
+/// before it is decompressed, each with an error that names the limit.
+#[test]
+fn index_size_limits_refuse_oversized_tails_before_fetching_them() {
+    if !prerequisites() {
+        return;
+    }
+    use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
+    use snapshotter::mount::{read_tail, MountError, DEFAULT_MAX_INDEX_BYTES};
+    let sealed = Sealed::new(|root| {
+        for n in 0..2000 {
+            fs::write(root.join(format!("file-{n:05}")), b"x").unwrap();
+        }
+    });
+    let size = fs::metadata(&sealed.blob).unwrap().len();
+    let tail = UnverifiedTail::read(&fs::File::open(&sealed.blob).unwrap(), size).unwrap();
+    let tail_size = tail.footer().tail_len();
+    let plain_len = u64::from(tail.footer().index_plain_len);
+    assert!(plain_len > tail_size, "the index compresses");
+    let descriptor_with = |index_size: u64| {
+        let facts = SealedLayerAnnotations {
+            index_digest: sealed.tail_digest.clone(),
+            index_size,
+            stanzas: Vec::new(),
+        };
+        let mut descriptor = snapshotter::oci_layout::descriptor(
+            oci_spec::image::MediaType::Other(MEDIA_TYPE_SEALED_LAYER.into()),
+            &format!("sha256:{}", "0".repeat(64)),
+            size,
+        )
+        .unwrap();
+        descriptor.set_annotations(Some(facts.pairs().into_iter().collect()));
+        (descriptor, facts)
+    };
+    // Counts the bytes a read asks for: the refused tail must cost none.
+    let (source, faults) = FaultySource::new(LocalBlob::open(&sealed.blob).unwrap());
+
+    let (descriptor, facts) = descriptor_with(DEFAULT_MAX_INDEX_BYTES + 1);
+    let error = read_tail(&descriptor, &facts, &source, DEFAULT_MAX_INDEX_BYTES).unwrap_err();
+    assert!(matches!(error, MountError::IndexTooLarge { .. }), "{error}");
+    assert!(error.to_string().contains("fetch.max_index_mib"), "{error}");
+    assert_eq!(faults.reads.load(Ordering::Relaxed), 0, "nothing fetched");
+
+    // The tail fits, the decompressed index it announces does not.
+    let (descriptor, facts) = descriptor_with(tail_size);
+    let error = read_tail(&descriptor, &facts, &source, tail_size).unwrap_err();
+    assert!(
+        matches!(error, MountError::IndexTooLarge { size, .. } if size == plain_len),
+        "{error}"
+    );
+    // Within the limits the same tail reads (and was hashed before it was parsed).
+    read_tail(&descriptor, &facts, &source, DEFAULT_MAX_INDEX_BYTES).unwrap();
+    let (descriptor, facts) = descriptor_with(tail_size + 1);
+    let error = read_tail(&descriptor, &facts, &source, DEFAULT_MAX_INDEX_BYTES).unwrap_err();
+    let chain = snapshotter::error_chain(&error);
+    assert!(chain.contains("index digest mismatch"), "{chain}");
 }

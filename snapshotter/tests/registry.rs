@@ -66,7 +66,6 @@ fn sealed_layout(dir: &Path, key: &PrivateKey) {
         index_digest: summary.tail_digest,
         index_size: summary.tail_size,
         stanzas: key.public().wrap(&layer_key).unwrap(),
-        source_diff_id: Some(summary.input_diff_id.clone()),
     };
     let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [summary.input_diff_id]}});
     let (config_digest, config_size) = layout
@@ -132,6 +131,7 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
         layer,
         Arc::new(client.layer(&image, layer)),
         std::slice::from_ref(&key),
+        mount::DEFAULT_MAX_INDEX_BYTES,
     )
     .unwrap();
     let fetch = FetchConfig {

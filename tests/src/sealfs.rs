@@ -32,7 +32,8 @@ impl SealfsDaemon {
         let daemon = SealfsDaemon {
             config: dir.join("sealfs.toml"),
             root: dir.join("sealfs-root"),
-            socket: dir.join("sealfs.sock"),
+            // A directory of its own: the daemon makes the socket's directory private.
+            socket: dir.join("run/sealfs.sock"),
             metrics: format!("127.0.0.1:{port}"),
             log: dir.join("sealfs.log"),
             binary: binary.as_ref().to_path_buf(),
@@ -119,6 +120,15 @@ impl SealfsDaemon {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Mount points of the FUSE mounts under the daemon's root.
+    pub fn fuse_mount_points(&self) -> Vec<PathBuf> {
+        self.fuse_mounts()
+            .iter()
+            .filter_map(|line| line.split(' ').nth(4))
+            .map(PathBuf::from)
+            .collect()
     }
 
     /// FUSE mounts under the daemon's root.

@@ -645,3 +645,122 @@ fn a_termination_signal_unmounts_cleanly() {
         "the overlay is gone too"
     );
 }
+
+/// AT_SECURE (auxv type 23) of a process running `program` from the mount as user 65534:
+/// 1 when the kernel applied its setuid bit or file capabilities at exec, 0 when it did not.
+fn at_secure_as_nobody(program: &Path, work: &Path) -> u64 {
+    let out = work.join("auxv");
+    let script = format!(
+        "{} cat /proc/self/auxv > {}",
+        program.display(),
+        out.display()
+    );
+    fs::write(&out, b"").unwrap();
+    fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let ran = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let auxv = fs::read(&out).unwrap();
+    auxv.chunks_exact(16)
+        .map(|pair| {
+            let word = |at: usize| u64::from_ne_bytes(pair[at..at + 8].try_into().unwrap());
+            (word(0), word(8))
+        })
+        .find(|&(kind, _)| kind == 23)
+        .map(|(_, value)| value)
+        .expect("AT_SECURE in auxv")
+}
+
+/// An image mounted for inspection is untrusted: its setuid-root busybox (with file
+/// capabilities too) gains nothing when another user runs it, its device nodes do not open,
+/// and `noexec` keeps everything from running.
+#[test]
+fn inspection_mounts_are_nosuid_nodev_and_honour_noexec() {
+    let Some((_temp, work, digests)) = sealed_image() else {
+        return;
+    };
+    // Others must reach the mount point for the setuid check.
+    fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mnt = work.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let source = format!("oci:{}:v1", work.join("sealed").display());
+    let mount_with = |extra: &str| {
+        let options = format!("key={}{extra}", work.join("alice.priv").display());
+        mount_sealfs(&[&source, mnt.to_str().unwrap(), "-o", &options])
+    };
+    let mounted = mount_with("");
+    assert!(
+        mounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+
+    let busybox = mnt.join("bin/busybox");
+    assert_eq!(
+        fs::metadata(&busybox).unwrap().mode() & 0o7777,
+        0o4755,
+        "still shown setuid"
+    );
+    assert_eq!(
+        at_secure_as_nobody(&busybox, &work),
+        0,
+        "setuid and file caps ignored"
+    );
+    for device in ["dev/null", "dev/loop9"] {
+        let error = fs::File::open(mnt.join(device)).unwrap_err();
+        assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{device}: {error}"
+        );
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let ours: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| {
+            l.split(' ').nth(4) == Some(mnt.to_str().unwrap())
+                || digests.iter().any(|d| l.contains(d.as_str()))
+        })
+        .collect();
+    assert_eq!(ours.len(), 3, "the overlay and both layers: {ours:#?}");
+    for line in &ours {
+        let options = line.split(' ').nth(5).unwrap();
+        assert!(
+            options.contains("nosuid") && options.contains("nodev"),
+            "{line}"
+        );
+        assert!(!options.contains("noexec"), "{line}");
+    }
+    unmount_and_wait(&mnt, &digests);
+
+    let noexec = mount_with(",noexec");
+    assert!(
+        noexec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&noexec.stderr)
+    );
+    let error = Command::new(&busybox).arg("true").output().unwrap_err();
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{error}"
+    );
+    unmount_and_wait(&mnt, &digests);
+
+    let refused = mount_with(",suid");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown option \"suid\""));
+}

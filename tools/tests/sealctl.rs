@@ -34,12 +34,42 @@ fn seal_inspect_unseal_round_trip_of_a_real_image() {
 
     let plain = manifest_of(&work, "img", "v1");
     let sealed = manifest_of(&work, "sealed", "v1");
-    assert_eq!(
-        sealed["config"]["digest"], plain["config"]["digest"],
-        "config (diff ids) unchanged"
-    );
+    // The config's diff ids become the sealed layers' own (derived from the pinned tails), so
+    // no sealed image can claim a plain image's snapshots; everything else is kept.
+    let config_of = |manifest: &serde_json::Value, image: &str| -> serde_json::Value {
+        let digest = manifest["config"]["digest"].as_str().unwrap();
+        let path = work
+            .join(image)
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    };
+    let (plain_config, sealed_config) = (config_of(&plain, "img"), config_of(&sealed, "sealed"));
+    assert_eq!(plain_config["config"], sealed_config["config"]);
+    assert_eq!(sealed["annotations"]["org.sealfs.sealed"], "v2");
     let layers = sealed["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
+    let sealed_ids = sealed_config["rootfs"]["diff_ids"].as_array().unwrap();
+    for (layer, (sealed_id, plain_id)) in layers.iter().zip(
+        sealed_ids
+            .iter()
+            .zip(plain_config["rootfs"]["diff_ids"].as_array().unwrap()),
+    ) {
+        let index_digest = layer["annotations"]["containerd.io/snapshot/sealfs.index.digest"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            sealed_id.as_str().unwrap(),
+            fsformat::oci::sealed_diff_id(index_digest)
+        );
+        assert_ne!(sealed_id, plain_id);
+        assert!(
+            !serde_json::to_string(&sealed)
+                .unwrap()
+                .contains(plain_id.as_str().unwrap()),
+            "the plain diff id is not published"
+        );
+    }
     for layer in layers {
         assert_eq!(
             layer["mediaType"],
@@ -306,27 +336,19 @@ fn key_shares_split_and_combine() {
 
 /// Writes a one-layer image whose layer is `tar` into an OCI layout at `dir`.
 fn image_with_layer(dir: &Path, tar: &[u8]) {
-    use snapshotter::oci_layout::{descriptor, OciLayout};
-    let layout = OciLayout::open_or_create(dir).unwrap();
+    let layout = snapshotter::oci_layout::OciLayout::open_or_create(dir).unwrap();
     let (layer, size) = layout.put_blob(tar).unwrap();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [layer]},
     });
-    let (config_digest, config_size) = layout
-        .put_blob(&serde_json::to_vec(&config).unwrap())
-        .unwrap();
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": size}],
     });
-    let (digest, size) = layout
-        .put_blob(&serde_json::to_vec(&manifest).unwrap())
-        .unwrap();
-    let desc = descriptor(oci_spec::image::MediaType::ImageManifest, &digest, size).unwrap();
-    layout.set_tag(&desc, Some("v1")).unwrap();
+    tag_image(dir, manifest, &config, "v1");
 }
 
 #[test]
@@ -380,6 +402,59 @@ fn hostile_layers_are_refused_and_corrupt_blobs_detected() {
     fs::write(&path, blob).unwrap();
     let err = sealctl_err(work, &["seal", "-r", "k.pub", "oci:good:v1", "oci:out2:v1"]);
     assert!(err.contains("corrupt"), "{err}");
+
+    // A name component longer than NAME_MAX (here 65,539 bytes, which a u16 length would
+    // have truncated into further, attacker-chosen index fields) is refused by name.
+    let mut long = tar::Builder::new(Vec::new());
+    let name = format!("dir/{}", "a".repeat(65_539));
+    let mut h = regular_header(2);
+    long.append_data(&mut h, &name, &b"ok"[..]).unwrap();
+    image_with_layer(&work.join("long"), &long.into_inner().unwrap());
+    let err = sealctl_err(work, &["seal", "-r", "k.pub", "oci:long:v1", "oci:out3:v1"]);
+    assert!(
+        err.contains("65539 bytes exceeds the 255-byte limit"),
+        "{err}"
+    );
+    assert!(!work.join("out3").exists() || manifest_missing(work, "out3"));
+}
+
+/// Whether layout `name` has no image tagged v1 (a refused seal leaves none).
+fn manifest_missing(work: &Path, name: &str) -> bool {
+    let index = fs::read_to_string(work.join(name).join("index.json")).unwrap_or_default();
+    !index.contains("\"v1\"")
+}
+
+#[test]
+fn keygen_writes_both_keys_or_neither() {
+    let temp = tempfile::tempdir().unwrap();
+    let work = temp.path();
+    fs::write(work.join("taken.pub"), "someone else's\n").unwrap();
+    let err = sealctl_err(
+        work,
+        &["keygen", "--private", "new.key", "--public", "taken.pub"],
+    );
+    assert!(err.contains("taken.pub already exists"), "{err}");
+    assert!(!work.join("new.key").exists(), "no private key left behind");
+    assert_eq!(
+        fs::read_to_string(work.join("taken.pub")).unwrap(),
+        "someone else's\n"
+    );
+    fs::write(work.join("taken.key"), "old\n").unwrap();
+    let err = sealctl_err(
+        work,
+        &["keygen", "--private", "taken.key", "--public", "new.pub"],
+    );
+    assert!(err.contains("taken.key already exists"), "{err}");
+    assert!(!work.join("new.pub").exists());
+    sealctl_ok(
+        work,
+        &["keygen", "--private", "new.key", "--public", "new.pub"],
+    );
+    assert_eq!(
+        fs::metadata(work.join("new.key")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert!(work.join("new.pub").exists());
 }
 
 #[test]
@@ -401,7 +476,7 @@ fn seal_inspect_unseal_and_rewrap_through_a_registry() {
 
     let summary = sealctl_ok(&work, &["inspect", &v1]);
     assert!(
-        summary.contains("sealed, sealfs v1") && summary.contains(&alice),
+        summary.contains("sealed, sealfs image format v2") && summary.contains(&alice),
         "{summary}"
     );
     assert_eq!(

@@ -73,6 +73,34 @@ impl Node {
         );
     }
 
+    /// Pushes the plain `img:v1` as `NAME:v1` and pulls it into the sealfs snapshotter with
+    /// plain `ctr` (containerd downloads and unpacks it); its reference.
+    fn pull_plain(&self, work: &Path, name: &str) -> String {
+        let plain = self.registry.push(&work.join("img"), "v1", name);
+        self.containerd.ctr_ok(&[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "sealfs",
+            &plain,
+        ]);
+        plain
+    }
+
+    /// `ctr run --snapshotter sealfs` against this node's containerd, to add arguments to.
+    fn ctr_run(&self) -> Command {
+        let mut command = Command::new("ctr");
+        command.arg("--address").arg(&self.containerd.socket).args([
+            "--namespace",
+            "sealfs-test",
+            "run",
+            "--snapshotter",
+            "sealfs",
+        ]);
+        command
+    }
+
     /// Runs a container of `reference` on the sealfs snapshotter; its standard output.
     fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
         let mut all = vec!["run", "--snapshotter", "sealfs", "--rm", reference, id];
@@ -202,18 +230,8 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
     let started: Vec<_> = (0..10)
         .map(|i| {
             let id = format!("many-{i}");
-            let mut command = Command::new("ctr");
-            command
-                .arg("--address")
-                .arg(&node.containerd.socket)
-                .args([
-                    "--namespace",
-                    "sealfs-test",
-                    "run",
-                    "--snapshotter",
-                    "sealfs",
-                ])
-                .args(["--rm", &sealed, &id]);
+            let mut command = node.ctr_run();
+            command.args(["--rm", &sealed, &id]);
             command.spawn_output()
         })
         .collect();
@@ -331,15 +349,7 @@ fn plain_images_run_unchanged_and_a_missing_key_fails_clearly() {
     };
     let node = Node::start(&work, "");
     // A plain image through the sealfs snapshotter: containerd downloads and unpacks it.
-    let plain = node.registry.push(&work.join("img"), "v1", "plain");
-    node.containerd.ctr_ok(&[
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "sealfs",
-        &plain,
-    ]);
+    let plain = node.pull_plain(&work, "plain");
     assert_eq!(node.run(&plain, "plain", &[]), format!("{GREETING}\n"));
     assert!(node.daemon.fuse_mounts().is_empty());
     node.containerd.ctr_ok(&["image", "rm", "--sync", &plain]);
@@ -566,8 +576,7 @@ fn optimize_records_the_startup_and_the_profile_spares_every_on_demand_fetch() {
     assert_eq!(urgent(), 0, "the profiled start-up fetched on demand");
 
     // The same start-up without the profile fetches those chunks on demand: the count above
-    // can tell. On a second node: the optimized image keeps the config, so its chain ids, and
-    // containerd would give the plain sealed image the profiled image's snapshots.
+    // can tell. On a second node, whose counters count only this start-up.
     let baseline_dir = work.join("baseline");
     fs::create_dir(&baseline_dir).unwrap();
     fs::copy(work.join("alice.priv"), baseline_dir.join("alice.priv")).unwrap();
@@ -666,4 +675,280 @@ fn a_prefetch_list_naming_files_an_upper_layer_deleted_still_runs() {
         error.contains("reading the prefetch list no-such-list"),
         "{error}"
     );
+}
+
+/// The image in layout `name` (tag v1): its manifest and config as JSON.
+fn image_json(work: &Path, name: &str) -> (serde_json::Value, serde_json::Value) {
+    let layout = snapshotter::oci_layout::OciLayout::open(work.join(name)).unwrap();
+    let image = layout.resolve(Some("v1")).unwrap();
+    (
+        serde_json::to_value(&image.manifest).unwrap(),
+        serde_json::from_slice(&image.config).unwrap(),
+    )
+}
+
+/// Chain-id poisoning: an image's config copies a plain image's diff ids while its sealed
+/// layers carry other content (anyone can seal for a node pool: its public key is public).
+/// Without the check, a later pull of the plain image finds "its" snapshots and runs on the
+/// attacker's layers.
+#[test]
+fn a_sealed_image_claiming_another_images_diff_ids_takes_over_nothing() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let node = Node::start(&work, "[fetch]\nbackground = false\n");
+    // The hostile image: img:v1's lower layers and a top layer of its own with another
+    // greeting (img:v1's top layer writes the greeting), sealed for the node like any image...
+    let (plain_manifest, plain_config) = image_json(&work, "img");
+    let evil = snapshotter::oci_layout::OciLayout::open_or_create(work.join("evil")).unwrap();
+    let img = snapshotter::oci_layout::OciLayout::open(work.join("img")).unwrap();
+    let layers = plain_manifest["layers"].as_array().unwrap().clone();
+    let top = layers.len() - 1;
+    for layer in &layers[..top] {
+        evil.import_blob(&img, layer["digest"].as_str().unwrap())
+            .unwrap();
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    dir.set_uid(0);
+    dir.set_gid(0);
+    dir.set_mtime(0);
+    dir.set_cksum();
+    tar.append_data(&mut dir, "etc/", &[][..]).unwrap();
+    let takeover = b"attacker's layer\n";
+    let mut file = sealfs_e2e::regular_header(takeover.len() as u64);
+    tar.append_data(&mut file, "etc/greeting", &takeover[..])
+        .unwrap();
+    let (evil_layer, evil_size) = evil.put_blob(&tar.into_inner().unwrap()).unwrap();
+    let mut manifest = plain_manifest.clone();
+    manifest["layers"][top] = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        "digest": evil_layer, "size": evil_size,
+    });
+    let mut config = plain_config.clone();
+    config["rootfs"]["diff_ids"][top] = evil_layer.clone().into();
+    tag_image(&work.join("evil"), manifest, &config, "v1");
+    sealctl_ok(
+        &work,
+        &[
+            "seal",
+            "--recipient",
+            "alice.pub",
+            "oci:evil:v1",
+            "oci:evil-sealed:v1",
+        ],
+    );
+    // ...whose config then claims the plain image's diff ids.
+    let (sealed_manifest, mut sealed_config) = image_json(&work, "evil-sealed");
+    sealed_config["rootfs"]["diff_ids"] = plain_config["rootfs"]["diff_ids"].clone();
+    tag_image(
+        &work.join("evil-sealed"),
+        sealed_manifest.clone(),
+        &sealed_config,
+        "v1",
+    );
+    let hostile = node
+        .registry
+        .push(&work.join("evil-sealed"), "v1", "hostile");
+
+    let out = node.pull(&hostile);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the hostile pull must fail");
+    let first = sealed_manifest["layers"][0]["digest"].as_str().unwrap();
+    assert!(
+        stderr.contains(&format!("layer {first}"))
+            && stderr.contains("claims diff ids its sealed layers do not have"),
+        "{stderr}"
+    );
+    assert!(node.daemon.fuse_mounts().is_empty(), "nothing mounted");
+
+    // An image sealed before image format v2 (plain diff ids in its config, each recorded in a
+    // layer annotation, manifest marked v1) is refused with what to do about it (while the
+    // plain image's snapshots are not there: containerd would then use those and ask nothing).
+    sealctl_ok(
+        &work,
+        &[
+            "seal",
+            "--recipient",
+            "alice.pub",
+            "oci:img:v1",
+            "oci:legacy:v1",
+        ],
+    );
+    let (mut manifest, mut config) = image_json(&work, "legacy");
+    let plain_ids = plain_config["rootfs"]["diff_ids"].as_array().unwrap();
+    for (layer, diff_id) in manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(plain_ids)
+    {
+        layer["annotations"]["containerd.io/snapshot/sealfs.source.diff-id"] = diff_id.clone();
+    }
+    manifest["annotations"]["org.sealfs.sealed"] = "v1".into();
+    config["rootfs"]["diff_ids"] = plain_config["rootfs"]["diff_ids"].clone();
+    tag_image(&work.join("legacy"), manifest, &config, "v1");
+    let legacy = node.registry.push(&work.join("legacy"), "v1", "legacy");
+    let out = node.pull(&legacy);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("sealed in sealfs image format v1")
+            && stderr.contains("seal the original image again"),
+        "{stderr}"
+    );
+    let err = sealctl_err(
+        &work,
+        &[
+            "rewrap",
+            "--key",
+            "alice.priv",
+            "--add-recipient",
+            "bob.pub",
+            "oci:legacy:v1",
+            "oci:legacy2:v1",
+        ],
+    );
+    assert!(err.contains("seal the original image again"), "{err}");
+
+    // The plain image, pulled after it into the same namespace and snapshotter, and an
+    // honest sealed image of the same content, each run on their own layers.
+    let plain = node.pull_plain(&work, "plain");
+    assert_eq!(
+        node.run(&plain, "plain-after", &[]),
+        format!("{GREETING}\n")
+    );
+    let honest = push_sealed(&work, &node.registry, "alice", "honest").reference;
+    node.pull_ok(&honest);
+    assert_eq!(
+        node.run(&honest, "honest-after", &[]),
+        format!("{GREETING}\n")
+    );
+    assert_eq!(
+        node.daemon.fuse_mounts().len(),
+        layers.len(),
+        "only the honest layers are mounted"
+    );
+}
+
+/// Runs `sh -c script` as user and group 65534 with no supplementary groups.
+fn as_nobody(script: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Nobody but root reads plaintext: while a sealed layer is mounted and a container runs from
+/// it, an unprivileged user can list or read nothing under the daemon's root, whatever the
+/// umask it was started with; and the daemon cannot dump core.
+#[test]
+fn other_users_cannot_reach_decrypted_layers_and_the_daemon_cannot_dump_core() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    // A root directory others may enter, as /var/lib is, so that only the daemon's own
+    // directories stand between a user and the plaintext; and a permissive umask, as under a
+    // default init: the daemon must not rely on the umask it is given.
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    // SAFETY: umask swaps a process-wide mask; no other test in this binary checks the
+    // modes of what it creates.
+    let old = unsafe { libc::umask(0o022) };
+    let node = Node::start(&work, "");
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let sealed = push_sealed(&work, &node.registry, "alice", "private").reference;
+    node.pull_ok(&sealed);
+    let mut running = node
+        .ctr_run()
+        .arg("--rm")
+        .args([
+            &sealed,
+            "reader",
+            "/bin/sh",
+            "-c",
+            "cat /etc/greeting; exec sleep 600",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(running.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, format!("{GREETING}\n"), "the container runs");
+
+    let root = &node.daemon.root;
+    let mounts = node.daemon.fuse_mount_points();
+    assert!(!mounts.is_empty());
+    use std::os::unix::fs::MetadataExt;
+    for dir in [root.clone(), root.join("snapshots")] {
+        assert_eq!(
+            fs::metadata(&dir).unwrap().mode() & 0o777,
+            0o700,
+            "{}",
+            dir.display()
+        );
+    }
+    let socket_dir = node.daemon.socket.parent().unwrap();
+    assert_eq!(fs::metadata(socket_dir).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&node.daemon.socket).unwrap().mode() & 0o777,
+        0o600
+    );
+    let greeting = mounts
+        .iter()
+        .map(|m| m.join("etc/greeting"))
+        .find(|p| p.exists())
+        .expect("a layer with the greeting");
+    for script in [
+        format!("ls {}", root.display()),
+        format!("ls {}", root.join("snapshots").display()),
+        format!("cat {}", greeting.display()),
+        format!("ls {}", mounts[0].display()),
+        format!("ls {}", socket_dir.display()),
+    ] {
+        let out = as_nobody(&script);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody could run `{script}`: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Root still reads it: the boundary is the directories, not the mounts.
+    assert_eq!(
+        fs::read_to_string(&greeting).unwrap(),
+        format!("{GREETING}\n")
+    );
+
+    let pid = node.daemon.pid().expect("the daemon runs");
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    running.kill().unwrap();
+    let _ = running.wait();
+    node.containerd
+        .ctr(&["task", "kill", "-s", "KILL", "reader"]);
 }

@@ -20,7 +20,7 @@ use snapshotter::cache::MemoryCache;
 use snapshotter::credentials;
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::image_ref::ImageRef;
-use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
+use snapshotter::mount::{self, MountOptions, MountRestrictions, MountedLayer, OpenedLayer};
 use snapshotter::oci_layout::OciLayout;
 use snapshotter::registry::{Registry, RegistryOptions};
 
@@ -70,8 +70,11 @@ Options (-o):
                    [/etc/containerd/certs.d if it exists]
   log=FILE         where the background process logs [/var/log/sealfs/mount.log]
   debug            log every fetch
-Accepted and ignored: rw (mount(8) passes it by default; the mount is read-only anyway), ro, defaults, nosuid, nodev, noexec, noatime, relatime, auto, noauto,
-user, nouser, _netdev, nofail, x-*.
+  noexec           nothing on the mount can be executed (exec: the default)
+The mount is always read-only, nosuid and nodev: an inspected image's setuid files gain no
+privileges and its device nodes cannot be opened (suid and dev are refused).
+Accepted and ignored: rw (mount(8) passes it by default), ro, defaults, nosuid, nodev,
+noatime, relatime, auto, noauto, user, nouser, _netdev, nofail, x-*.
 
 Examples:
   mount.sealfs oci:/srv/images/app:1.0 /mnt/app -o key=/etc/sealfs/keys/node.key
@@ -96,6 +99,9 @@ fn parse_options(raw: &[String]) -> Result<Options> {
         shares: None,
         mount: MountOptions {
             fetch: FetchConfig::default(),
+            // An image mounted for inspection is untrusted: its setuid files and device nodes
+            // must not hand every local user root or raw devices.
+            restrictions: MountRestrictions::inspection(false),
             ..MountOptions::default()
         },
         memory_bytes: 256 << 20,
@@ -145,9 +151,12 @@ fn parse_options(raw: &[String]) -> Result<Options> {
             "auth" => options.docker_config = Some(PathBuf::from(need()?)),
             "hosts" => options.hosts_dir = Some(PathBuf::from(need()?)),
             "debug" => options.debug = true,
-            // mount(8) passes rw unless told otherwise; the mount is read-only regardless.
-            "rw" | "ro" | "defaults" | "nosuid" | "nodev" | "noexec" | "noatime" | "relatime"
-            | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
+            "noexec" => options.mount.restrictions.noexec = true,
+            "exec" => options.mount.restrictions.noexec = false,
+            // mount(8) passes rw unless told otherwise; the mount is read-only regardless, and
+            // always nosuid,nodev (suid and dev are refused as unknown options).
+            "rw" | "ro" | "defaults" | "nosuid" | "nodev" | "noatime" | "relatime" | "auto"
+            | "noauto" | "user" | "nouser" | "_netdev" | "nofail" => {}
             other if other.starts_with("x-") => {}
             other => bail!("unknown option {other:?} (see mount.sealfs --help)"),
         }
@@ -269,8 +278,13 @@ fn open_layers(
                 .into_iter()
                 .map(|descriptor| {
                     let blob = Arc::new(registry.layer(&image, descriptor));
-                    mount::open_sealed_layer(descriptor, blob, identities)
-                        .map_err(anyhow::Error::from)
+                    mount::open_sealed_layer(
+                        descriptor,
+                        blob,
+                        identities,
+                        mount::DEFAULT_MAX_INDEX_BYTES,
+                    )
+                    .map_err(anyhow::Error::from)
                 })
                 .collect::<Result<_>>()?;
             Ok((opened, Some(runtime)))
@@ -320,7 +334,7 @@ fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Resu
     };
     let (layers, lowers) = mount::mount_each(fss, &opened, &scratch, &options.mount)?;
     served.layers = layers;
-    mount::mount_overlay(&lowers, mountpoint)?;
+    mount::mount_overlay(&lowers, mountpoint, options.mount.restrictions)?;
     served.overlay = Some(mountpoint.to_path_buf());
     Ok(served)
 }
@@ -367,6 +381,8 @@ fn prepare(
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    // Before any key is read: a core dump would write plaintext and keys to disk.
+    snapshotter::hardening::disable_core_dumps().context("disabling core dumps")?;
     let options = parse_options(&cli.options)?;
     parse_source(&cli.source)?;
     if !cli.mountpoint.is_dir() {

@@ -159,6 +159,29 @@ pub fn unpack(work: &Path, image: &str, bundle: &str) -> BTreeMap<String, String
     sealfs_e2e::snapshot_tree(&work.join(bundle).join("rootfs"))
 }
 
+/// Writes `manifest` (its config replaced by `config`, written too) as image `tag` of the
+/// layout at `dir`, whose layer blobs are already there.
+#[allow(dead_code)] // not every test binary writes images by hand
+pub fn tag_image(
+    dir: &Path,
+    mut manifest: serde_json::Value,
+    config: &serde_json::Value,
+    tag: &str,
+) {
+    use snapshotter::oci_layout::{descriptor, OciLayout};
+    let layout = OciLayout::open_or_create(dir).unwrap();
+    let (digest, size) = layout
+        .put_blob(&serde_json::to_vec(config).unwrap())
+        .unwrap();
+    manifest["config"]["digest"] = digest.into();
+    manifest["config"]["size"] = size.into();
+    let (digest, size) = layout
+        .put_blob(&serde_json::to_vec(&manifest).unwrap())
+        .unwrap();
+    let desc = descriptor(oci_spec::image::MediaType::ImageManifest, &digest, size).unwrap();
+    layout.set_tag(&desc, Some(tag)).unwrap();
+}
+
 pub fn manifest_of(work: &Path, layout: &str, tag: &str) -> serde_json::Value {
     let layout = snapshotter::oci_layout::OciLayout::open(work.join(layout)).unwrap();
     let image = layout.resolve(Some(tag)).unwrap();

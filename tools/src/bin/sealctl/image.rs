@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fsformat::digest::HashingWriter;
 use fsformat::oci::{
-    is_sealfs_annotation, SealedLayerAnnotations, ANNOTATION_SEALED_IMAGE, MEDIA_TYPE_SEALED_LAYER,
+    is_sealfs_annotation, sealed_diff_id, SealedLayerAnnotations, ANNOTATION_SEALED_IMAGE,
+    MEDIA_TYPE_SEALED_LAYER, SEALED_IMAGE_VERSION,
 };
 use fsformat::reader::{BlobSource, SealedLayer};
 use fsformat::writer::{seal_layer, SealOptions};
@@ -120,7 +121,10 @@ pub(crate) fn write_manifest(
     let mut annotations = manifest.annotations().clone().unwrap_or_default();
     annotations.remove(ANNOTATION_SEALED_IMAGE);
     if sealed {
-        annotations.insert(ANNOTATION_SEALED_IMAGE.to_string(), "v1".to_string());
+        annotations.insert(
+            ANNOTATION_SEALED_IMAGE.to_string(),
+            SEALED_IMAGE_VERSION.to_string(),
+        );
     }
     manifest.set_annotations(if annotations.is_empty() {
         None
@@ -227,15 +231,7 @@ pub fn seal(
                 .with_prefix(short(&digest).to_string()),
         );
         let input = bar.wrap_read(src.read_blob_verified(&digest)?);
-        let (sealed, summary) = seal_one(
-            dst,
-            layer,
-            input,
-            &options,
-            &recipients,
-            &diff_ids[number],
-            &which,
-        )?;
+        let (sealed, summary) = seal_one(dst, layer, input, &options, &recipients, &which)?;
         ensure!(
             summary.input_diff_id == diff_ids[number],
             "{which}: its uncompressed content hashes to {} but the image config says {}; the source image is corrupt",
@@ -261,8 +257,10 @@ pub fn seal(
     Ok(())
 }
 
-/// Completes a sealed copy of `source`: its config, a manifest listing `sealed` layers
-/// (tagged), then the push or the layout's completion.
+/// Completes a sealed copy of `source`: its config (each sealed layer's diff id replaced by
+/// its [`sealed_diff_id`], so containerd's snapshot identities follow what the node
+/// authenticates), a manifest listing `sealed` layers (tagged), then the push or the layout's
+/// completion.
 pub(crate) fn finish_sealed(
     source: &crate::transport::SourceImage,
     destination: crate::transport::Destination,
@@ -270,22 +268,56 @@ pub(crate) fn finish_sealed(
 ) -> Result<Descriptor> {
     let (dst, tag) = (&destination.layout, &destination.tag);
     let manifest = &source.image.manifest;
-    dst.import_blob(&source.layout, manifest.config().digest().as_ref())?;
-    let written = write_manifest(dst, manifest, sealed, None, true, tag.as_deref())?;
+    let mut diff_ids = layer_diff_ids(&source.image.config, &sealed, "the source image")?;
+    for (diff_id, layer) in diff_ids.iter_mut().zip(&sealed) {
+        if is_sealed(layer) {
+            let annotations = layer.annotations().clone().unwrap_or_default();
+            let facts = SealedLayerAnnotations::read_from(&annotations)?;
+            *diff_id = sealed_diff_id(&facts.index_digest);
+        }
+    }
+    let config = config_with_diff_ids(&source.image.config, &diff_ids)?;
+    let (config_digest, config_size) = dst.put_blob(&config)?;
+    let config = descriptor(MediaType::ImageConfig, &config_digest, config_size)?;
+    let written = write_manifest(dst, manifest, sealed, Some(config), true, tag.as_deref())?;
     destination.finish(&written)?;
     Ok(written)
 }
 
+/// Refuses an image sealed in an older image format: rewriting only its manifest would keep
+/// the config's unchecked plain diff ids, which nodes refuse.
+fn ensure_current_format(manifest: &ImageManifest, source: &str) -> Result<()> {
+    let version = manifest
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_SEALED_IMAGE));
+    match version {
+        Some(version) if version != SEALED_IMAGE_VERSION => bail!(
+            "{source} was sealed in sealfs image format {version}, which nodes no longer accept \
+             (its config lists the plain layers' diff ids); seal the original image again with \
+             this sealctl (format {SEALED_IMAGE_VERSION})"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `config` (an image config's JSON) with its `rootfs.diff_ids` replaced.
+fn config_with_diff_ids(config: &[u8], diff_ids: &[String]) -> Result<Vec<u8>> {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(config).context("image config is not JSON")?;
+    config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+    Ok(serde_json::to_vec(&config)?)
+}
+
 /// Seals the layer tar read from `input` into `dst` under a fresh key wrapped for
-/// `recipients`. The descriptor keeps `source_layer`'s other annotations and records
-/// `diff_id` as the diff id of the tree it was sealed from.
+/// `recipients`. The descriptor keeps `source_layer`'s other annotations; the plain layer's
+/// diff id is not recorded (it would let anyone confirm a guess of the content).
 pub(crate) fn seal_one(
     dst: &OciLayout,
     source_layer: &Descriptor,
     input: impl io::Read,
     options: &SealOptions,
     recipients: &[PublicKey],
-    diff_id: &str,
     which: &str,
 ) -> Result<(Descriptor, fsformat::writer::SealSummary)> {
     let mut output = dst.blob_writer()?;
@@ -301,7 +333,6 @@ pub(crate) fn seal_one(
         index_digest: summary.tail_digest.clone(),
         index_size: summary.tail_size,
         stanzas,
-        source_diff_id: Some(diff_id.to_string()),
     };
     let mut annotations = source_layer.annotations().clone().unwrap_or_default();
     annotations.retain(|k, _| !is_sealfs_annotation(k));
@@ -445,10 +476,9 @@ pub fn unseal(
         }
         plain_layers.push(layer);
     }
-    // The new tars are not byte-identical to the originals, so the config gets their diff ids.
-    let mut config: serde_json::Value = serde_json::from_slice(&image.config)?;
-    config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
-    let config_bytes = serde_json::to_vec(&config)?;
+    // The new tars are not the originals (and a sealed image's config lists sealed diff ids),
+    // so the config gets the diff ids of the tars written here.
+    let config_bytes = config_with_diff_ids(&image.config, &diff_ids)?;
     let (config_digest, config_size) = dst.put_blob(&config_bytes)?;
     let config_descriptor = descriptor(MediaType::ImageConfig, &config_digest, config_size)?;
     let manifest = write_manifest(
@@ -476,15 +506,17 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
         .annotations()
         .as_ref()
         .and_then(|a| a.get(ANNOTATION_SEALED_IMAGE))
-        .is_some();
+        .cloned();
     println!("image     {source}");
     println!(
         "manifest  {} ({})",
         image.descriptor.digest(),
-        if sealed_image {
-            "sealed, sealfs v1"
-        } else {
-            "not sealed"
+        match sealed_image.as_deref() {
+            Some(SEALED_IMAGE_VERSION) => format!("sealed, sealfs image format {SEALED_IMAGE_VERSION}"),
+            Some(old) => format!(
+                "sealed, sealfs image format {old}: nodes refuse it; seal the original again with this sealctl"
+            ),
+            None => "not sealed".to_string(),
         }
     );
     println!("config    {}", image.manifest.config().digest());
@@ -505,8 +537,13 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
         // The tail is pinned by the manifest, so its footer is trustworthy without a key; it
         // is fetched once and, with a key, opened from the same bytes.
         let blob = layer_source(layer)?;
-        let tail = snapshotter::mount::read_tail(layer, &facts, &*blob)
-            .with_context(|| format!("{which}: reading the index"))?;
+        let tail = snapshotter::mount::read_tail(
+            layer,
+            &facts,
+            &*blob,
+            snapshotter::mount::DEFAULT_MAX_INDEX_BYTES,
+        )
+        .with_context(|| format!("{which}: reading the index"))?;
         let footer = tail.footer().clone();
         println!(
             "  index        {} ({} verified against the manifest)",
@@ -625,6 +662,7 @@ pub fn rewrap(
     );
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
+    ensure_current_format(&image.manifest, source)?;
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
     let (dst, tag) = (&destination_layout.layout, &destination_layout.tag);
     let layers = image.manifest.layers();

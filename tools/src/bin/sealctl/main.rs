@@ -15,7 +15,8 @@ use clap::{Parser, Subcommand};
 ///
 /// Images are named with skopeo's transport spelling: oci:DIR[:TAG] for an OCI image layout
 /// directory. A sealed image's layers are encrypted, chunk-indexed blobs that the sealfs
-/// snapshotter mounts lazily; its config is unchanged, so containerd computes the same chain ids.
+/// snapshotter mounts lazily; its config lists each sealed layer's own diff id, derived from
+/// its authenticated index, so its snapshots are its own (docs/format.md).
 #[derive(Parser)]
 #[command(name = "sealctl", version, max_term_width = 100)]
 struct Cli {

@@ -21,7 +21,7 @@ use snapshotter::fetcher::FetchConfig;
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
 use snapshotter::oci_layout::OciLayout;
 
-use crate::image::{finish_sealed, is_sealed, layer_diff_ids, layer_label, parallel, seal_one};
+use crate::image::{finish_sealed, is_sealed, layer_label, parallel, seal_one};
 use crate::transport::{source_tag, Transport};
 
 /// What `sealctl optimize` was asked, besides SRC and DST.
@@ -284,7 +284,6 @@ pub fn optimize(
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
     let layers = image.manifest.layers();
-    let diff_ids = layer_diff_ids(&image.config, layers, source)?;
     let mut opened = Vec::new();
     for (number, layer) in layers.iter().enumerate() {
         let which = layer_label(number, layers);
@@ -332,7 +331,6 @@ pub fn optimize(
             layer,
             &seal_options,
             &recipients,
-            &diff_ids[number],
             &which,
         )?;
         eprintln!(
@@ -354,7 +352,6 @@ pub fn optimize(
 
 /// Seals a sealed layer again: its tar streams from the unsealing thread into the sealer
 /// through a pipe, so the plaintext is never on disk.
-#[allow(clippy::too_many_arguments)]
 fn reseal(
     src: &OciLayout,
     dst: &OciLayout,
@@ -362,7 +359,6 @@ fn reseal(
     layer: &oci_spec::image::Descriptor,
     options: &SealOptions,
     recipients: &[PublicKey],
-    diff_id: &str,
     which: &str,
 ) -> Result<(oci_spec::image::Descriptor, fsformat::writer::SealSummary)> {
     let blob = src.open_blob(layer.digest().as_ref())?;
@@ -377,7 +373,7 @@ fn reseal(
                 .context("writing the pipe")?;
             Ok(())
         });
-        let sealed = seal_one(dst, layer, reader, options, recipients, diff_id, which);
+        let sealed = seal_one(dst, layer, reader, options, recipients, which);
         let unsealed = unsealing
             .join()
             .expect("the unsealing thread does not panic");
