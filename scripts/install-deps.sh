@@ -17,3 +17,7 @@ mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$(dirname "$0")
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
+
+# containerd 2.x for the end-to-end tests' second run (Debian 12 ships 1.6): sid's package,
+# unpacked privately under target/debian (never installed system-wide).
+bash "$(dirname "$0")/fetch-debian-packages.sh" sid "$(cd "$(dirname "$0")/.." && pwd)/target/debian/containerd2" containerd

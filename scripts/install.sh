@@ -4,8 +4,10 @@
 #   /etc/sealfs/config.toml (kept if present), /etc/sealfs/keys/ (mode 0700)
 #   /etc/systemd/system/containerd-sealfs-grpc.service (enabled and started when systemd runs)
 #   PREFIX/share/sealfs/containerd-snippet.toml, PREFIX/share/doc/sealfs/
-# With --configure-containerd it also adds [proxy_plugins.sealfs] to
-# /etc/containerd/config.toml (unless present) and restarts containerd.
+# With --configure-containerd it also adds sealfs to /etc/containerd/config.toml (unless
+# present; in the config version of the installed containerd: 2 for 1.6/1.7, 3 with the
+# transfer service's unpack config for 2.x, see scripts/configure-containerd.sh) and restarts
+# containerd.
 #
 # Usage: bash scripts/install.sh [--configure-containerd] [PREFIX]   (PREFIX: /usr/local)
 set -euo pipefail
@@ -24,6 +26,7 @@ if [ ! -e /etc/sealfs/config.toml ]; then
   install -D -m 0644 "$packaging/config.toml" /etc/sealfs/config.toml
 fi
 install -D -m 0644 "$packaging/containerd-snippet.toml" "$prefix/share/sealfs/containerd-snippet.toml"
+install -D -m 0644 "$packaging/containerd2-snippet.toml" "$prefix/share/sealfs/containerd2-snippet.toml"
 install -d "$prefix/share/doc/sealfs"
 install -m 0644 "$here"/docs/*.md "$prefix/share/doc/sealfs/"
 sed "s#/usr/local/bin/#$prefix/bin/#" "$packaging/containerd-sealfs-grpc.service" \
@@ -33,15 +36,7 @@ echo "installed $prefix/bin/sealctl, $prefix/bin/containerd-sealfs-grpc, /sbin/m
 echo "config: /etc/sealfs/config.toml; put the node's private keys in /etc/sealfs/keys (mode 0600)"
 
 if [ "$configure_containerd" = 1 ]; then
-  config=/etc/containerd/config.toml
-  if [ -e "$config" ] && grep -q '^\[proxy_plugins\.sealfs\]' "$config"; then
-    echo "$config already has [proxy_plugins.sealfs]"
-  else
-    mkdir -p /etc/containerd
-    if [ ! -s "$config" ]; then echo 'version = 2' > "$config"; fi
-    { echo; cat "$packaging/containerd-snippet.toml"; } >> "$config"
-    echo "added [proxy_plugins.sealfs] to $config"
-  fi
+  bash "$here/scripts/configure-containerd.sh" /etc/containerd/config.toml
 fi
 
 if [ -d /run/systemd/system ]; then
@@ -52,5 +47,6 @@ if [ -d /run/systemd/system ]; then
 else
   echo "systemd is not running: start the snapshotter with"
   echo "  $prefix/bin/containerd-sealfs-grpc --config /etc/sealfs/config.toml"
-  echo "and add $prefix/share/sealfs/containerd-snippet.toml to containerd's config"
+  echo "and add $prefix/share/sealfs/containerd-snippet.toml (containerd 1.x) or"
+  echo "containerd2-snippet.toml (containerd 2.x) to containerd's config"
 fi

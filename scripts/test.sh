@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, runs every test of the workspace (real
-# umoci images, real tars, containerd, a registry), builds and briefly runs the fuzz targets,
-# runs the start-up benchmark's smoke test and the demo.
+# umoci images, real tars, containerd 1.6, a registry), the containerd end-to-end tests again
+# against containerd 2.x, builds and briefly runs the fuzz targets, runs the start-up
+# benchmark's smoke test and the demo.
 # In CI (CI set) a missing prerequisite fails the tests instead of skipping them.
 #
 # Usage: bash scripts/test.sh
@@ -11,8 +12,15 @@ cd "$here"
 
 bash scripts/install-deps.sh
 
-echo "==> cargo test --workspace"
+echo "==> cargo test --workspace (containerd $(containerd --version | awk '{print $3}'))"
 cargo test --workspace
+
+# The end-to-end tests through containerd again, against containerd 2.x (unpacked by
+# install-deps.sh): its containerd, ctr and shim come first on PATH, and the harness writes a
+# version-3 config with the snippet operators install.
+containerd2="$here/target/debian/containerd2/usr/bin"
+echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
+PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter
 
 echo "==> fuzz targets (build, then ${SEALFS_FUZZ_SECONDS:=15}s each)"
 if ! command -v cargo-fuzz >/dev/null; then

@@ -1,5 +1,10 @@
 //! A real containerd for tests: its own config, root, state and socket in a temporary
 //! directory, started on demand and stopped (with its mounts cleaned) on drop.
+//!
+//! Whichever `containerd` and `ctr` come first on PATH run: Debian 12's 1.6, or 2.x unpacked
+//! by `scripts/install-deps.sh` (`scripts/test.sh` puts it first on PATH for a second run of
+//! the end-to-end tests). The config is written in the version that containerd reads: version
+//! 2 for 1.x, version 3 (with the transfer service's unpack configuration) for 2.x.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,23 +24,38 @@ impl Containerd {
         Self::start_with("")
     }
 
-    /// Starts containerd with a proxy snapshotter plugin `name` served on `socket`.
-    pub fn start_with_snapshotter(name: &str, socket: &Path) -> Self {
-        Self::start_with(&format!(
-            "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-            socket.display()
+    /// Starts containerd with sealfs as its `sealfs` snapshotter, served on `socket`, configured
+    /// with the snippet the project ships for that containerd version
+    /// (`snapshotter/packaging/containerd-snippet.toml` for 1.x, `containerd2-snippet.toml`
+    /// for 2.x, which also lets the transfer service unpack for sealfs), so the end-to-end
+    /// tests prove what operators install.
+    pub fn start_with_sealfs(socket: &Path) -> Self {
+        const SNIPPET_V2: &str =
+            include_str!("../../snapshotter/packaging/containerd-snippet.toml");
+        const SNIPPET_V3: &str =
+            include_str!("../../snapshotter/packaging/containerd2-snippet.toml");
+        let snippet = if major_version() >= 2 {
+            SNIPPET_V3
+        } else {
+            SNIPPET_V2
+        };
+        Self::start_with(&snippet.replace(
+            "\"/run/sealfs/sealfs.sock\"",
+            &format!("\"{}\"", socket.display()),
         ))
     }
 
-    /// Starts containerd with `extra` appended to its config (TOML, version 2).
+    /// Starts containerd with `extra` appended to its config (TOML, in the config version of
+    /// the containerd that runs: see [`major_version`]).
     pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
+        let version = if major_version() >= 2 { 3 } else { 2 };
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
+                "version = {version}\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{extra}",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
@@ -64,15 +84,19 @@ impl Containerd {
         containerd
     }
 
-    /// Runs `ctr` against this containerd, in namespace `sealfs-test`.
-    pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+    /// `ctr` against this containerd, in namespace `sealfs-test`, to add arguments to.
+    pub fn ctr_command(&self) -> Command {
+        let mut command = Command::new("ctr");
+        command
             .arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", "sealfs-test"])
-            .args(args)
-            .output()
-            .expect("running ctr")
+            .args(["--namespace", "sealfs-test"]);
+        command
+    }
+
+    /// Runs `ctr` against this containerd, in namespace `sealfs-test`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command().args(args).output().expect("running ctr")
     }
 
     /// Runs `ctr` and fails the test with its output if it fails.
@@ -105,6 +129,23 @@ impl Drop for Containerd {
         // Snapshot mounts under the private root would pin the temporary directory.
         crate::unmount_under(self.dir.path());
     }
+}
+
+/// The major version of the `containerd` on PATH (1 for Debian 12's 1.6, 2 for 2.x), read
+/// once from `containerd --version` (`containerd github.com/containerd/containerd[/v2] X.Y.Z...`).
+pub fn major_version() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new("containerd")
+            .arg("--version")
+            .output()
+            .expect("running containerd --version (is it installed?)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.trim_start_matches('v').split('.').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read containerd's version from {text:?}"))
+    })
 }
 
 /// OCI chain ids from diff ids: `chain[0] = diff[0]`,

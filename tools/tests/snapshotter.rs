@@ -45,7 +45,7 @@ impl Node {
         fs::set_permissions(keys.join("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
         let registry = DockerRegistry::start();
         let daemon = SealfsDaemon::start(DAEMON, work, &keys, extra_config);
-        let containerd = Containerd::start_with_snapshotter("sealfs", &daemon.socket);
+        let containerd = Containerd::start_with_sealfs(&daemon.socket);
         Node {
             containerd,
             daemon,
@@ -90,14 +90,8 @@ impl Node {
 
     /// `ctr run --snapshotter sealfs` against this node's containerd, to add arguments to.
     fn ctr_run(&self) -> Command {
-        let mut command = Command::new("ctr");
-        command.arg("--address").arg(&self.containerd.socket).args([
-            "--namespace",
-            "sealfs-test",
-            "run",
-            "--snapshotter",
-            "sealfs",
-        ]);
+        let mut command = self.containerd.ctr_command();
+        command.args(["run", "--snapshotter", "sealfs"]);
         command
     }
 
@@ -162,6 +156,8 @@ struct Sealed {
     /// Sum of the sealed layers' sizes.
     size: u64,
     layers: usize,
+    /// The sealed layers' blob digests.
+    digests: Vec<String>,
 }
 
 /// Seals `img:v1` for `recipient` and pushes it as `NAME:sealed`.
@@ -186,6 +182,10 @@ fn push_sealed(work: &Path, registry: &DockerRegistry, recipient: &str, name: &s
     Sealed {
         size: layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
         layers: layers.len(),
+        digests: layers
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect(),
         reference,
     }
 }
@@ -201,6 +201,7 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
         reference: sealed,
         size: sealed_size,
         layers,
+        ..
     } = push_sealed(&work, &node.registry, "alice", "app");
     let plain = node.registry.push(&work.join("img"), "v1", "app");
 
@@ -869,18 +870,20 @@ fn other_users_cannot_reach_decrypted_layers_and_the_daemon_cannot_dump_core() {
     unsafe { libc::umask(old) };
     let sealed = push_sealed(&work, &node.registry, "alice", "private").reference;
     node.pull_ok(&sealed);
+    // runc keeps container state per namespace across containerd instances: an id of its own.
+    let reader = format!("reader-{}", std::process::id());
     let mut running = node
         .ctr_run()
         .arg("--rm")
         .args([
             &sealed,
-            "reader",
+            &reader,
             "/bin/sh",
             "-c",
             "cat /etc/greeting; exec sleep 600",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(work.join("reader.err")).unwrap())
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -889,7 +892,13 @@ fn other_users_cannot_reach_decrypted_layers_and_the_daemon_cannot_dump_core() {
         &mut line,
     )
     .unwrap();
-    assert_eq!(line, format!("{GREETING}\n"), "the container runs");
+    assert_eq!(
+        line,
+        format!("{GREETING}\n"),
+        "the container runs: {}\n--- daemon log ---\n{}",
+        fs::read_to_string(work.join("reader.err")).unwrap_or_default(),
+        node.daemon.log()
+    );
 
     let root = &node.daemon.root;
     let mounts = node.daemon.fuse_mount_points();
@@ -947,8 +956,114 @@ fn other_users_cannot_reach_decrypted_layers_and_the_daemon_cannot_dump_core() {
         ["0", "0"],
         "{core}"
     );
-    running.kill().unwrap();
-    let _ = running.wait();
+    // Stop the task through containerd; `ctr run --rm` then removes the container and exits.
     node.containerd
-        .ctr(&["task", "kill", "-s", "KILL", "reader"]);
+        .ctr_ok(&["task", "kill", "-s", "KILL", &reader]);
+    assert!(!running.wait().unwrap().success(), "killed");
+}
+
+/// containerd 2.x: plain `ctr image pull --snapshotter sealfs` goes through the transfer
+/// service, which (with the proxy plugin's `enable_remote_snapshot_annotations` export and an
+/// unpack configuration for sealfs) passes the layer annotations to Prepare: the pull is lazy
+/// without sealctl or ctr-remote. containerd 1.x's plain pull sends no labels, so there it
+/// cannot be lazy; the test says so and returns.
+#[test]
+fn plain_ctr_pull_is_lazy_through_containerd_2s_transfer_service() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    if sealfs_e2e::containerd::major_version() < 2 {
+        eprintln!("containerd 1.x: a plain ctr pull sends no Prepare labels and cannot be lazy");
+        return;
+    }
+    let node = Node::start(&work, "[fetch]\nbackground = false\n");
+    let sealed = push_sealed(&work, &node.registry, "alice", "transfer");
+    let served_before = node.registry.blob_bytes_served();
+    node.containerd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "sealfs",
+        &sealed.reference,
+    ]);
+    assert_eq!(
+        node.daemon.fuse_mounts().len(),
+        sealed.layers,
+        "every layer mounted remotely\n{}",
+        node.containerd.log()
+    );
+    assert_eq!(
+        node.run(&sealed.reference, "transfer", &[]),
+        format!("{GREETING}\n")
+    );
+    let served = node.registry.blob_bytes_served() - served_before;
+    assert!(
+        served * 5 < sealed.size,
+        "the registry served {served} of {} sealed bytes",
+        sealed.size
+    );
+    // containerd's content store holds the manifest and config, no layer blob.
+    let content = node.containerd.ctr_ok(&["content", "ls"]);
+    let stored: Vec<&str> = content
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(stored.len(), 2, "manifest and config: {content}");
+    for digest in &sealed.digests {
+        assert!(
+            !stored.contains(&digest.as_str()),
+            "layer {digest} was downloaded: {content}"
+        );
+    }
+}
+
+/// `scripts/configure-containerd.sh` (what `install.sh --configure-containerd` runs) writes a
+/// config the containerd on PATH loads, in its config version, with sealfs's proxy plugin (and
+/// on 2.x the annotations export and the transfer service's unpack configuration); a second
+/// run leaves it alone.
+#[test]
+fn the_install_scripts_containerd_config_loads_in_the_installed_containerds_version() {
+    if !node_prerequisites() {
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("config.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/configure-containerd.sh");
+    let configure = || run(Command::new("bash").arg(&script).arg(&config));
+    let first = String::from_utf8(configure().stdout).unwrap();
+    assert!(first.contains("added [proxy_plugins.sealfs]"), "{first}");
+    let written = fs::read_to_string(&config).unwrap();
+    let two = sealfs_e2e::containerd::major_version() >= 2;
+    assert!(
+        written.starts_with(if two { "version = 3" } else { "version = 2" }),
+        "{written}"
+    );
+    let again = String::from_utf8(configure().stdout).unwrap();
+    assert!(again.contains("already has"), "{again}");
+    assert_eq!(fs::read_to_string(&config).unwrap(), written);
+
+    let dump = run(Command::new("containerd")
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "dump"]));
+    let dump = String::from_utf8(dump.stdout).unwrap();
+    assert!(dump.contains("[proxy_plugins.sealfs]"), "{dump}");
+    assert!(dump.contains("/run/sealfs/sealfs.sock"), "{dump}");
+    if two {
+        assert!(
+            dump.contains("enable_remote_snapshot_annotations = 'true'"),
+            "{dump}"
+        );
+        let unpack = dump
+            .split("unpack_config]]")
+            .skip(1)
+            .map(|entry| entry.lines().take(3).collect::<Vec<_>>().join("\n"))
+            .collect::<Vec<_>>();
+        assert!(
+            unpack.iter().any(|e| e.contains("snapshotter = 'sealfs'")),
+            "{unpack:?}"
+        );
+    }
 }

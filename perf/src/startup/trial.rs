@@ -203,7 +203,7 @@ impl Bench {
             .then(|| SealfsDaemon::start(&self.daemon, scratch, &self.keys, daemon_config));
         let containerd = match (&daemon, mode) {
             (_, Mode::Ocicrypt) => None,
-            (Some(daemon), _) => Some(Containerd::start_with_snapshotter("sealfs", &daemon.socket)),
+            (Some(daemon), _) => Some(Containerd::start_with_sealfs(&daemon.socket)),
             (None, _) => Some(Containerd::start()),
         };
         let bytes_before = self.namespace.bytes_from_registry()?;
