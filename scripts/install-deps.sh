@@ -18,6 +18,10 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
 
-# containerd 2.x for the end-to-end tests' second run (Debian 12 ships 1.6): sid's package,
-# unpacked privately under target/debian (never installed system-wide).
-bash "$(dirname "$0")/fetch-debian-packages.sh" sid "$(cd "$(dirname "$0")/.." && pwd)/target/debian/containerd2" containerd
+# containerd 2.x for the end-to-end tests' second run (Debian 12 ships 1.6), and Go 1.27 with
+# containerd 2.x's source for its snapshotter conformance suite: sid's packages, unpacked
+# privately under target/debian (never installed system-wide).
+here=$(cd "$(dirname "$0")/.." && pwd)
+bash "$here/scripts/fetch-debian-packages.sh" sid "$here/target/debian/containerd2" containerd
+bash "$here/scripts/fetch-debian-packages.sh" --closure '^golang-' sid "$here/target/debian/go2" \
+  golang-1.27-go golang-github-containerd-containerd-dev

@@ -22,6 +22,22 @@ containerd2="$here/target/debian/containerd2/usr/bin"
 echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
 PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter
 
+# containerd's own snapshotter conformance suites against containerd-sealfs-grpc, through
+# containerd's proxy snapshotter client (Go in GOPATH mode on Debian's packaged sources, no
+# module downloads): 1.6's with Debian 12's Go, 2.x's with sid's Go 1.27.
+echo "==> containerd snapshotter conformance suites (1.6 and 2.x)"
+export SEALFS_DAEMON="$here/target/debug/containerd-sealfs-grpc"
+(
+  cd tests/conformance
+  GO111MODULE=off GOPATH="$PWD:/usr/share/gocode" go test -count=1 -v sealfs.test/conformance \
+    | grep -E '^(\s*--- |ok|FAIL|PASS)'
+  go2="$here/target/debian/go2"
+  GO111MODULE=off GOPATH="$PWD:$go2/usr/share/gocode" GOROOT="$go2/usr/lib/go-1.27" \
+    "$go2/usr/lib/go-1.27/bin/go" test -count=1 -v sealfs.test/conformance2 \
+    | grep -E '^(\s*--- |ok|FAIL|PASS)'
+)
+unset SEALFS_DAEMON
+
 echo "==> fuzz targets (build, then ${SEALFS_FUZZ_SECONDS:=15}s each)"
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --quiet

@@ -8,7 +8,8 @@
 //! [`image_ref`] and [`oci_layout`] (image access), [`source`],
 //! [`cache`], [`fetcher`], `prefetch` (the background fetch), [`fs`], [`fuse`] and [`mount`]
 //! (mounting one layer or a whole image), [`registry`] with [`credentials`] and [`hosts`], and
-//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb), [`keys`] (the node's
+//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb), [`filters`]
+//! (containerd's filter syntax for Walk), [`keys`] (the node's
 //! keys), [`remote`] (sealed layers named by containerd's labels, mounted), [`service`]
 //! (containerd's snapshots API over the store and the remote layers), [`metrics`], [`config`]
 //! and [`daemon`] (`containerd-sealfs-grpc`).
@@ -21,6 +22,7 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod fetcher;
+pub mod filters;
 pub mod fs;
 pub mod fuse;
 pub mod hardening;

@@ -434,9 +434,13 @@ impl Node {
         Ok(self.store.usage(key)?)
     }
 
-    /// containerd's Walk.
-    pub fn list(&self) -> Result<Vec<Info>, Status> {
-        Ok(self.store.walk()?)
+    /// containerd's Walk: the snapshots that pass `filters` (containerd's syntax; none: all).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>, Status> {
+        let filters = crate::filters::Filters::parse(filters)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut infos = self.store.walk()?;
+        infos.retain(|info| filters.matches(info));
+        Ok(infos)
     }
 
     /// containerd's Cleanup: directories no snapshot owns (after a crash), their mounts first.
@@ -651,10 +655,9 @@ impl Snapshotter for Service {
     async fn list(
         &self,
         _snapshotter: String,
-        _filters: Vec<String>,
+        filters: Vec<String>,
     ) -> Result<Self::InfoStream, Status> {
-        // Filters are containerd's to apply: it checks every listed snapshot again.
-        let infos = self.blocking(|node| node.list()).await?;
+        let infos = self.blocking(move |node| node.list(&filters)).await?;
         Ok(futures_util::stream::iter(
             infos
                 .into_iter()
@@ -721,13 +724,14 @@ mod tests {
         );
         // A remote snapshot is named by its chain id.
         assert_eq!(node.chain_id_of(&chain), Some(chain.clone()));
-        // Otherwise the target label it was prepared with; no label, no chain id.
-        let labelled = [(remote::TARGET_LABEL.to_string(), chain.clone())];
+        // Otherwise the target label it was committed with (containerd's unpacker commits with
+        // the labels it prepared with); no label, no chain id.
+        let labelled: BTreeMap<_, _> = [(remote::TARGET_LABEL.to_string(), chain.clone())].into();
         node.store
-            .prepare("extract-1", None, labelled.into_iter().collect())
+            .prepare("extract-1", None, labelled.clone())
             .unwrap();
         node.store
-            .commit("ns/1/layer", "extract-1", BTreeMap::new())
+            .commit("ns/1/layer", "extract-1", labelled)
             .unwrap();
         assert_eq!(node.chain_id_of("ns/1/layer"), Some(chain));
         node.store

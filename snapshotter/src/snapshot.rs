@@ -446,7 +446,8 @@ impl SnapshotStore {
         }])
     }
 
-    /// Commits active snapshot `key` as `name`; the key is gone afterwards.
+    /// Commits active snapshot `key` as `name` with `labels` (replacing the active snapshot's);
+    /// the key is gone afterwards.
     pub fn commit(
         &self,
         name: &str,
@@ -466,9 +467,12 @@ impl SnapshotStore {
             if table.get(name).map_err(internal)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(name.to_string()));
             }
+            // As containerd's own storage: a committed snapshot is created at its commit, and
+            // takes the commit's labels, not the active snapshot's.
             record.kind = Kind::Committed;
-            record.labels.extend(labels);
-            record.updated_ns = now_ns();
+            record.labels = labels;
+            record.created_ns = now_ns();
+            record.updated_ns = record.created_ns;
             table.remove(key).map_err(internal)?;
             table
                 .insert(
@@ -502,7 +506,7 @@ impl SnapshotStore {
                 if other.parent.as_deref() == Some(key) {
                     return Err(SnapshotError::FailedPrecondition {
                         name: key.into(),
-                        reason: format!("snapshot {} depends on it", name.value()),
+                        reason: format!("cannot remove snapshot with child {}", name.value()),
                     });
                 }
             }
