@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
-    /// The gRPC socket.
+    /// The gRPC socket (containerd's API and, on it too, CRI's).
     pub socket: PathBuf,
+    /// The namespace `ctr` works in: `sealfs-test`, or CRI's `k8s.io` for a CRI node.
+    pub namespace: &'static str,
 }
 
 impl Containerd {
@@ -30,24 +32,53 @@ impl Containerd {
     /// for 2.x, which also lets the transfer service unpack for sealfs), so the end-to-end
     /// tests prove what operators install.
     pub fn start_with_sealfs(socket: &Path) -> Self {
-        const SNIPPET_V2: &str =
-            include_str!("../../snapshotter/packaging/containerd-snippet.toml");
-        const SNIPPET_V3: &str =
-            include_str!("../../snapshotter/packaging/containerd2-snippet.toml");
-        let snippet = if major_version() >= 2 {
-            SNIPPET_V3
+        Self::start_with(&sealfs_snippet(socket))
+    }
+
+    /// Like [`Self::start_with_sealfs`], with containerd's CRI plugin set up as a Kubernetes
+    /// node with sealfs needs it (`docs/kubernetes.md`): sealfs as the CRI snapshotter with
+    /// snapshot annotations on, `sandbox_image` (a local image), registry hosts from
+    /// `hosts_dir` (containerd's `hosts.toml` layout), and `restrict_oom_score_adj` (root here
+    /// may not lower OOM scores). In the config version of the containerd that runs.
+    pub fn start_with_sealfs_cri(socket: &Path, sandbox_image: &str, hosts_dir: &Path) -> Self {
+        let hosts = hosts_dir.display();
+        let (cri, images) = if major_version() >= 2 {
+            (
+                String::new(),
+                format!(
+                    "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"sealfs\"\n  \
+                     disable_snapshot_annotations = false\n  \
+                     [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n    \
+                     sandbox = \"{sandbox_image}\"\n  \
+                     [plugins.\"io.containerd.cri.v1.images\".registry]\n    config_path = \"{hosts}\"\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n"
+                ),
+            )
         } else {
-            SNIPPET_V2
+            (
+                format!(
+                    "  sandbox_image = \"{sandbox_image}\"\n  restrict_oom_score_adj = true\n  \
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"sealfs\"\n    \
+                     disable_snapshot_annotations = false\n  \
+                     [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{hosts}\"\n"
+                ),
+                String::new(),
+            )
         };
-        Self::start_with(&snippet.replace(
-            "\"/run/sealfs/sealfs.sock\"",
-            &format!("\"{}\"", socket.display()),
-        ))
+        let mut node = Self::start_configured(&cri, &(sealfs_snippet(socket) + &images));
+        node.namespace = "k8s.io";
+        node
     }
 
     /// Starts containerd with `extra` appended to its config (TOML, in the config version of
     /// the containerd that runs: see [`major_version`]).
     pub fn start_with(extra: &str) -> Self {
+        Self::start_configured("", extra)
+    }
+
+    /// Starts containerd with `cri` (keys and subtables of the CRI plugin's table, config
+    /// version 2) and `extra` (whole tables) in its config.
+    fn start_configured(cri: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
@@ -56,7 +87,7 @@ impl Containerd {
             &config,
             format!(
                 "version = {version}\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{extra}",
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{cri}{extra}",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
                 sock = socket.display(),
@@ -71,7 +102,12 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("starting containerd (is it installed?)");
-        let containerd = Containerd { dir, child, socket };
+        let containerd = Containerd {
+            dir,
+            child,
+            socket,
+            namespace: "sealfs-test",
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !containerd.ctr(&["version"]).status.success() {
             assert!(
@@ -84,17 +120,17 @@ impl Containerd {
         containerd
     }
 
-    /// `ctr` against this containerd, in namespace `sealfs-test`, to add arguments to.
+    /// `ctr` against this containerd, in its namespace, to add arguments to.
     pub fn ctr_command(&self) -> Command {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", "sealfs-test"]);
+            .args(["--namespace", self.namespace]);
         command
     }
 
-    /// Runs `ctr` against this containerd, in namespace `sealfs-test`.
+    /// Runs `ctr` against this containerd, in its namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_command().args(args).output().expect("running ctr")
     }
@@ -129,6 +165,22 @@ impl Drop for Containerd {
         // Snapshot mounts under the private root would pin the temporary directory.
         crate::unmount_under(self.dir.path());
     }
+}
+
+/// The containerd config snippet the project ships for the containerd on PATH, with sealfs's
+/// socket at `socket`.
+fn sealfs_snippet(socket: &Path) -> String {
+    const SNIPPET_V2: &str = include_str!("../../snapshotter/packaging/containerd-snippet.toml");
+    const SNIPPET_V3: &str = include_str!("../../snapshotter/packaging/containerd2-snippet.toml");
+    let snippet = if major_version() >= 2 {
+        SNIPPET_V3
+    } else {
+        SNIPPET_V2
+    };
+    snippet.replace(
+        "\"/run/sealfs/sealfs.sock\"",
+        &format!("\"{}\"", socket.display()),
+    )
 }
 
 /// The major version of the `containerd` on PATH (1 for Debian 12's 1.6, 2 for 2.x), read

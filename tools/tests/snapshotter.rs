@@ -4,17 +4,15 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use common::*;
 use sealfs_e2e::containerd::Containerd;
-use sealfs_e2e::noise;
 use sealfs_e2e::registry::DockerRegistry;
 use sealfs_e2e::sealfs::SealfsDaemon;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
-const GREETING: &str = "hello from a sealed image";
 /// Prints every path with its type, mode and owner (and size and link count unless it is a
 /// directory: those depend on the file system), then every regular file's checksum: what a
 /// container sees of its root file system (`-xdev`: not /proc etc.).
@@ -24,10 +22,6 @@ const TREE_SCRIPT: &str =
      busybox find . -xdev ! -type d | busybox sort | while read -r f; do \
      busybox stat -c '%n %f %u %g %s %h' \"$f\"; done; \
      busybox find . -xdev -type f | busybox sort | while read -r f; do busybox md5sum \"$f\"; done";
-
-fn node_prerequisites() -> bool {
-    prerequisites() && have_tools(&["containerd", "ctr", "runc", "ctr-remote", "docker-registry"])
-}
 
 /// containerd with sealfs as its `sealfs` snapshotter, a registry, and the node's key.
 struct Node {
@@ -112,83 +106,6 @@ impl Node {
 }
 
 use std::os::unix::fs::PermissionsExt;
-
-/// `img:v1` of [`build_image`] plus a third layer: 24 MiB of data files and a greeting the
-/// image's command prints. Returns the work directory with keys `alice` (the node) and `bob`.
-fn app_image() -> Option<(tempfile::TempDir, PathBuf)> {
-    if !node_prerequisites() {
-        return None;
-    }
-    let (temp, work) = setup()?;
-    let root = work.join("bundle/rootfs");
-    fs::create_dir_all(root.join("data/blobs")).unwrap();
-    for i in 0..6 {
-        fs::write(
-            root.join(format!("data/blobs/blob-{i}")),
-            noise(100 + i, 4 << 20),
-        )
-        .unwrap();
-    }
-    fs::write(root.join("etc/greeting"), format!("{GREETING}\n")).unwrap();
-    umoci(&work, &["repack", "--image", "img:v1", "bundle"]);
-    umoci(
-        &work,
-        &[
-            "config",
-            "--image",
-            "img:v1",
-            "--config.cmd",
-            "/bin/busybox",
-            "--config.cmd",
-            "cat",
-            "--config.cmd",
-            "/etc/greeting",
-        ],
-    );
-    keygen(&work, "alice");
-    keygen(&work, "bob");
-    Some((temp, work))
-}
-
-/// A sealed image in the registry.
-struct Sealed {
-    reference: String,
-    /// Sum of the sealed layers' sizes.
-    size: u64,
-    layers: usize,
-    /// The sealed layers' blob digests.
-    digests: Vec<String>,
-}
-
-/// Seals `img:v1` for `recipient` and pushes it as `NAME:sealed`.
-fn push_sealed(work: &Path, registry: &DockerRegistry, recipient: &str, name: &str) -> Sealed {
-    let reference = format!("{}/{name}:sealed", registry.host);
-    sealctl_ok(
-        work,
-        &[
-            "seal",
-            "--recipient",
-            &format!("{recipient}.pub"),
-            "oci:img:v1",
-            &format!("docker://{reference}"),
-        ],
-    );
-    let raw = run(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{reference}")))
-    .stdout;
-    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    let layers = manifest["layers"].as_array().unwrap();
-    Sealed {
-        size: layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
-        layers: layers.len(),
-        digests: layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect(),
-        reference,
-    }
-}
 
 #[test]
 fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sealfs_e2e::noise;
+use sealfs_e2e::registry::DockerRegistry;
 
 pub const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
 
@@ -217,4 +218,89 @@ pub fn setup() -> Option<(tempfile::TempDir, PathBuf)> {
     let work = temp.path().to_path_buf();
     build_image(&work);
     Some((temp, work))
+}
+
+/// What the app image's command prints.
+pub const GREETING: &str = "hello from a sealed image";
+
+/// Root, the image tools, containerd, runc, ctr-remote and a registry.
+pub fn node_prerequisites() -> bool {
+    prerequisites() && have_tools(&["containerd", "ctr", "runc", "ctr-remote", "docker-registry"])
+}
+
+/// `img:v1` of [`build_image`] plus a third layer: 24 MiB of data files and a greeting the
+/// image's command prints. Returns the work directory with keys `alice` (the node) and `bob`.
+pub fn app_image() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !node_prerequisites() {
+        return None;
+    }
+    let (temp, work) = setup()?;
+    let root = work.join("bundle/rootfs");
+    fs::create_dir_all(root.join("data/blobs")).unwrap();
+    for i in 0..6 {
+        fs::write(
+            root.join(format!("data/blobs/blob-{i}")),
+            noise(100 + i, 4 << 20),
+        )
+        .unwrap();
+    }
+    fs::write(root.join("etc/greeting"), format!("{GREETING}\n")).unwrap();
+    umoci(&work, &["repack", "--image", "img:v1", "bundle"]);
+    umoci(
+        &work,
+        &[
+            "config",
+            "--image",
+            "img:v1",
+            "--config.cmd",
+            "/bin/busybox",
+            "--config.cmd",
+            "cat",
+            "--config.cmd",
+            "/etc/greeting",
+        ],
+    );
+    keygen(&work, "alice");
+    keygen(&work, "bob");
+    Some((temp, work))
+}
+
+/// A sealed image in the registry.
+pub struct Sealed {
+    pub reference: String,
+    /// Sum of the sealed layers' sizes.
+    pub size: u64,
+    pub layers: usize,
+    /// The sealed layers' blob digests.
+    pub digests: Vec<String>,
+}
+
+/// Seals `img:v1` for `recipient` and pushes it as `NAME:sealed`.
+pub fn push_sealed(work: &Path, registry: &DockerRegistry, recipient: &str, name: &str) -> Sealed {
+    let reference = format!("{}/{name}:sealed", registry.host);
+    sealctl_ok(
+        work,
+        &[
+            "seal",
+            "--recipient",
+            &format!("{recipient}.pub"),
+            "oci:img:v1",
+            &format!("docker://{reference}"),
+        ],
+    );
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}")))
+    .stdout;
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    Sealed {
+        size: layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
+        layers: layers.len(),
+        digests: layers
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect(),
+        reference,
+    }
 }

@@ -1,0 +1,324 @@
+//! The Kubernetes path: containerd's CRI plugin driven over its gRPC API (runtime.v1) as the
+//! kubelet drives it (RunPodSandbox with host networking, PullImage, CreateContainer,
+//! StartContainer, ContainerStatus, the container's log), with sealfs as the CRI snapshotter,
+//! on whichever containerd is first on PATH (`scripts/test.sh` runs it on 1.6 and 2.x).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_cri::v1 as cri;
+use sealfs_e2e::containerd::Containerd;
+use sealfs_e2e::registry::DockerRegistry;
+use sealfs_e2e::sealfs::SealfsDaemon;
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
+/// The local sandbox ("pause") image: the app image's busybox, sleeping.
+const SANDBOX_IMAGE: &str = "sealfs.test/img:pause";
+
+/// A CRI client on containerd's socket, blocking on a runtime of its own.
+struct CriClient {
+    runtime: tokio::runtime::Runtime,
+    pods: cri::runtime_service_client::RuntimeServiceClient<tonic_cri::transport::Channel>,
+    images: cri::image_service_client::ImageServiceClient<tonic_cri::transport::Channel>,
+}
+
+impl CriClient {
+    fn connect(socket: &Path) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = socket.to_path_buf();
+        // The kubelet dials the unix socket; the URI is only a placeholder for tonic.
+        let channel = runtime
+            .block_on(
+                tonic_cri::transport::Endpoint::from_static("http://localhost")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let socket = socket.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(socket).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    })),
+            )
+            .expect("connecting to containerd's CRI socket");
+        CriClient {
+            runtime,
+            pods: cri::runtime_service_client::RuntimeServiceClient::new(channel.clone()),
+            images: cri::image_service_client::ImageServiceClient::new(channel),
+        }
+    }
+
+    fn pull(
+        &mut self,
+        image: &str,
+        pod: &cri::PodSandboxConfig,
+    ) -> Result<String, tonic_cri::Status> {
+        let request = cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.clone()),
+            ..Default::default()
+        };
+        let reply = self.runtime.block_on(self.images.pull_image(request))?;
+        Ok(reply.into_inner().image_ref)
+    }
+}
+
+/// A pod on the node's network (no CNI needed) that logs to `logs`; no hostname (runc cannot
+/// set one without a UTS namespace of the pod's own).
+fn pod_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Pod as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// containerd's `hosts.toml` for a plain-HTTP registry (the same directory sealfs's
+/// `[registry] hosts_dir` can name).
+fn hosts_dir(work: &Path, registry: &DockerRegistry) -> std::path::PathBuf {
+    let dir = work.join("certs.d");
+    let host = &registry.host;
+    fs::create_dir_all(dir.join(host)).unwrap();
+    fs::write(
+        dir.join(host).join("hosts.toml"),
+        format!(
+            "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Imports the app image, its command a long sleep, as the node's local sandbox image,
+/// unpacked for sealfs (as a node's pause image is).
+fn import_sandbox_image(work: &Path, containerd: &Containerd) {
+    umoci(
+        work,
+        &[
+            "config",
+            "--image",
+            "img:v1",
+            "--tag",
+            "pause",
+            "--config.cmd",
+            "/bin/busybox",
+            "--config.cmd",
+            "sleep",
+            "--config.cmd",
+            "3600",
+        ],
+    );
+    let archive = work.join("pause.tar");
+    run(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(work.join("img"))
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    containerd.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "sealfs",
+        "--base-name",
+        "sealfs.test/img",
+        archive.to_str().unwrap(),
+    ]);
+}
+
+/// The kubelet's path end to end: a sealed image pulls lazily through CRI (the registry
+/// serves a small part of it, containerd's content store holds no layer blob), its container
+/// runs in a pod and logs the image's greeting; an image sealed for another key fails
+/// PullImage with the layer and the key ids in the message.
+#[test]
+fn cri_pulls_sealed_images_lazily_and_runs_them_in_a_pod() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let keys = work.join("node-keys");
+    fs::create_dir_all(&keys).unwrap();
+    fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
+    fs::set_permissions(
+        keys.join("alice.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let registry = DockerRegistry::start();
+    let daemon = SealfsDaemon::start(DAEMON, &work, &keys, "[fetch]\nbackground = false\n");
+    let hosts = hosts_dir(&work, &registry);
+    let containerd = Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts);
+    import_sandbox_image(&work, &containerd);
+    let sealed = push_sealed(&work, &registry, "alice", "cri-app");
+    let for_bob = push_sealed(&work, &registry, "bob", "cri-bob").reference;
+    let mut client = CriClient::connect(&containerd.socket);
+
+    let logs = work.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let pod = pod_config("sealed-pod", &logs);
+    let served_before = registry.blob_bytes_served();
+    let image_ref = client
+        .pull(&sealed.reference, &pod)
+        .unwrap_or_else(|status| {
+            panic!(
+                "PullImage: {status}\n--- daemon ---\n{}\n--- containerd ---\n{}",
+                daemon.log(),
+                containerd.log()
+            )
+        });
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    assert_eq!(
+        daemon.fuse_mounts().len(),
+        sealed.layers,
+        "every layer mounted remotely: {}",
+        daemon.log()
+    );
+
+    let sandbox = client
+        .runtime
+        .block_on(client.pods.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            ..Default::default()
+        }))
+        .unwrap_or_else(|status| panic!("RunPodSandbox: {status}\n{}", containerd.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = client
+        .runtime
+        .block_on(client.pods.create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image_ref.clone(),
+                    ..Default::default()
+                }),
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.clone()),
+        }))
+        .unwrap_or_else(|status| panic!("CreateContainer: {status}\n{}", containerd.log()))
+        .into_inner()
+        .container_id;
+    client
+        .runtime
+        .block_on(client.pods.start_container(cri::StartContainerRequest {
+            container_id: container.clone(),
+        }))
+        .unwrap_or_else(|status| panic!("StartContainer: {status}\n{}", containerd.log()));
+    // The container prints and exits; the kubelet learns that by polling its status.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = client
+            .runtime
+            .block_on(client.pods.container_status(cri::ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            }))
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if status.state == cri::ContainerState::ContainerExited as i32 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container did not exit: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    // CRI's log format: TIMESTAMP STREAM TAG MESSAGE.
+    let log = fs::read_to_string(logs.join("app.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|line| line.ends_with(&format!(" stdout F {GREETING}"))),
+        "{log}"
+    );
+
+    let served = registry.blob_bytes_served() - served_before;
+    assert!(
+        served * 5 < sealed.size,
+        "the registry served {served} of {} sealed bytes",
+        sealed.size
+    );
+    let content = containerd.ctr_ok(&["content", "ls"]);
+    let stored: Vec<&str> = content
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    for digest in &sealed.digests {
+        assert!(
+            !stored.contains(&digest.as_str()),
+            "layer {digest} was downloaded: {content}"
+        );
+    }
+
+    // Sealed for bob only: PullImage fails and says which layer and which keys.
+    let refused = client.pull(&for_bob, &pod).unwrap_err();
+    let message = refused.message();
+    let key_id = |name: &str| {
+        let text = fs::read_to_string(work.join(format!("{name}.pub"))).unwrap();
+        text.lines()
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        message.contains("no key opens this layer")
+            && message.contains("layer sha256:")
+            && message.contains(&key_id("alice"))
+            && message.contains(&key_id("bob")),
+        "{message}"
+    );
+
+    client
+        .runtime
+        .block_on(client.pods.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        }))
+        .unwrap();
+    client
+        .runtime
+        .block_on(
+            client
+                .pods
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: sandbox,
+                }),
+        )
+        .unwrap();
+}
