@@ -36,18 +36,29 @@ impl Containerd {
     }
 
     /// Like [`Self::start_with_sealfs`], with containerd's CRI plugin set up as a Kubernetes
-    /// node with sealfs needs it (`docs/kubernetes.md`): sealfs as the CRI snapshotter with
-    /// snapshot annotations on, `sandbox_image` (a local image), registry hosts from
-    /// `hosts_dir` (containerd's `hosts.toml` layout), and `restrict_oom_score_adj` (root here
-    /// may not lower OOM scores). In the config version of the containerd that runs.
-    pub fn start_with_sealfs_cri(socket: &Path, sandbox_image: &str, hosts_dir: &Path) -> Self {
+    /// node with sealfs needs it (`docs/kubernetes.md`): sealfs as the CRI snapshotter,
+    /// `sandbox_image` (a local image), registry hosts from `hosts_dir` (containerd's
+    /// `hosts.toml` layout), and `restrict_oom_score_adj` (root here may not lower OOM scores).
+    /// In the config version of the containerd that runs. On 2.x, `pull` picks how CRI pulls.
+    pub fn start_with_sealfs_cri(
+        socket: &Path,
+        sandbox_image: &str,
+        hosts_dir: &Path,
+        pull: CriPull,
+    ) -> Self {
         let hosts = hosts_dir.display();
         let (cri, images) = if major_version() >= 2 {
+            // CRI's own snapshot annotations make 2.x fall back to its local pull; without
+            // them it pulls through the transfer service, whose unpacker passes the layer
+            // annotations because the proxy plugin exports enable_remote_snapshot_annotations.
+            let annotations = match pull {
+                CriPull::TransferService => "",
+                CriPull::Local => "  disable_snapshot_annotations = false\n",
+            };
             (
                 String::new(),
                 format!(
-                    "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"sealfs\"\n  \
-                     disable_snapshot_annotations = false\n  \
+                    "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"sealfs\"\n{annotations}  \
                      [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n    \
                      sandbox = \"{sandbox_image}\"\n  \
                      [plugins.\"io.containerd.cri.v1.images\".registry]\n    config_path = \"{hosts}\"\n\
@@ -165,6 +176,15 @@ impl Drop for Containerd {
         // Snapshot mounts under the private root would pin the temporary directory.
         crate::unmount_under(self.dir.path());
     }
+}
+
+/// How containerd 2.x's CRI plugin pulls (1.x has only its own pull, with CRI's annotations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CriPull {
+    /// Through the transfer service (2.x's default).
+    TransferService,
+    /// CRI's local pull, which `disable_snapshot_annotations = false` selects on 2.x.
+    Local,
 }
 
 /// The containerd config snippet the project ships for the containerd on PATH, with sealfs's

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_cri::v1 as cri;
-use sealfs_e2e::containerd::Containerd;
+use sealfs_e2e::containerd::{Containerd, CriPull};
 use sealfs_e2e::registry::DockerRegistry;
 use sealfs_e2e::sealfs::SealfsDaemon;
 
@@ -157,6 +157,22 @@ fn import_sandbox_image(work: &Path, containerd: &Containerd) {
 /// PullImage with the layer and the key ids in the message.
 #[test]
 fn cri_pulls_sealed_images_lazily_and_runs_them_in_a_pod() {
+    cri_case(CriPull::Local);
+}
+
+/// The same on containerd 2.x with CRI's pulls going through the transfer service (its
+/// default when CRI's own snapshot annotations are off), which gets the layer annotations to
+/// sealfs through the proxy plugin's enable_remote_snapshot_annotations export.
+#[test]
+fn cri_pulls_through_containerd_2s_transfer_service_are_lazy_too() {
+    if sealfs_e2e::containerd::major_version() < 2 {
+        eprintln!("containerd 1.x: CRI has no transfer service pull");
+        return;
+    }
+    cri_case(CriPull::TransferService);
+}
+
+fn cri_case(pull: CriPull) {
     let Some((_temp, work)) = app_image() else {
         return;
     };
@@ -171,7 +187,14 @@ fn cri_pulls_sealed_images_lazily_and_runs_them_in_a_pod() {
     let registry = DockerRegistry::start();
     let daemon = SealfsDaemon::start(DAEMON, &work, &keys, "[fetch]\nbackground = false\n");
     let hosts = hosts_dir(&work, &registry);
-    let containerd = Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts);
+    let containerd = Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts, pull);
+    if sealfs_e2e::containerd::major_version() >= 2 {
+        // containerd says when CRI's settings keep it from the transfer service.
+        let local = containerd
+            .log()
+            .contains("Falling back to local image pull");
+        assert_eq!(local, pull == CriPull::Local, "{}", containerd.log());
+    }
     import_sandbox_image(&work, &containerd);
     let sealed = push_sealed(&work, &registry, "alice", "cri-app");
     let for_bob = push_sealed(&work, &registry, "bob", "cri-bob").reference;
