@@ -36,6 +36,29 @@ pub struct Config {
     pub fetch: FetchSection,
     /// Registries.
     pub registry: RegistrySection,
+    /// The CRI image service proxy (imagePullSecrets).
+    pub cri: CriSection,
+}
+
+/// `[cri]`: the CRI image service proxy that takes the credentials of the kubelet's pulls
+/// (imagePullSecrets) for sealfs's own registry reads.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriSection {
+    /// Where the proxy serves CRI's image service (the kubelet's `--image-service-endpoint`);
+    /// empty: no proxy.
+    pub image_proxy_socket: PathBuf,
+    /// containerd's socket, where CRI is served, to forward to.
+    pub containerd_socket: PathBuf,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            image_proxy_socket: PathBuf::new(),
+            containerd_socket: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
 }
 
 /// `[cache]`.
@@ -103,6 +126,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
+            cri: CriSection::default(),
         }
     }
 }
@@ -221,6 +245,8 @@ impl Config {
                 retries: self.registry.retries,
                 insecure: self.registry.insecure.clone(),
                 hosts_dir: Some(self.registry.hosts_dir.clone()),
+                // The daemon sets it when it runs the CRI image proxy.
+                pull_credentials: None,
                 ..RegistryOptions::default()
             },
             mount: MountOptions {

@@ -215,6 +215,132 @@ fn run_helper(helper: &str, registry: &str) -> Result<Option<RegistryAuth>, Cred
     Ok(Some(RegistryAuth::Basic(answer.username, answer.secret)))
 }
 
+/// Registry credentials that came with image pulls: what the kubelet gave containerd's CRI
+/// for a pull (an imagePullSecret), taken by sealfs's CRI image service proxy
+/// ([`crate::cri_proxy`]), which containerd never passes to a snapshotter. In memory only
+/// (zeroized when replaced or dropped), the newest for each registry host: a later pull with
+/// new credentials (a rotated secret, a refreshed token) replaces the old ones.
+#[derive(Default)]
+pub struct PullCredentials {
+    by_host: std::sync::Mutex<HashMap<String, (u64, PullAuth)>>,
+    /// Numbers the remembered credentials, so an undo replaces only its own.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// Credentials remembered for a pull still running: [`PullCredentials::undo`] puts the ones
+/// before back if that pull fails (a wrong secret must not displace a working one).
+#[must_use = "undo the credentials if the pull fails"]
+pub struct Remembered {
+    host: String,
+    generation: u64,
+    previous: Option<(u64, PullAuth)>,
+}
+
+/// One host's pull credentials, zeroized on drop.
+enum PullAuth {
+    Basic(zeroize::Zeroizing<String>, zeroize::Zeroizing<String>),
+    Bearer(zeroize::Zeroizing<String>),
+}
+
+impl PullCredentials {
+    /// Remembers `auth` for `host` (a registry host as references name it, `HOST[:PORT]`),
+    /// replacing what was there; anonymous credentials are not remembered (`None`).
+    pub fn remember(&self, host: &str, auth: RegistryAuth) -> Option<Remembered> {
+        let auth = match auth {
+            RegistryAuth::Basic(user, password) => PullAuth::Basic(user.into(), password.into()),
+            RegistryAuth::Bearer(token) => PullAuth::Bearer(token.into()),
+            RegistryAuth::Anonymous => return None,
+        };
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let host = normalize(host).to_string();
+        let mut hosts = self.by_host.lock().expect("pull credentials lock");
+        let previous = hosts.insert(host.clone(), (generation, auth));
+        Some(Remembered {
+            host,
+            generation,
+            previous,
+        })
+    }
+
+    /// Puts back what `remembered` replaced, unless a later pull has replaced it since.
+    pub fn undo(&self, remembered: Remembered) {
+        let mut hosts = self.by_host.lock().expect("pull credentials lock");
+        if hosts.get(&remembered.host).map(|(g, _)| *g) != Some(remembered.generation) {
+            return;
+        }
+        match remembered.previous {
+            Some(previous) => hosts.insert(remembered.host, previous),
+            None => hosts.remove(&remembered.host),
+        };
+    }
+
+    /// The newest credentials a pull brought for `host`.
+    pub fn get(&self, host: &str) -> Option<RegistryAuth> {
+        self.get_numbered(host).map(|(_, auth)| auth)
+    }
+
+    /// Like [`get`](Self::get), with a number that changes whenever they are replaced (a
+    /// client caching tokens made from them must start afresh then).
+    pub fn get_numbered(&self, host: &str) -> Option<(u64, RegistryAuth)> {
+        let hosts = self.by_host.lock().expect("pull credentials lock");
+        hosts.get(normalize(host)).map(|(generation, auth)| {
+            (
+                *generation,
+                match auth {
+                    PullAuth::Basic(user, password) => {
+                        RegistryAuth::Basic(user.to_string(), password.to_string())
+                    }
+                    PullAuth::Bearer(token) => RegistryAuth::Bearer(token.to_string()),
+                },
+            )
+        })
+    }
+}
+
+/// Names the hosts, never the credentials.
+impl std::fmt::Debug for PullCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts = self.by_host.lock().expect("pull credentials lock");
+        f.debug_struct("PullCredentials")
+            .field("hosts", &hosts.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The credentials of a CRI `AuthConfig` (the kubelet's, from an imagePullSecret): a registry
+/// or identity token, a user and password, or `auth` (base64 `user:password`); `None` when
+/// it carries none.
+pub fn from_cri_auth(
+    username: &str,
+    password: &str,
+    auth: &str,
+    identity_token: &str,
+    registry_token: &str,
+) -> Option<RegistryAuth> {
+    if !registry_token.is_empty() {
+        return Some(RegistryAuth::Bearer(registry_token.to_string()));
+    }
+    if !identity_token.is_empty() {
+        return Some(RegistryAuth::Bearer(identity_token.to_string()));
+    }
+    if !username.is_empty() {
+        return Some(RegistryAuth::Basic(
+            username.to_string(),
+            password.to_string(),
+        ));
+    }
+    let decoded = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .ok()?,
+    );
+    let text = std::str::from_utf8(&decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some(RegistryAuth::Basic(user.to_string(), password.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +442,68 @@ esac
             shown.contains("alice") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn pull_credentials_keep_the_newest_per_host_and_never_print() {
+        let store = PullCredentials::default();
+        assert!(store.get("reg.example.com").is_none());
+        let first = store.remember(
+            "reg.example.com",
+            RegistryAuth::Basic("u".into(), "old".into()),
+        );
+        let second = store
+            .remember(
+                "https://reg.example.com/v2/",
+                RegistryAuth::Basic("u".into(), "new".into()),
+            )
+            .unwrap();
+        assert!(store
+            .remember("other.example.com", RegistryAuth::Anonymous)
+            .is_none());
+        assert_eq!(
+            basic(store.get("reg.example.com").unwrap()),
+            ("u".into(), "new".into())
+        );
+        assert!(store.get("other.example.com").is_none());
+        // A failed pull puts back the credentials it displaced...
+        store.undo(second);
+        assert_eq!(
+            basic(store.get("reg.example.com").unwrap()),
+            ("u".into(), "old".into())
+        );
+        // ...but not over newer ones, and the first pull's undo leaves nothing.
+        let third = store
+            .remember("reg.example.com", RegistryAuth::Bearer("t".into()))
+            .unwrap();
+        store.undo(first.unwrap());
+        assert!(matches!(
+            store.get("reg.example.com"),
+            Some(RegistryAuth::Bearer(_))
+        ));
+        store.undo(third);
+        assert_eq!(
+            basic(store.get("reg.example.com").unwrap()),
+            ("u".into(), "old".into())
+        );
+        let shown = format!("{store:?}");
+        assert!(
+            shown.contains("reg.example.com") && !shown.contains("new"),
+            "{shown}"
+        );
+
+        let b64 = base64::engine::general_purpose::STANDARD.encode("carol:pw");
+        assert_eq!(
+            basic(from_cri_auth("", "", &b64, "", "").unwrap()),
+            ("carol".into(), "pw".into())
+        );
+        assert!(
+            matches!(from_cri_auth("u", "p", "", "", "tok"), Some(RegistryAuth::Bearer(t)) if t == "tok")
+        );
+        assert_eq!(
+            basic(from_cri_auth("u", "p", "", "", "").unwrap()),
+            ("u".into(), "p".into())
+        );
+        assert!(from_cri_auth("", "", "", "", "").is_none());
     }
 }

@@ -109,7 +109,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         source,
     })?;
     let memory = Arc::new(MemoryCache::new(config.cache.memory_mib << 20));
-    let remote = RemoteLayers::new(config.remote(), runtime.handle().clone(), memory);
+    // Credentials of CRI pulls (imagePullSecrets), filled by the CRI image proxy if it runs.
+    let pull_credentials = Arc::new(crate::credentials::PullCredentials::default());
+    let mut remote_config = config.remote();
+    remote_config.registry.pull_credentials = Some(pull_credentials.clone());
+    let remote = RemoteLayers::new(remote_config, runtime.handle().clone(), memory);
     let node = Arc::new(Node::new(store, remote));
     let metrics_address = match config.metrics_address.as_str() {
         "" => None,
@@ -129,6 +133,19 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 tracing::error!(%error, "reading remote snapshots to remount");
             }
         });
+        if !config.cri.image_proxy_socket.as_os_str().is_empty() {
+            let socket = config.cri.image_proxy_socket.clone();
+            let proxy =
+                crate::cri_proxy::ImageProxy::new(&config.cri.containerd_socket, pull_credentials);
+            tracing::info!(socket = %socket.display(), containerd = %config.cri.containerd_socket.display(), "serving the CRI image proxy");
+            tokio::spawn(async move {
+                if let Err(error) =
+                    crate::cri_proxy::serve(&socket, proxy, std::future::pending()).await
+                {
+                    tracing::error!(error = %crate::error_chain(&error), "CRI image proxy failed");
+                }
+            });
+        }
         if let Some(address) = metrics_address {
             let node = node.clone();
             tokio::spawn(async move {
@@ -149,6 +166,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         Ok::<(), DaemonError>(())
     });
     let _ = std::fs::remove_file(&config.socket);
+    if !config.cri.image_proxy_socket.as_os_str().is_empty() {
+        let _ = std::fs::remove_file(&config.cri.image_proxy_socket);
+    }
     // Unmount on the blocking side: FUSE sessions join their threads.
     node.unmount_all();
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

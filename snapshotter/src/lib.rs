@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod config;
 pub mod credentials;
+pub mod cri_proxy;
 pub mod daemon;
 pub mod fetcher;
 pub mod filters;

@@ -47,12 +47,14 @@ pub enum RegistryError {
         source: oci_client::ParseError,
     },
     /// The registry answered with an error, or could not be reached (after retries).
-    #[error("registry {registry}: {what}")]
+    #[error("registry {registry}: {what} (with {credentials})")]
     Request {
         /// The registry host.
         registry: String,
         /// What was asked.
         what: String,
+        /// Which credentials were sent: where they came from, never what they are.
+        credentials: &'static str,
         /// The error.
         #[source]
         source: OciDistributionError,
@@ -90,6 +92,10 @@ pub struct RegistryOptions {
     pub insecure: Vec<String>,
     /// containerd-style hosts directory (`DIR/REGISTRY/hosts.toml`) for mirrors.
     pub hosts_dir: Option<std::path::PathBuf>,
+    /// Credentials pulls brought (CRI's imagePullSecrets, through sealfs's CRI image proxy);
+    /// for a host they have, they come before the node's own, and are read at each request,
+    /// so a newer pull's credentials apply to layers already mounted.
+    pub pull_credentials: Option<std::sync::Arc<crate::credentials::PullCredentials>>,
 }
 
 impl Default for RegistryOptions {
@@ -100,6 +106,7 @@ impl Default for RegistryOptions {
             backoff: Duration::from_millis(200),
             insecure: Vec::new(),
             hosts_dir: None,
+            pull_credentials: None,
         }
     }
 }
@@ -117,10 +124,52 @@ pub struct Registry {
 struct Route {
     endpoint: Endpoint,
     client: Client,
+    /// The endpoint's CA (PEM), to make a client for pull credentials like `client`.
+    ca_pem: Option<Vec<u8>>,
+    /// A client for the newest pull credentials and their number: oci-client keeps the first
+    /// credentials and the tokens made from them, so new credentials get a client of their own.
+    pulled: std::sync::Mutex<Option<(u64, Client)>>,
+    /// The node's credentials for this endpoint, and where they came from.
     auth: RegistryAuth,
+    auth_source: &'static str,
     /// While set and in the future, this mirror is skipped: it could not be reached lately.
     down_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How a client for `endpoint` talks: plain HTTP or TLS (with its CA, maybe no verification),
+/// timeouts from `options`.
+fn client_config(
+    endpoint: &Endpoint,
+    options: &RegistryOptions,
+    ca_pem: Option<&[u8]>,
+) -> ClientConfig {
+    let mut config = ClientConfig {
+        protocol: if endpoint.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        accept_invalid_certificates: endpoint.skip_verify,
+        connect_timeout: Some(options.request_timeout.min(Duration::from_secs(10))),
+        read_timeout: Some(options.request_timeout),
+        ..ClientConfig::default()
+    };
+    if let Some(pem) = ca_pem {
+        config
+            .extra_root_certificates
+            .push(oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem.to_vec(),
+            });
+    }
+    config
+}
+
+/// Where the credentials of a request came from, as errors name it.
+const NO_CREDENTIALS: &str =
+    "no credentials: the node has none for this registry (docker config.json) and no pull brought any";
+const NODE_CREDENTIALS: &str = "the node's credentials (docker config.json)";
+const PULL_CREDENTIALS: &str = "the credentials of the latest CRI pull (imagePullSecret)";
 
 /// How long a mirror that could not be reached is skipped before it is tried again.
 const MIRROR_BACKOFF: Duration = Duration::from_secs(30);
@@ -129,6 +178,21 @@ impl Route {
     fn is_down(&self) -> bool {
         let until = *self.down_until.lock().expect("route lock");
         until.is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    /// The client for pull credentials number `number`: the same while they stand (its
+    /// connections and tokens are reused), a fresh one when they were replaced.
+    fn client_for(&self, number: u64, options: &RegistryOptions) -> Client {
+        let mut pulled = self.pulled.lock().expect("route lock");
+        match &*pulled {
+            Some((current, client)) if *current == number => client.clone(),
+            _ => {
+                let config = client_config(&self.endpoint, options, self.ca_pem.as_deref());
+                let client = Client::new(config);
+                *pulled = Some((number, client.clone()));
+                client
+            }
+        }
     }
 
     fn mark_down(&self) {
@@ -169,32 +233,25 @@ impl Registry {
         let mut routes = Vec::new();
         for mut endpoint in endpoints {
             endpoint.plain_http |= options.insecure.contains(&endpoint.host);
-            let mut config = ClientConfig {
-                protocol: if endpoint.plain_http {
-                    ClientProtocol::Http
-                } else {
-                    ClientProtocol::Https
-                },
-                accept_invalid_certificates: endpoint.skip_verify,
-                connect_timeout: Some(options.request_timeout.min(Duration::from_secs(10))),
-                read_timeout: Some(options.request_timeout),
-                ..ClientConfig::default()
+            let ca_pem = match &endpoint.ca {
+                Some(ca) => Some(
+                    std::fs::read(ca)
+                        .map_err(|e| config_error(format!("CA {}: {e}", ca.display())))?,
+                ),
+                None => None,
             };
-            if let Some(ca) = &endpoint.ca {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| config_error(format!("CA {}: {e}", ca.display())))?;
-                config
-                    .extra_root_certificates
-                    .push(oci_client::client::Certificate {
-                        encoding: oci_client::client::CertificateEncoding::Pem,
-                        data: pem,
-                    });
-            }
             let auth = auth_for(&endpoint.host)
                 .map_err(|e| config_error(format!("credentials for {}: {e}", endpoint.host)))?;
+            let auth_source = match auth {
+                RegistryAuth::Anonymous => NO_CREDENTIALS,
+                _ => NODE_CREDENTIALS,
+            };
             routes.push(Route {
-                client: Client::new(config),
+                client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
+                ca_pem,
+                pulled: std::sync::Mutex::new(None),
                 auth,
+                auth_source,
                 endpoint,
                 down_until: std::sync::Mutex::new(None),
             });
@@ -296,10 +353,24 @@ impl Registry {
         let mut backoff = self.options.backoff;
         let mut attempt = 0;
         loop {
+            // Read at every attempt: a pull may have brought newer credentials meanwhile.
+            let (client, auth, credentials) = match self
+                .options
+                .pull_credentials
+                .as_ref()
+                .and_then(|pulled| pulled.get_numbered(host))
+            {
+                Some((number, auth)) => (
+                    route.client_for(number, &self.options),
+                    auth,
+                    PULL_CREDENTIALS,
+                ),
+                None => (route.client.clone(), route.auth.clone(), route.auth_source),
+            };
             let outcome = self.runtime.block_on(async {
                 tokio::time::timeout(
                     self.options.request_timeout,
-                    request(route.client.clone(), route.auth.clone(), target.clone()),
+                    request(client, auth, target.clone()),
                 )
                 .await
             });
@@ -309,6 +380,7 @@ impl Registry {
                     return Err(RegistryError::Request {
                         registry: host.to_string(),
                         what: what.to_string(),
+                        credentials,
                         source,
                     })
                 }

@@ -58,17 +58,132 @@ impl CriClient {
         image: &str,
         pod: &cri::PodSandboxConfig,
     ) -> Result<String, tonic_cri::Status> {
+        self.pull_with(image, pod, None)
+    }
+
+    /// PullImage with `auth`, as the kubelet sends an imagePullSecret.
+    fn pull_with(
+        &mut self,
+        image: &str,
+        pod: &cri::PodSandboxConfig,
+        auth: Option<cri::AuthConfig>,
+    ) -> Result<String, tonic_cri::Status> {
         let request = cri::PullImageRequest {
             image: Some(cri::ImageSpec {
                 image: image.to_string(),
                 ..Default::default()
             }),
+            auth,
             sandbox_config: Some(pod.clone()),
-            ..Default::default()
         };
         let reply = self.runtime.block_on(self.images.pull_image(request))?;
         Ok(reply.into_inner().image_ref)
     }
+
+    /// RunPodSandbox; the sandbox id.
+    fn run_pod(&mut self, pod: &cri::PodSandboxConfig) -> String {
+        self.runtime
+            .block_on(self.pods.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                ..Default::default()
+            }))
+            .unwrap_or_else(|status| panic!("RunPodSandbox: {status}"))
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts container `name` of `image_ref` in the pod (`args` replacing the
+    /// image's command if given), waits for it to exit as the kubelet does (polling its
+    /// status), checks it exited 0; its log (CRI's format: TIMESTAMP STREAM TAG MESSAGE).
+    fn run_to_exit(
+        &mut self,
+        sandbox: &str,
+        pod: &cri::PodSandboxConfig,
+        image_ref: &str,
+        name: &str,
+        args: &[&str],
+    ) -> String {
+        let container = self
+            .runtime
+            .block_on(self.pods.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.to_string(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: image_ref.to_string(),
+                        ..Default::default()
+                    }),
+                    command: args.iter().map(|a| a.to_string()).collect(),
+                    log_path: format!("{name}.log"),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(pod.clone()),
+            }))
+            .unwrap_or_else(|status| panic!("CreateContainer: {status}"))
+            .into_inner()
+            .container_id;
+        self.runtime
+            .block_on(self.pods.start_container(cri::StartContainerRequest {
+                container_id: container.clone(),
+            }))
+            .unwrap_or_else(|status| panic!("StartContainer: {status}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let status = self
+                .runtime
+                .block_on(self.pods.container_status(cri::ContainerStatusRequest {
+                    container_id: container.clone(),
+                    verbose: false,
+                }))
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container did not exit: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.exit_code, 0, "{status:?}");
+        let directory = pod.log_directory.clone();
+        fs::read_to_string(Path::new(&directory).join(format!("{name}.log"))).unwrap()
+    }
+
+    /// StopPodSandbox and RemovePodSandbox.
+    fn remove_pod(&mut self, sandbox: &str) {
+        let id = sandbox.to_string();
+        self.runtime
+            .block_on(self.pods.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            }))
+            .unwrap();
+        self.runtime
+            .block_on(
+                self.pods
+                    .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }),
+            )
+            .unwrap();
+    }
+}
+
+/// The node's key directory: alice's private key.
+fn node_keys(work: &Path) -> std::path::PathBuf {
+    let keys = work.join("node-keys");
+    fs::create_dir_all(&keys).unwrap();
+    fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
+    fs::set_permissions(
+        keys.join("alice.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    keys
 }
 
 /// A pod on the node's network (no CNI needed) that logs to `logs`; no hostname (runc cannot
@@ -176,14 +291,7 @@ fn cri_case(pull: CriPull) {
     let Some((_temp, work)) = app_image() else {
         return;
     };
-    let keys = work.join("node-keys");
-    fs::create_dir_all(&keys).unwrap();
-    fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
-    fs::set_permissions(
-        keys.join("alice.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let keys = node_keys(&work);
     let registry = DockerRegistry::start();
     let daemon = SealfsDaemon::start(DAEMON, &work, &keys, "[fetch]\nbackground = false\n");
     let hosts = hosts_dir(&work, &registry);
@@ -221,67 +329,8 @@ fn cri_case(pull: CriPull) {
         daemon.log()
     );
 
-    let sandbox = client
-        .runtime
-        .block_on(client.pods.run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            ..Default::default()
-        }))
-        .unwrap_or_else(|status| panic!("RunPodSandbox: {status}\n{}", containerd.log()))
-        .into_inner()
-        .pod_sandbox_id;
-    let container = client
-        .runtime
-        .block_on(client.pods.create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sandbox.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image_ref.clone(),
-                    ..Default::default()
-                }),
-                log_path: "app.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod.clone()),
-        }))
-        .unwrap_or_else(|status| panic!("CreateContainer: {status}\n{}", containerd.log()))
-        .into_inner()
-        .container_id;
-    client
-        .runtime
-        .block_on(client.pods.start_container(cri::StartContainerRequest {
-            container_id: container.clone(),
-        }))
-        .unwrap_or_else(|status| panic!("StartContainer: {status}\n{}", containerd.log()));
-    // The container prints and exits; the kubelet learns that by polling its status.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let status = client
-            .runtime
-            .block_on(client.pods.container_status(cri::ContainerStatusRequest {
-                container_id: container.clone(),
-                verbose: false,
-            }))
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        if status.state == cri::ContainerState::ContainerExited as i32 {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the container did not exit: {status:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.exit_code, 0, "{status:?}");
-    // CRI's log format: TIMESTAMP STREAM TAG MESSAGE.
-    let log = fs::read_to_string(logs.join("app.log")).unwrap();
+    let sandbox = client.run_pod(&pod);
+    let log = client.run_to_exit(&sandbox, &pod, &image_ref, "app", &[]);
     assert!(
         log.lines()
             .any(|line| line.ends_with(&format!(" stdout F {GREETING}"))),
@@ -328,20 +377,118 @@ fn cri_case(pull: CriPull) {
         "{message}"
     );
 
-    client
-        .runtime
-        .block_on(client.pods.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        }))
-        .unwrap();
-    client
-        .runtime
-        .block_on(
-            client
-                .pods
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: sandbox,
-                }),
-        )
-        .unwrap();
+    client.remove_pod(&sandbox);
+}
+
+/// imagePullSecrets: a registry that wants a password, and no credentials on the node. The
+/// kubelet's PullImage carries the secret to containerd, which never passes it to a
+/// snapshotter; sealfs's CRI image proxy (the kubelet's image service endpoint) takes it for
+/// sealfs's own reads of that registry.
+#[test]
+fn image_pull_secrets_reach_sealfs_through_its_cri_image_proxy() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let keys = node_keys(&work);
+    let registry = DockerRegistry::start_with_password("puller", "s3cret");
+    for layout in ["sealed", "sealed-other"] {
+        sealctl_ok(
+            &work,
+            &[
+                "seal",
+                "--recipient",
+                "alice.pub",
+                "oci:img:v1",
+                &format!("oci:{layout}:v1"),
+            ],
+        );
+    }
+    let image = registry.push_as(
+        &work.join("sealed"),
+        "v1",
+        "private/app",
+        Some("puller:s3cret"),
+    );
+    let other = registry.push_as(
+        &work.join("sealed-other"),
+        "v1",
+        "private/other",
+        Some("puller:s3cret"),
+    );
+    // containerd's socket exists only once it runs, and it needs sealfs's: the proxy is
+    // configured with a link that is made then (it connects on first use).
+    let containerd_link = work.join("containerd-link.sock");
+    let proxy_socket = work.join("cri/images.sock");
+    let daemon = SealfsDaemon::start(
+        DAEMON,
+        &work,
+        &keys,
+        &format!(
+            "[fetch]\nbackground = false\n[registry]\ndocker_config = \"{}\"\n\
+             [cri]\nimage_proxy_socket = \"{}\"\ncontainerd_socket = \"{}\"\n",
+            work.join("no-node-credentials.json").display(),
+            proxy_socket.display(),
+            containerd_link.display()
+        ),
+    );
+    let hosts = hosts_dir(&work, &registry);
+    let containerd =
+        Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts, CriPull::Local);
+    std::os::unix::fs::symlink(&containerd.socket, &containerd_link).unwrap();
+    import_sandbox_image(&work, &containerd);
+    let mut kubelet = CriClient::connect(&containerd.socket);
+    let mut through_proxy = CriClient::connect(&proxy_socket);
+    let secret = |password: &str| cri::AuthConfig {
+        username: "puller".into(),
+        password: password.into(),
+        ..Default::default()
+    };
+    let logs = work.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let pod = pod_config("private-pod", &logs);
+
+    // Straight to containerd: it has the secret, sealfs does not, and says which credentials
+    // it tried.
+    let refused = kubelet
+        .pull_with(&other, &pod, Some(secret("s3cret")))
+        .unwrap_err();
+    assert!(
+        refused.message().contains(&registry.host)
+            && refused
+                .message()
+                .contains("no credentials: the node has none"),
+        "{}",
+        refused.message()
+    );
+
+    // Through the proxy: lazy, and the pod runs.
+    let image_ref = through_proxy
+        .pull_with(&image, &pod, Some(secret("s3cret")))
+        .unwrap_or_else(|status| panic!("PullImage: {status}\n{}", daemon.log()));
+    let layers = manifest_of(&work, "sealed", "v1")["layers"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(daemon.fuse_mounts().len(), layers, "{}", daemon.log());
+    let sandbox = kubelet.run_pod(&pod);
+    let log = kubelet.run_to_exit(&sandbox, &pod, &image_ref, "app", &[]);
+    assert!(log.contains(&format!(" stdout F {GREETING}")), "{log}");
+
+    // A pull with a wrong secret fails, and leaves the working credentials in place: a file
+    // nobody has read yet (background fetch is off) is fetched with them afterwards.
+    assert!(through_proxy
+        .pull_with(&other, &pod, Some(secret("guess")))
+        .is_err());
+    let expected = sealfs_e2e::noise(103, 4 << 20);
+    let digest = fsformat::digest::digest_of(&expected);
+    let digest = digest.trim_start_matches("sha256:");
+    let log = kubelet.run_to_exit(
+        &sandbox,
+        &pod,
+        &image_ref,
+        "reader",
+        &["/bin/busybox", "sha256sum", "/data/blobs/blob-3"],
+    );
+    assert!(log.contains(digest), "{log}\n{}", daemon.log());
+    kubelet.remove_pod(&sandbox);
 }
