@@ -277,14 +277,11 @@ fn plain_images_run_unchanged_and_a_missing_key_fails_clearly() {
     let out = node.pull(&sealed);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "pull should fail");
-    let alice = fs::read_to_string(work.join("alice.pub")).unwrap();
-    let alice_id = alice.lines().next().unwrap().rsplit(' ').next().unwrap();
-    let bob = fs::read_to_string(work.join("bob.pub")).unwrap();
-    let bob_id = bob.lines().next().unwrap().rsplit(' ').next().unwrap();
+    let (alice_id, bob_id) = (key_id(&work, "alice"), key_id(&work, "bob"));
     assert!(
         stderr.contains("no key opens this layer")
-            && stderr.contains(alice_id)
-            && stderr.contains(bob_id)
+            && stderr.contains(&alice_id)
+            && stderr.contains(&bob_id)
             && stderr.contains("layer sha256:"),
         "{stderr}"
     );

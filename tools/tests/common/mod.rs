@@ -200,6 +200,11 @@ pub fn keygen(work: &Path, name: &str) -> String {
             &format!("{name}.pub"),
         ],
     );
+    key_id(work, name)
+}
+
+/// The key id of `NAME.pub` in `work` (its comment line ends with it).
+pub fn key_id(work: &Path, name: &str) -> String {
     let text = fs::read_to_string(work.join(format!("{name}.pub"))).unwrap();
     text.lines()
         .next()
