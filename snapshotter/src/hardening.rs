@@ -67,19 +67,6 @@ pub fn disable_core_dumps() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether this process may dump core (for tests and `--print-config`-style checks).
-pub fn core_dumps_disabled() -> bool {
-    // SAFETY: prctl(PR_GET_DUMPABLE) only returns a flag.
-    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
-    let mut limit = libc::rlimit {
-        rlim_cur: 1,
-        rlim_max: 1,
-    };
-    // SAFETY: `limit` is a valid output struct for the duration of the call.
-    let read = unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) } == 0;
-    dumpable == 0 && read && limit.rlim_cur == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ pub enum MountError {
         source: FormatError,
     },
     /// The layer's index is larger than this node accepts.
-    #[error("layer {digest}: its index is {size} bytes, above this node's limit of {limit} bytes (fetch.max_index_mib); nothing was fetched")]
+    #[error("layer {digest}: its index is {size} bytes, above this node's limit of {limit} bytes (fetch.max_index_mib), so it was refused before the index was fetched or decompressed")]
     IndexTooLarge {
         /// The layer.
         digest: String,
