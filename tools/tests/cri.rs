@@ -370,7 +370,7 @@ fn cri_case(pull: CriPull) {
     client.remove_pod(&sandbox);
 }
 
-/// imagePullSecrets: a registry that wants a password, and no credentials on the node. The
+/// imagePullSecrets: a registry with token authentication, and no credentials on the node. The
 /// kubelet's PullImage carries the secret to containerd, which never passes it to a
 /// snapshotter; sealfs's CRI image proxy (the kubelet's image service endpoint) takes it for
 /// sealfs's own reads of that registry.
@@ -380,7 +380,10 @@ fn image_pull_secrets_reach_sealfs_through_its_cri_image_proxy() {
         return;
     };
     let keys = node_keys(&work);
-    let registry = DockerRegistry::start_with_password("puller", "s3cret");
+    // Token authentication, as hosted registries use: the pull's credentials get bearer
+    // tokens from the issuer, for containerd and for sealfs alike.
+    let issuer = sealfs_e2e::token_issuer::TokenIssuer::start(&work, "puller", "s3cret");
+    let registry = DockerRegistry::start_with_tokens(&issuer);
     for layout in ["sealed", "sealed-other"] {
         sealctl_ok(
             &work,
