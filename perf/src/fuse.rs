@@ -12,7 +12,7 @@ use fsformat::reader::UnverifiedTail;
 use fsformat::writer::{seal_layer, SealOptions};
 use fsformat::LayerKey;
 use snapshotter::cache::MemoryCache;
-use snapshotter::fetcher::{FetchConfig, LayerFetcher};
+use snapshotter::fetcher::{FetchConfig, FetchPool, LayerFetcher, PoolConfig};
 use snapshotter::fs::LayerFs;
 use snapshotter::mount::{MountOptions, MountedLayer};
 use snapshotter::source::LocalBlob;
@@ -60,6 +60,7 @@ fn mount(sealed: &Sealed, at: &Path) -> Result<MountedLayer> {
             .open(&sealed.key, &sealed.tail_digest)?,
     );
     let fetcher = LayerFetcher::start(
+        &FetchPool::start(PoolConfig::default()),
         "bench".into(),
         1,
         layer,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::fetcher::FetchConfig;
+use crate::fetcher::{FetchConfig, PoolConfig};
 use crate::mount::MountOptions;
 use crate::registry::RegistryOptions;
 use crate::remote::RemoteConfig;
@@ -77,13 +77,15 @@ pub struct CacheConfig {
 pub struct FetchSection {
     /// Fetch every layer in full in the background after mounting it.
     pub background: bool,
-    /// Fetch threads per layer.
+    /// Fetch threads of the node, shared by every layer.
     pub threads: usize,
-    /// FUSE request threads per layer.
+    /// FUSE request threads of the node, shared by every layer.
     pub fuse_threads: usize,
-    /// Largest merged range request of the background fetch (KiB).
+    /// Background range requests in flight at once, node-wide.
+    pub background_streams: usize,
+    /// Largest merged range request of the background and profile fetches (KiB).
     pub merge_kib: u64,
-    /// Bandwidth cap of each layer's background fetch (MiB/s); 0: none.
+    /// Bandwidth cap of the node's background fetch (MiB/s); 0: none.
     pub background_mib_per_sec: u64,
     /// How long a read waits for its chunk before failing with EIO (seconds).
     pub read_timeout_secs: u64,
@@ -143,10 +145,12 @@ impl Default for CacheConfig {
 impl Default for FetchSection {
     fn default() -> Self {
         let fetch = FetchConfig::default();
+        let pool = PoolConfig::default();
         FetchSection {
             background: fetch.background,
-            threads: fetch.threads,
+            threads: pool.threads,
             fuse_threads: MountOptions::default().fuse_threads,
+            background_streams: pool.background_streams,
             merge_kib: fetch.merge_bytes >> 10,
             background_mib_per_sec: 0,
             read_timeout_secs: fetch.timeout.as_secs(),
@@ -251,14 +255,18 @@ impl Config {
             },
             mount: MountOptions {
                 fetch: FetchConfig {
-                    threads: fetch.threads,
                     timeout: Duration::from_secs(fetch.read_timeout_secs),
                     background: fetch.background,
                     merge_bytes: fetch.merge_kib << 10,
-                    background_bytes_per_sec: (fetch.background_mib_per_sec > 0)
-                        .then_some(fetch.background_mib_per_sec << 20),
                     profile: fetch.profile,
                     profile_streams: fetch.profile_streams,
+                },
+                pool: PoolConfig {
+                    threads: fetch.threads,
+                    background_streams: fetch.background_streams,
+                    background_bytes_per_sec: (fetch.background_mib_per_sec > 0)
+                        .then_some(fetch.background_mib_per_sec << 20),
+                    ..PoolConfig::default()
                 },
                 fuse_threads: fetch.fuse_threads,
                 cache_dir: None,
@@ -267,6 +275,7 @@ impl Config {
                 restrictions: crate::mount::MountRestrictions::default(),
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
+            session_dir: self.root.join("layers"),
         }
     }
 }
@@ -298,8 +307,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.root, PathBuf::from("/srv/sealfs"));
         let remote = config.remote();
-        assert_eq!(remote.mount.fetch.threads, 16);
-        assert_eq!(remote.mount.fetch.background_bytes_per_sec, Some(20 << 20));
+        assert_eq!(remote.mount.pool.threads, 16);
+        assert_eq!(remote.mount.pool.background_bytes_per_sec, Some(20 << 20));
         assert_eq!(remote.registry.insecure, vec!["reg.local:5000".to_string()]);
 
         let error = Config::parse("[fetch]\nthread = 4\n").unwrap_err();

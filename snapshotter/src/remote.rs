@@ -18,6 +18,8 @@ use tokio::runtime::Handle;
 
 use crate::cache::MemoryCache;
 use crate::credentials;
+use crate::fetcher::FetchPool;
+use crate::fuse::session::FuseSession;
 use crate::keys::{self, KeyError};
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
 use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteImage};
@@ -207,8 +209,11 @@ pub struct RemoteConfig {
     pub docker_config: Option<PathBuf>,
     /// Registry access.
     pub registry: RegistryOptions,
-    /// Fetching, FUSE threads and disk cache bounds of each layer.
+    /// Fetching, the node's fetch and FUSE threads, and disk cache bounds of each layer.
     pub mount: MountOptions,
+    /// Where the node's FUSE session is mounted (each layer a directory of it, bind-mounted
+    /// at its snapshot's `fs`); it must be private to root.
+    pub session_dir: PathBuf,
     /// How long Prepare of a remote layer waits for its startup profile.
     pub profile_wait: Duration,
 }
@@ -221,6 +226,10 @@ pub struct RemoteLayers {
     config: RemoteConfig,
     runtime: Handle,
     memory: Arc<MemoryCache>,
+    /// The fetch workers of every layer.
+    pool: Arc<FetchPool>,
+    /// The FUSE session of every layer, mounted at the first layer's mount.
+    session: Mutex<Option<Arc<FuseSession>>>,
     /// One client per registry host (connection pools, tokens).
     registries: Mutex<HashMap<String, Registry>>,
     /// Recently resolved manifests, by the reference asked for.
@@ -237,6 +246,8 @@ impl RemoteLayers {
     /// `memory`.
     pub fn new(config: RemoteConfig, runtime: Handle, memory: Arc<MemoryCache>) -> Self {
         RemoteLayers {
+            pool: FetchPool::start(config.mount.pool.clone()),
+            session: Mutex::new(None),
             config,
             runtime,
             memory,
@@ -248,6 +259,33 @@ impl RemoteLayers {
     /// The memory cache shared by all layers.
     pub fn memory(&self) -> &Arc<MemoryCache> {
         &self.memory
+    }
+
+    /// The node's FUSE session, mounted now if it is not yet. A session a dead daemon left
+    /// mounted answers nothing: it is detached first.
+    fn session(&self) -> Result<Arc<FuseSession>, MountError> {
+        let mut session = self.session.lock().expect("session lock");
+        if let Some(session) = &*session {
+            return Ok(session.clone());
+        }
+        let dir = &self.config.session_dir;
+        crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        if crate::mount_table::is_mounted(dir) {
+            let _ = crate::mount_table::unmount(dir);
+        }
+        let mounted = Arc::new(mount::mount_session(dir, &self.config.mount, "node")?);
+        tracing::info!(dir = %dir.display(), fuse_threads = self.config.mount.fuse_threads,
+            fetch_threads = self.pool.threads(), "FUSE session mounted for every layer");
+        *session = Some(mounted.clone());
+        Ok(mounted)
+    }
+
+    /// Unmounts the node's FUSE session (on shutdown, after every layer is gone).
+    pub fn end_session(&self) {
+        self.session.lock().expect("session lock").take();
     }
 
     fn registry_for(&self, reference: &Reference) -> Result<Registry, RegistryError> {
@@ -395,9 +433,16 @@ impl RemoteLayers {
             cache_dir: Some(cache_dir.to_path_buf()),
             ..self.config.mount.clone()
         };
-        let fs = mount::layer_fs(&opened, cache_key, self.memory.clone(), &options)
-            .map_err(mount_error)?;
-        MountedLayer::mount(fs, mountpoint, &options, &layer).map_err(mount_error)
+        let fs = mount::layer_fs(
+            &opened,
+            cache_key,
+            &self.pool,
+            self.memory.clone(),
+            &options,
+        )
+        .map_err(mount_error)?;
+        let session = self.session().map_err(mount_error)?;
+        MountedLayer::add_bound(&session, fs, mountpoint).map_err(mount_error)
     }
 }
 

@@ -131,8 +131,8 @@ impl Node {
         let source = Self::parse_source(text)?;
         let mountpoint = self.store.content_dir(snapshot.id);
         // A mount left by a daemon that died answers nothing; replace it.
-        if crate::mount::is_mounted(&mountpoint) {
-            let _ = crate::mount::unmount(&mountpoint);
+        if crate::mount_table::is_mounted(&mountpoint) {
+            let _ = crate::mount_table::unmount(&mountpoint);
         }
         let layer = self
             .remote
@@ -456,6 +456,7 @@ impl Node {
     /// Unmounts every remote layer (on shutdown).
     pub fn unmount_all(&self) {
         self.mounted.lock().expect("mounted lock").clear();
+        self.remote.end_session();
     }
 }
 

@@ -528,8 +528,8 @@ impl SnapshotStore {
     /// snapshot's, after a crash) is detached first, so the deletion never walks into it.
     fn delete_dir(&self, id: u64) -> Result<(), SnapshotError> {
         let content = self.content_dir(id);
-        if crate::mount::is_mounted(&content) {
-            crate::mount::unmount(&content).map_err(internal)?;
+        if crate::mount_table::is_mounted(&content) {
+            crate::mount_table::unmount(&content).map_err(internal)?;
         }
         // A remove and a cleanup can both reach a directory whose record just went: the
         // second finds nothing to do.

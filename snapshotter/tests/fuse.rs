@@ -17,7 +17,7 @@ use fsformat::writer::{seal_layer, SealOptions};
 use fsformat::LayerKey;
 use sealfs_e2e::{assert_same_tree, noise, snapshot_tree};
 use snapshotter::cache::{DiskCache, MemoryCache};
-use snapshotter::fetcher::{FetchConfig, LayerFetcher};
+use snapshotter::fetcher::{FetchConfig, FetchPool, LayerFetcher, PoolConfig};
 use snapshotter::fs::LayerFs;
 use snapshotter::mount::{MountOptions, MountedLayer};
 use snapshotter::source::faulty::{Faults, FaultySource};
@@ -140,6 +140,7 @@ impl Sealed {
     /// The layer's filesystem core, for tests that drive it without a kernel.
     fn filesystem(&self) -> LayerFs {
         let fetcher = LayerFetcher::start(
+            &FetchPool::start(PoolConfig::default()),
             "sha256:test".into(),
             1,
             self.opened(),
@@ -168,6 +169,7 @@ impl Sealed {
         let disk = cache.map(|dir| DiskCache::open(dir, 1 << 30).unwrap());
         let memory = Arc::new(MemoryCache::new(64 << 20));
         let fetcher = LayerFetcher::start(
+            &FetchPool::start(PoolConfig::default()),
             "sha256:test".into(),
             1,
             layer,

@@ -15,8 +15,9 @@ use oci_spec::image::MediaType;
 use sealfs_e2e::noise;
 use sealfs_e2e::registry::DockerRegistry;
 use snapshotter::cache::MemoryCache;
-use snapshotter::fetcher::FetchConfig;
+use snapshotter::fetcher::{FetchConfig, FetchPool, PoolConfig};
 use snapshotter::mount::{self, MountOptions, MountedLayer};
+use snapshotter::mount_table;
 use snapshotter::oci_layout::{descriptor, OciLayout};
 use snapshotter::registry::{Registry, RegistryOptions};
 
@@ -142,6 +143,7 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     let fs = mount::layer_fs(
         &opened,
         1,
+        &FetchPool::start(PoolConfig::default()),
         Arc::new(MemoryCache::new(64 << 20)),
         &MountOptions {
             fetch,
@@ -187,7 +189,7 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     // Dropping the mount while a file on it is still open must not leave it behind.
     drop(mounted);
     assert!(
-        !mount::is_mounted(mnt.path()),
+        !mount_table::is_mounted(mnt.path()),
         "the mount outlived its MountedLayer"
     );
     drop(file);

@@ -19,8 +19,10 @@ use oci_spec::image::Descriptor;
 use snapshotter::cache::MemoryCache;
 use snapshotter::credentials;
 use snapshotter::fetcher::FetchConfig;
+use snapshotter::fetcher::FetchPool;
 use snapshotter::image_ref::ImageRef;
 use snapshotter::mount::{self, MountOptions, MountRestrictions, MountedLayer, OpenedLayer};
+use snapshotter::mount_table;
 use snapshotter::oci_layout::OciLayout;
 use snapshotter::registry::{Registry, RegistryOptions};
 
@@ -59,9 +61,9 @@ Options (-o):
   shares=DIR       combine the key shares in DIR into the private key
   cache=DIR        keep fetched chunks (ciphertext only) under DIR [default: memory only]
   prefetch=on|off  fetch the whole image in the background after mounting [on]
-  threads=N        chunk fetch threads per layer [4]
+  threads=N        chunk fetch threads, all layers [8]
   merge=KIB        largest merged range read of the background fetch [4096]
-  bandwidth=MIB    cap the background fetch at MIB MiB/s per layer [no cap]
+  bandwidth=MIB    cap the background fetch at MIB MiB/s, all layers [no cap]
   timeout=SECS     a read waits at most this long for its chunk, then fails with EIO [30]
   memory=MIB       plaintext chunk cache in memory, all layers [256]
   auth=FILE        docker config.json with registry credentials (auths, credHelpers,
@@ -136,10 +138,10 @@ fn parse_options(raw: &[String]) -> Result<Options> {
                     other => bail!("prefetch={other}: use prefetch=on or prefetch=off"),
                 }
             }
-            "threads" => options.mount.fetch.threads = number("threads")?.clamp(1, 256) as usize,
+            "threads" => options.mount.pool.threads = number("threads")?.clamp(1, 256) as usize,
             "merge" => options.mount.fetch.merge_bytes = number("merge")?.max(1) << 10,
             "bandwidth" => {
-                options.mount.fetch.background_bytes_per_sec =
+                options.mount.pool.background_bytes_per_sec =
                     Some(number("bandwidth")?.max(1) << 20)
             }
             "timeout" => {
@@ -302,8 +304,8 @@ struct Served {
 impl Drop for Served {
     fn drop(&mut self) {
         if let Some(target) = self.overlay.take() {
-            if mount::is_mounted(&target) {
-                let _ = mount::unmount(&target);
+            if mount_table::is_mounted(&target) {
+                let _ = mount_table::unmount(&target);
             }
         }
         self.layers.clear();
@@ -315,7 +317,8 @@ impl Drop for Served {
 
 fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Result<Served> {
     let memory = Arc::new(MemoryCache::new(options.memory_bytes));
-    let mut fss = mount::image_filesystems(&opened, &memory, &options.mount)?;
+    let pool = FetchPool::start(options.mount.pool.clone());
+    let mut fss = mount::image_filesystems(&opened, &pool, &memory, &options.mount)?;
     if fss.len() == 1 {
         let fs = fss.pop().expect("one layer");
         let layer = MountedLayer::mount(fs, mountpoint, &options.mount, &opened[0].digest)?;
@@ -332,9 +335,9 @@ fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Resu
         overlay: None,
         scratch: Some(scratch.clone()),
     };
-    let (layers, lowers) = mount::mount_each(fss, &opened, &scratch, &options.mount)?;
+    let (layers, lowers) = mount::mount_each(fss, &scratch, &options.mount)?;
     served.layers = layers;
-    mount::mount_overlay(&lowers, mountpoint, options.mount.restrictions)?;
+    mount_table::mount_overlay(&lowers, mountpoint, options.mount.restrictions)?;
     served.overlay = Some(mountpoint.to_path_buf());
     Ok(served)
 }
@@ -395,7 +398,7 @@ fn run(cli: &Cli) -> Result<()> {
 
     // Before any thread exists, so every thread inherits the mask: a termination signal is
     // then read by wait_and_unmount, which unmounts, instead of killing the process.
-    mount::block_termination_signals().context("blocking termination signals")?;
+    sealfs_tools::signals::block_termination_signals().context("blocking termination signals")?;
     if cli.foreground {
         init_logging(&options, true)?;
         let (served, _runtime) = prepare(cli, &options, &mountpoint)?;
@@ -459,12 +462,14 @@ fn run(cli: &Cli) -> Result<()> {
 /// Waits until the user unmounts the mount point, or a termination signal arrives; then
 /// unmounts whatever is still mounted (dropping `served`).
 fn wait_and_unmount(mut served: Served, mountpoint: &Path) -> Result<()> {
-    match mount::wait_until_unmounted(mountpoint).context("watching the mount table")? {
-        mount::WaitOutcome::Unmounted => {
+    match sealfs_tools::signals::wait_until_unmounted(mountpoint)
+        .context("watching the mount table")?
+    {
+        sealfs_tools::signals::WaitOutcome::Unmounted => {
             served.overlay = None;
             tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
         }
-        mount::WaitOutcome::Signalled(signal) => {
+        sealfs_tools::signals::WaitOutcome::Signalled(signal) => {
             tracing::info!(mountpoint = %mountpoint.display(), signal, "signal received; unmounting");
         }
     }

@@ -17,8 +17,9 @@ use anyhow::{bail, ensure, Context, Result};
 use fsformat::writer::SealOptions;
 use fsformat::PublicKey;
 use snapshotter::cache::MemoryCache;
-use snapshotter::fetcher::FetchConfig;
+use snapshotter::fetcher::{FetchConfig, FetchPool};
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
+use snapshotter::mount_table;
 use snapshotter::oci_layout::OciLayout;
 
 use crate::image::{finish_sealed, is_sealed, layer_label, parallel, seal_one};
@@ -156,11 +157,12 @@ impl Recording {
             ..MountOptions::default()
         };
         let memory = Arc::new(MemoryCache::new(256 << 20));
-        let mut filesystems = mount::image_filesystems(opened, &memory, &options)?;
+        let pool = FetchPool::start(options.pool.clone());
+        let mut filesystems = mount::image_filesystems(opened, &pool, &memory, &options)?;
         for fs in &mut filesystems {
             fs.record_reads();
         }
-        let (layers, lowers) = mount::mount_each(filesystems, opened, scratch.path(), &options)?;
+        let (layers, lowers) = mount::mount_each(filesystems, scratch.path(), &options)?;
         let recording = Recording {
             layers,
             root: scratch.path().join("r"),
@@ -173,7 +175,7 @@ impl Recording {
         for dir in [&upper, &work, &recording.root] {
             std::fs::create_dir(dir)?;
         }
-        mount::mount_overlay_writable(&lowers, &upper, &work, &recording.root)?;
+        mount_table::mount_overlay_writable(&lowers, &upper, &work, &recording.root)?;
         Ok(recording)
     }
 
@@ -185,8 +187,8 @@ impl Recording {
 
 impl Drop for Recording {
     fn drop(&mut self) {
-        if mount::is_mounted(&self.root) {
-            if let Err(error) = mount::unmount(&self.root) {
+        if mount_table::is_mounted(&self.root) {
+            if let Err(error) = mount_table::unmount(&self.root) {
                 eprintln!(
                     "sealctl: warning: unmounting {}: {error}",
                     self.root.display()

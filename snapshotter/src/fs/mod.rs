@@ -16,6 +16,8 @@ use fsformat::reader::SealedLayer;
 
 use crate::fetcher::{FetchError, LayerFetcher};
 
+pub mod table;
+
 /// An inode number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ino(pub u64);

@@ -1,8 +1,10 @@
 //! The FUSE adapter: the only module that speaks `fuser`. It turns kernel requests into calls
-//! on [`LayerFs`] and its errors into errno values, nothing more.
+//! on a [`LayerTable`] (one layer, or every layer of the node as directories of one session)
+//! and its errors into errno values, nothing more; [`session`] mounts it and ends it.
 //!
-//! Several session threads serve requests, so a read waiting for a slow chunk does not hold up
-//! other requests. Layers are immutable: attributes and entries are cached by the kernel for a
+//! A fixed number of session threads serve requests for every layer of the session, so a read
+//! waiting for a slow chunk does not hold up other requests and threads do not grow with
+//! layers. Layers are immutable: attributes and entries are cached by the kernel for a
 //! long time, open and opendir are declined (the kernel then skips them and keeps file and
 //! directory caches across opens), directory listings carry attributes (READDIRPLUS), and
 //! reads and readahead go up to 1 MiB. FUSE passthrough is not used:
@@ -11,25 +13,27 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags, IoctlFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::fetcher::FetchError;
-use crate::fs::{Attr, FsError, Ino, LayerFs, NodeType};
+use crate::fs::table::LayerTable;
+use crate::fs::{Attr, FsError, Ino, NodeType};
+
+pub mod session;
 
 /// The kernel may cache attributes and entries this long: a layer never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Entries prepared per readdir request: more than a kernel buffer of entries ever holds.
 const READDIR_BATCH: usize = 512;
 /// Largest read and readahead: one default chunk.
-const MAX_READ: u32 = 1 << 20;
+pub(crate) const MAX_READ: u32 = 1 << 20;
 
 /// Maps an error to the errno the caller sees. Chunk failures of any kind are EIO: the read
 /// fails, it never returns wrong bytes.
@@ -80,15 +84,24 @@ fn file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
-/// A [`LayerFs`] as a `fuser` filesystem.
+/// A [`LayerTable`] as a `fuser` filesystem.
 pub struct FuseAdapter {
-    fs: Arc<LayerFs>,
+    fs: Arc<LayerTable>,
 }
 
 impl FuseAdapter {
     /// Adapts `fs`.
-    pub fn new(fs: Arc<LayerFs>) -> Self {
+    pub fn new(fs: Arc<LayerTable>) -> Self {
         FuseAdapter { fs }
+    }
+
+    /// How long the kernel may cache `attr`: a layer never changes, the listing root does.
+    fn ttl(&self, attr: &Attr) -> Duration {
+        if self.fs.is_listing_root(attr.ino) {
+            Duration::ZERO
+        } else {
+            TTL
+        }
     }
 }
 
@@ -111,14 +124,14 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(Ino(parent.0), name.as_bytes()) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl(&attr), &file_attr(&attr), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(Ino(ino.0)) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl(&attr), &file_attr(&attr)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -150,10 +163,8 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.fs.read(Ino(ino.0), offset, size) {
             Ok(data) => reply.data(&data),
-            Err(e) => {
-                tracing::warn!(ino = ino.0, offset, size, error = %e, "read failed");
-                reply.error(errno(&e))
-            }
+            // The fetcher logged the cause once, per range read; the reader sees EIO.
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -204,7 +215,7 @@ impl Filesystem for FuseAdapter {
                         INodeNo(entry.ino.0),
                         at + 1,
                         name,
-                        &TTL,
+                        &self.ttl(&attr),
                         &file_attr(&attr),
                         Generation(0),
                     ) {
@@ -217,8 +228,36 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (bytes, inodes) = self.fs.usage();
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Every close(2) flushes; a read-only layer has nothing to write back.
+        reply.ok();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        // What a file on a filesystem without ioctls answers (`isatty`, FS_IOC_GETFLAGS).
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let (bytes, inodes) = self.fs.usage(Ino(ino.0));
         reply.statfs(bytes.div_ceil(4096), 0, 0, inodes, 0, 4096, 255, 4096);
     }
 
@@ -238,65 +277,5 @@ impl Filesystem for FuseAdapter {
             Ok(_) => reply.error(Errno::ERANGE),
             Err(e) => reply.error(errno(&e)),
         }
-    }
-}
-
-/// How to mount a layer.
-#[derive(Clone, Debug)]
-pub struct MountConfig {
-    /// FUSE request threads.
-    pub threads: usize,
-    /// Shown as the mount's source in /proc/mounts.
-    pub fs_name: String,
-    /// Mount `nosuid,nodev` (as root, FUSE does not impose them).
-    pub nosuid_nodev: bool,
-    /// Mount `noexec`.
-    pub noexec: bool,
-}
-
-/// Mounts `fs` read-only at `mountpoint`; the session runs on background threads until the
-/// returned handle is dropped or unmounted, or someone unmounts the directory.
-pub fn mount(
-    fs: Arc<LayerFs>,
-    mountpoint: &Path,
-    config: &MountConfig,
-) -> io::Result<fuser::BackgroundSession> {
-    let mut options = fuser::Config::default();
-    options.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(config.fs_name.clone()),
-        MountOption::Subtype("sealfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::CUSTOM(format!("max_read={MAX_READ}")),
-    ];
-    if config.nosuid_nodev {
-        options
-            .mount_options
-            .extend([MountOption::NoSuid, MountOption::NoDev]);
-    }
-    if config.noexec {
-        options.mount_options.push(MountOption::NoExec);
-    }
-    // Containers run as any user; permissions are checked by the kernel (DefaultPermissions).
-    options.acl = fuser::SessionACL::All;
-    options.n_threads = Some(config.threads.max(1));
-    options.clone_fd = true;
-    let session = fuser::spawn_mount(FuseAdapter::new(fs), mountpoint, &options)?;
-    raise_readahead(mountpoint);
-    Ok(session)
-}
-
-/// The kernel's readahead for a FUSE mount defaults to 128 KiB; chunk-sized readahead turns a
-/// sequential read into one request per chunk. Best effort: a failure only costs speed.
-fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
-        return;
-    };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(error) = std::fs::write(&path, (MAX_READ / 1024).to_string()) {
-        tracing::debug!(%path, %error, "could not raise readahead");
     }
 }

@@ -1,0 +1,79 @@
+//! What a layer's fetcher counts: hits per cache tier, chunks fetched per purpose, range reads
+//! and their latency, failures. Lock-free counters read by the metrics endpoint.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Counters of one layer's fetcher.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Chunks served from the memory cache.
+    pub memory_hits: AtomicU64,
+    /// Chunks served from the disk cache.
+    pub disk_hits: AtomicU64,
+    /// Chunks fetched from the source for a read.
+    pub urgent_chunks: AtomicU64,
+    /// Chunks fetched from the source in the background.
+    pub background_chunks: AtomicU64,
+    /// Chunks fetched from the source as part of the startup profile.
+    pub profile_chunks: AtomicU64,
+    /// Range reads sent to the source.
+    pub source_reads: AtomicU64,
+    /// Sealed bytes read from the source.
+    pub source_bytes: AtomicU64,
+    /// Chunks (from the source or the disk cache) that failed authentication.
+    pub verification_failures: AtomicU64,
+    /// Reads that timed out.
+    pub timeouts: AtomicU64,
+    /// How long successful range reads from the source took.
+    pub read_latency: LatencyHistogram,
+}
+
+/// Upper bounds (seconds) of the latency histogram's buckets: a cache-warm mirror answers in
+/// about a millisecond, a WAN round trip in tens, a stalled registry in seconds.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A histogram of durations with the [`LATENCY_BUCKETS`] bounds, updated without locks.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one counts those above every bound.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of all observations, microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative, the overflow bucket last) and the sum in seconds.
+    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len() + 1], f64) {
+        let counts = std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed));
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (counts, sum)
+    }
+}
+
+/// How far the background fetch of a layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Chunks present in a cache (fetched once).
+    pub chunks_present: u32,
+    /// Chunks in the layer.
+    pub chunks_total: u32,
+    /// Sealed bytes fetched from the source.
+    pub bytes_fetched: u64,
+    /// Sealed bytes of all chunks.
+    pub bytes_total: u64,
+}
