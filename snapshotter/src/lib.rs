@@ -1,18 +1,36 @@
-//! The node side of sealfs. A read goes one way: FUSE (`fuse`) → the filesystem core (`fs`) →
-//! the layer's fetcher (`fetcher`: memory cache, then disk cache, then the source, each chunk
-//! once) → the source (`source`: a local blob now, the registry next). Sealed bytes come back
-//! up through `fsformat`, which verifies and decrypts them, into the caches and the reply.
-//! Each module knows only the one below it.
+//! The node side of sealfs. A read goes one way, each module knowing only those below it:
 //!
-//! Modules, in dependency order: [`hardening`] (private directories, no core dumps),
-//! [`image_ref`] and [`oci_layout`] (image access), [`source`],
-//! [`cache`], [`fetcher`], `prefetch` (the background fetch), [`fs`], [`fuse`] and [`mount`]
-//! (mounting one layer or a whole image), [`registry`] with [`credentials`] and [`hosts`], and
-//! [`snapshot`] (containerd's snapshot model on overlayfs, state in redb), [`filters`]
-//! (containerd's filter syntax for Walk), [`keys`] (the node's
-//! keys), [`remote`] (sealed layers named by containerd's labels, mounted), [`service`]
-//! (containerd's snapshots API over the store and the remote layers), [`metrics`], [`config`]
-//! and [`daemon`] (`containerd-sealfs-grpc`).
+//! ```text
+//!  kernel ── /dev/fuse ──> fuse (FuseAdapter, one session, fixed threads; fuse::session)
+//!                            │  inode = slot << 32 | ino
+//!                            v
+//!                          fs::table::LayerTable ──> fs::LayerFs (one sealed layer's tree)
+//!                                                      │ chunk numbers
+//!                                                      v
+//!                          fetcher::LayerFetcher::chunk
+//!                            1. cache::MemoryCache (plaintext, node-wide LRU)
+//!                            2. cache::DiskCache (ciphertext, authenticated on every hit)
+//!                            3. claim in the layer's in-flight table, queue an urgent job
+//!                               on fetcher::FetchPool (node-wide workers; profile and
+//!                               background feeds after urgent work, behind a gate)
+//!                                                      │ range reads
+//!                                                      v
+//!                          source::ChunkSource: source::LocalBlob | registry blob
+//! ```
+//!
+//! Sealed bytes come back up through `fsformat`, which verifies and decrypts them, into the
+//! caches and the reply. Threads belong to the node, not to layers: one FUSE session
+//! (`[fetch] fuse_threads`) and one fetch pool (`[fetch] threads`) serve every mounted layer.
+//!
+//! Around the read path: [`hardening`] (private directories, no core dumps),
+//! [`image_ref`] and [`oci_layout`] (image access), [`mount_table`] (overlay, bind and lazy
+//! unmounts), [`mount`] (open a sealed layer: unwrap its key, verify its tail, build its fs;
+//! mount an image), [`registry`] with [`credentials`] and [`hosts`], [`snapshot`]
+//! (containerd's snapshot model on overlayfs, state in redb), [`filters`] (containerd's filter
+//! syntax for Walk), [`keys`] (the node's keys), [`remote`] (sealed layers named by
+//! containerd's labels, mounted as directories of the node's session), [`service`]
+//! (containerd's snapshots API over the store and the remote layers), [`metrics`],
+//! [`cri_proxy`], [`config`] and [`daemon`] (`containerd-sealfs-grpc`).
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]

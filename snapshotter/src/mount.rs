@@ -293,12 +293,13 @@ pub fn image_filesystems(
 }
 
 /// Mounts one FUSE session at `dir/l` serving each of `filesystems` (bottom first) as a
-/// directory of it. Returns the layers and the overlayfs lower dirs that stack them (topmost
-/// first).
+/// directory of it, shown as `sealfs:NAME` in the mount table. Returns the layers and the
+/// overlayfs lower dirs that stack them (topmost first).
 pub fn mount_each(
     filesystems: Vec<LayerFs>,
     dir: &Path,
     options: &MountOptions,
+    name: &str,
 ) -> Result<(Vec<MountedLayer>, Vec<PathBuf>), MountError> {
     // The layers' directories show plaintext: only root may reach them.
     crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
@@ -306,7 +307,7 @@ pub fn mount_each(
         source,
     })?;
     // A short name: overlayfs takes every lower dir in one page of mount options.
-    let session = Arc::new(mount_session(&dir.join("l"), options, "image")?);
+    let session = Arc::new(mount_session(&dir.join("l"), options, name)?);
     let layers: Vec<MountedLayer> = filesystems
         .into_iter()
         .map(|fs| MountedLayer::add(&session, fs))

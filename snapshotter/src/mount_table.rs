@@ -208,3 +208,15 @@ pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Detaches every mount stacked at `target` (lazily), dead ones included: a FUSE mount whose
+/// daemon died answers every lookup with ENOTCONN, so it cannot be found by path first.
+/// Returns how many were detached.
+pub fn detach_all(target: &Path) -> usize {
+    let mut detached = 0;
+    // Bounded: a path holds few stacked mounts; a stuck one must not spin forever.
+    while detached < 64 && unmount(target).is_ok() {
+        detached += 1;
+    }
+    detached
+}

@@ -269,13 +269,13 @@ impl RemoteLayers {
             return Ok(session.clone());
         }
         let dir = &self.config.session_dir;
+        if crate::mount_table::detach_all(dir) > 0 {
+            tracing::info!(dir = %dir.display(), "detached the FUSE session a previous daemon left");
+        }
         crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
             what: format!("creating {}", dir.display()),
             source,
         })?;
-        if crate::mount_table::is_mounted(dir) {
-            let _ = crate::mount_table::unmount(dir);
-        }
         let mounted = Arc::new(mount::mount_session(dir, &self.config.mount, "node")?);
         tracing::info!(dir = %dir.display(), fuse_threads = self.config.mount.fuse_threads,
             fetch_threads = self.pool.threads(), "FUSE session mounted for every layer");

@@ -131,9 +131,7 @@ impl Node {
         let source = Self::parse_source(text)?;
         let mountpoint = self.store.content_dir(snapshot.id);
         // A mount left by a daemon that died answers nothing; replace it.
-        if crate::mount_table::is_mounted(&mountpoint) {
-            let _ = crate::mount_table::unmount(&mountpoint);
-        }
+        crate::mount_table::detach_all(&mountpoint);
         let layer = self
             .remote
             .mount(

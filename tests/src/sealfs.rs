@@ -131,15 +131,30 @@ impl SealfsDaemon {
             .collect()
     }
 
-    /// FUSE mounts under the daemon's root.
+    /// The layer mounts of the daemon: FUSE mounts of its snapshots (each layer's directory of
+    /// the node's one FUSE session, bind-mounted at the snapshot's `fs`).
     pub fn fuse_mounts(&self) -> Vec<String> {
-        let root = self.root.display().to_string();
+        let snapshots = self.root.join("snapshots").display().to_string();
         fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .filter(|l| l.contains(&root) && l.contains(" - fuse"))
+            .filter(|l| {
+                l.contains(" - fuse")
+                    && l.split(' ')
+                        .nth(4)
+                        .is_some_and(|point| point.starts_with(&snapshots))
+            })
             .map(str::to_string)
             .collect()
+    }
+
+    /// The node's FUSE session mount, if mounted.
+    pub fn fuse_session_mounted(&self) -> bool {
+        let session = self.root.join("layers").display().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(" - fuse") && l.split(' ').nth(4) == Some(session.as_str()))
     }
 
     /// The Prometheus text at /metrics.

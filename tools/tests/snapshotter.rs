@@ -252,6 +252,15 @@ fn ctr_remote_rpull_works_and_the_daemon_survives_restarts() {
     // A clean stop unmounts; a start mounts again.
     node.daemon.signal("TERM");
     assert!(node.daemon.fuse_mounts().is_empty());
+    assert!(
+        !node.daemon.fuse_session_mounted(),
+        "the node's session is unmounted too"
+    );
+    assert!(
+        !node.daemon.log().contains("Unmount failed"),
+        "{}",
+        node.daemon.log()
+    );
     node.daemon.restart(&node.containerd);
     assert_eq!(
         node.run(&sealed, "after-restart", &[]),

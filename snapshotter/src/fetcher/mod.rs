@@ -6,13 +6,13 @@
 //! 2. the disk cache (ciphertext) answers after the chunk authenticates; a corrupt entry is
 //!    dropped and fetched again, or
 //! 3. the chunk is fetched: the first reader claims it in the layer's in-flight table
-//!    ([`inflight`]) and queues an *urgent* job on the node's [`FetchPool`]; later readers of
+//!    (`inflight`) and queues an *urgent* job on the node's [`FetchPool`]; later readers of
 //!    the same chunk wait on that claim. Every wait is bounded by the fetch timeout, so a
 //!    stalled source gives an error, never a hang (the fetch carries on and fills the caches
 //!    when it completes).
 //!
 //! The layer's startup profile (its prefetch order) and, if configured, the whole layer are
-//! fetched ahead of reads by feeds the pool asks for one run at a time ([`prefetch`] says
+//! fetched ahead of reads by feeds the pool asks for one run at a time (`prefetch` says
 //! which): the profile as foreground work right after mount, the rest in the background,
 //! only while no foreground fetch of any layer runs. [`LayerFetcher::wait_for_profile`] and
 //! [`LayerFetcher::wait_until_fetched`] let a caller wait, bounded, for either to land.

@@ -335,7 +335,9 @@ fn serve(opened: Vec<OpenedLayer>, mountpoint: &Path, options: &Options) -> Resu
         overlay: None,
         scratch: Some(scratch.clone()),
     };
-    let (layers, lowers) = mount::mount_each(fss, &scratch, &options.mount)?;
+    // Named by the top layer, as a lone layer's mount is.
+    let top = &opened.last().expect("an image has layers").digest;
+    let (layers, lowers) = mount::mount_each(fss, &scratch, &options.mount, top)?;
     served.layers = layers;
     mount_table::mount_overlay(&lowers, mountpoint, options.mount.restrictions)?;
     served.overlay = Some(mountpoint.to_path_buf());

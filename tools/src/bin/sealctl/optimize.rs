@@ -162,7 +162,8 @@ impl Recording {
         for fs in &mut filesystems {
             fs.record_reads();
         }
-        let (layers, lowers) = mount::mount_each(filesystems, scratch.path(), &options)?;
+        let (layers, lowers) =
+            mount::mount_each(filesystems, scratch.path(), &options, "optimize")?;
         let recording = Recording {
             layers,
             root: scratch.path().join("r"),
