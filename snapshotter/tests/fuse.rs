@@ -398,7 +398,10 @@ fn source_faults_fail_reads_with_eio_and_recover() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(mounted.fs.fetcher().stats().timeouts.load(Ordering::SeqCst) >= 1);
     faults.stalled.store(false, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(2100)); // let the stalled fetch finish
+    assert!(
+        mounted.fs.fetcher().wait_idle(Duration::from_secs(60)),
+        "the stalled fetch finishes"
+    );
     assert_eq!(
         fs::read(mounted.mountpoint.join("a.bin")).unwrap(),
         noise(1, 2 * CHUNK as usize)
@@ -527,14 +530,11 @@ fn reads_during_the_background_fetch_never_fetch_a_chunk_twice() {
         reader.join().unwrap();
     }
     let fetcher = mounted.fs.fetcher();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while fetcher.progress().chunks_present < fetcher.progress().chunks_total {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "background fetch stuck"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        fetcher.wait_until_fetched(Duration::from_secs(60)),
+        "background fetch stuck at {:?}",
+        fetcher.progress()
+    );
     let sealed_bytes: u64 = fetcher
         .layer()
         .index()
@@ -575,15 +575,11 @@ fn background_fetch_completes_and_the_disk_cache_holds_only_ciphertext() {
     {
         let (mounted, faults, _mp) = sealed.mount(config.clone(), Some(cache.path()));
         let fetcher = mounted.fs.fetcher();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while fetcher.progress().chunks_present < fetcher.progress().chunks_total {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "background fetch stuck at {:?}",
-                fetcher.progress()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            fetcher.wait_until_fetched(Duration::from_secs(60)),
+            "background fetch stuck at {:?}",
+            fetcher.progress()
+        );
         // Merged: fewer range reads than chunks.
         assert!(faults.reads.load(Ordering::SeqCst) < u64::from(fetcher.progress().chunks_total));
         assert_eq!(

@@ -326,6 +326,19 @@ impl LayerFetcher {
         self.state.fully_fetched.wait(timeout)
     }
 
+    /// Waits until no fetch of this layer runs on the pool (a stalled read has returned), at
+    /// most `timeout`; returns whether none does.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let running = self.state.running.count.lock().expect("running lock");
+        let (running, _) = self
+            .state
+            .running
+            .idle
+            .wait_timeout_while(running, timeout, |count| *count > 0)
+            .expect("running lock");
+        *running == 0
+    }
+
     /// The layer's name (its digest), as logs show it.
     pub fn name(&self) -> &str {
         &self.state.name
