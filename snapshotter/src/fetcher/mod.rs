@@ -259,10 +259,16 @@ impl LayerFetcher {
         if state.profile.lock().expect("profile lock").runs.is_empty() {
             state.profile_landed.reach();
         } else {
-            pool.add_profile(Arc::new(ProfileFeed(state.clone())));
+            pool.add_profile(Arc::new(LayerFeed {
+                state: state.clone(),
+                purpose: Purpose::Profile,
+            }));
         }
         if state.config.background {
-            pool.add_background(Arc::new(BackgroundFeed(state.clone())));
+            pool.add_background(Arc::new(LayerFeed {
+                state: state.clone(),
+                purpose: Purpose::Background,
+            }));
         }
         LayerFetcher {
             state,
@@ -628,61 +634,60 @@ impl Drop for FetchJob {
     }
 }
 
-/// A layer's startup profile: runs in list order, at most `profile_streams` in flight, each
-/// claimed when a worker takes it, so chunks that reads fetched meanwhile are skipped.
-struct ProfileFeed(Arc<LayerState>);
+/// A layer's work ahead of reads, as the pool asks for it: its startup profile (runs in list
+/// order, at most `profile_streams` in flight) or its background fetch (see
+/// [`prefetch::BackgroundOrder`]). Each run is claimed when a worker takes it, so chunks that
+/// reads fetched meanwhile are skipped.
+struct LayerFeed {
+    state: Arc<LayerState>,
+    purpose: Purpose,
+}
 
-impl Feed for ProfileFeed {
+impl Feed for LayerFeed {
     fn owner(&self) -> u64 {
-        self.0.key
+        self.state.key
     }
 
     fn next(&self) -> Next {
-        let state = &self.0;
-        let mut cursor = state.profile.lock().expect("profile lock");
-        loop {
-            if cursor.next == cursor.runs.len() || state.cancelled.load(Ordering::Relaxed) {
-                return Next::Done;
-            }
-            if cursor.in_flight >= state.config.profile_streams.max(1) {
-                return Next::Later;
-            }
-            let run = cursor.runs[cursor.next].clone();
-            cursor.next += 1;
-            if let Some(job) = state.claim_job(run, Purpose::Profile) {
-                cursor.in_flight += 1;
-                return Next::Job(Box::new(job));
-            }
-            if cursor.next == cursor.runs.len() && cursor.in_flight == 0 {
-                state.profile_landed.reach();
-            }
+        if self.state.cancelled.load(Ordering::Relaxed) {
+            return Next::Done;
+        }
+        match self.purpose {
+            Purpose::Profile => self.state.next_profile_job(),
+            _ => self.state.next_background_job(),
         }
     }
 }
 
-/// A layer's background fetch (see [`prefetch::BackgroundOrder`]).
-struct BackgroundFeed(Arc<LayerState>);
-
-impl Feed for BackgroundFeed {
-    fn owner(&self) -> u64 {
-        self.0.key
+impl LayerState {
+    fn next_profile_job(self: &Arc<Self>) -> Next {
+        let mut cursor = self.profile.lock().expect("profile lock");
+        while cursor.next < cursor.runs.len() {
+            if cursor.in_flight >= self.config.profile_streams.max(1) {
+                return Next::Later;
+            }
+            let run = cursor.runs[cursor.next].clone();
+            cursor.next += 1;
+            if let Some(job) = self.claim_job(run, Purpose::Profile) {
+                cursor.in_flight += 1;
+                return Next::Job(Box::new(job));
+            }
+            if cursor.next == cursor.runs.len() && cursor.in_flight == 0 {
+                self.profile_landed.reach();
+            }
+        }
+        Next::Done
     }
 
-    fn next(&self) -> Next {
-        let state = &self.0;
-        let mut order = state.background.lock().expect("background lock");
-        loop {
-            if state.cancelled.load(Ordering::Relaxed) {
-                return Next::Done;
-            }
-            let Some(run) = order.next_run(&state.layer, state.config.merge_bytes, |c| {
-                state.is_present(c)
-            }) else {
-                return Next::Done;
-            };
-            if let Some(job) = state.claim_job(run, Purpose::Background) {
+    fn next_background_job(self: &Arc<Self>) -> Next {
+        let mut order = self.background.lock().expect("background lock");
+        while let Some(run) =
+            order.next_run(&self.layer, self.config.merge_bytes, |c| self.is_present(c))
+        {
+            if let Some(job) = self.claim_job(run, Purpose::Background) {
                 return Next::Job(Box::new(job));
             }
         }
+        Next::Done
     }
 }
