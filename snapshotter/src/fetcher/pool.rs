@@ -479,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn urgent_work_goes_before_profile_and_background_and_background_waits_for_quiet() {
+    fn urgent_work_goes_before_profile_and_profile_before_background() {
         let harness = Harness::new();
         let pool = FetchPool::start(PoolConfig {
             threads: 1,
@@ -495,11 +495,9 @@ mod tests {
         harness.release_all();
         assert_eq!(harness.next(), "urgent");
         assert_eq!(harness.next(), "profile");
-        let quiet_from = Instant::now();
+        // Then the background, once the gate's quiet time has passed (the worker waits for
+        // that instant; `the_gate_opens_...` checks the instant itself).
         assert_eq!(harness.next(), "background");
-        // The gate held the background back for its quiet time after the last foreground job
-        // (an event the worker waits for, not a sleep of the test).
-        assert!(quiet_from.elapsed() >= Duration::from_millis(40));
     }
 
     #[test]
