@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sealfs_e2e::noise;
 
-use super::{run, which};
+use crate::command::{run, which};
 
 /// The line every workload prints when it is ready.
 pub const READY: &str = "ready";
@@ -50,7 +50,7 @@ pub enum Scale {
 }
 
 /// Writes a busybox base (sh, cat, echo) into `root`.
-fn busybox_base(root: &Path) -> Result<()> {
+pub fn busybox_base(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join("bin"))?;
     fs::create_dir_all(root.join("etc"))?;
     let busybox = which("busybox").context("busybox is not installed")?;

@@ -7,7 +7,7 @@
 //! rate, plus its warm run time.
 
 mod chart;
-mod images;
+pub mod images;
 mod link;
 mod netns;
 mod trial;
@@ -19,10 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use images::{ImageKind, Scale};
 use link::LinkProfile;
 use trial::{Bench, Floor, Mode, Transfer, Trial};
+
+use crate::command::{require_tools, run, sibling_binary, which};
 
 /// Options of the start-up benchmark.
 #[derive(clap::Args)]
@@ -46,60 +48,6 @@ pub struct StartupArgs {
     /// Smoke test: a small bigdata image, one trial, lan; checks the harness, not the speed.
     #[arg(long)]
     quick: bool,
-}
-
-fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().context("perf has no directory")?.join(name);
-    ensure!(
-        path.exists(),
-        "{} is missing: build it first (cargo build --release -p sealfs-tools, or without \
-         --release for a debug perf)",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// Runs `command`; its standard output, or an error with everything it printed.
-fn run(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    succeeded(out, &format!("{command:?}"))
-}
-
-/// The standard output of a finished command (`what`), or an error with everything it printed.
-fn succeeded(out: std::process::Output, what: &str) -> Result<String> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Where `tool` is on PATH.
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(tool))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
-fn require_tools(tools: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| which(tool).is_none())
-        .collect();
-    ensure!(
-        missing.is_empty(),
-        "missing tools {missing:?}: run scripts/install-deps.sh"
-    );
-    Ok(())
 }
 
 /// One HTTP/1.1 request on `stream`; returns the response body length (headers skipped).

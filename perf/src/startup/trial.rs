@@ -162,7 +162,7 @@ fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
             ready = Some(started.elapsed().as_secs_f64());
         }
     }
-    super::succeeded(child.wait_with_output()?, &format!("running {reference}"))?;
+    crate::command::succeeded(child.wait_with_output()?, &format!("running {reference}"))?;
     ready.with_context(|| format!("{reference} exited without printing {READY:?}"))
 }
 
@@ -210,7 +210,7 @@ impl Bench {
         let started = Instant::now();
         let run = match &containerd {
             Some(containerd) if mode.is_sealfs() => {
-                super::run(
+                crate::command::run(
                     Command::new(&self.sealctl)
                         .arg("pull")
                         .arg("--address")
@@ -220,7 +220,7 @@ impl Bench {
                 ctr_run(containerd, mode, &reference, "bench")
             }
             Some(containerd) => {
-                super::succeeded(
+                crate::command::succeeded(
                     containerd.ctr(&["image", "pull", "--plain-http", &reference]),
                     "ctr image pull",
                 )?;
@@ -232,7 +232,7 @@ impl Bench {
                     scratch.join("podman-root").display(),
                     scratch.join("podman-run").display()
                 );
-                super::run(
+                crate::command::run(
                     Command::new("skopeo")
                         .args(["copy", "--quiet", "--src-tls-verify=false"])
                         .arg("--decryption-key")
@@ -320,7 +320,7 @@ impl Bench {
             );
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
-        let manifest: serde_json::Value = serde_json::from_str(&super::run(
+        let manifest: serde_json::Value = serde_json::from_str(&crate::command::run(
             Command::new("skopeo")
                 .args(["inspect", "--raw", "--tls-verify=false"])
                 .arg(format!("docker://{}", self.reference(image, Mode::Sealfs))),
