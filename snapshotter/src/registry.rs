@@ -134,6 +134,36 @@ struct Route {
     auth_source: &'static str,
     /// While set and in the future, this mirror is skipped: it could not be reached lately.
     down_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// What a probe found about this endpoint's authentication, for requests with no
+    /// credentials.
+    access: std::sync::Mutex<Access>,
+    /// A client that is never given credentials, for blob reads from an endpoint found
+    /// [`Access::Open`]. oci-client probes `GET /v2/` before every request of a client that
+    /// holds credentials (anonymous ones too) but got no token from them, which is every
+    /// request to a registry that asks for none: a second round trip per range read. A client
+    /// that holds none sends the request alone.
+    open_client: Client,
+}
+
+/// What an endpoint asks of a client with no credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Not probed yet (or it refused an unauthenticated read since).
+    Unknown,
+    /// No authentication: `GET /v2/` answered without a challenge.
+    Open,
+    /// It challenges; the client's token cache holds what it handed out.
+    Guarded,
+}
+
+/// What a request does with the client's credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestKind {
+    /// Hands credentials to the client (manifests, pushes): oci-client stores them.
+    Authenticating,
+    /// A blob read, which only uses what the client holds: on an open endpoint it may use a
+    /// client that holds nothing, and skip the probe.
+    BlobRead,
 }
 
 /// How a client for `endpoint` talks: plain HTTP or TLS (with its CA, maybe no verification),
@@ -195,6 +225,42 @@ impl Route {
         }
     }
 
+    /// The client for a blob read with no credentials: the probe-free one when the endpoint is
+    /// known to ask for none. Probes the endpoint once (one `GET /v2/`, which also caches any
+    /// anonymous token in `client`) to find out.
+    async fn client_for_anonymous_read(&self, client: &Client, target: &Reference) -> Client {
+        let known = *self.access.lock().expect("route lock");
+        let access = match known {
+            Access::Unknown => {
+                match client
+                    .auth(
+                        target,
+                        &RegistryAuth::Anonymous,
+                        oci_client::RegistryOperation::Pull,
+                    )
+                    .await
+                {
+                    Ok(None) => Access::Open,
+                    Ok(Some(_)) => Access::Guarded,
+                    // Not known yet: the request itself will say what is wrong.
+                    Err(_) => Access::Unknown,
+                }
+            }
+            known => known,
+        };
+        *self.access.lock().expect("route lock") = access;
+        match access {
+            Access::Open => self.open_client.clone(),
+            Access::Unknown | Access::Guarded => client.clone(),
+        }
+    }
+
+    /// A probe-free read failed: probe again before the next one, in case the endpoint now
+    /// wants authentication.
+    fn forget_access(&self) {
+        *self.access.lock().expect("route lock") = Access::Unknown;
+    }
+
     fn mark_down(&self) {
         *self.down_until.lock().expect("route lock") =
             Some(std::time::Instant::now() + MIRROR_BACKOFF);
@@ -248,6 +314,8 @@ impl Registry {
             };
             routes.push(Route {
                 client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
+                open_client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
+                access: std::sync::Mutex::new(Access::Unknown),
                 ca_pem,
                 pulled: std::sync::Mutex::new(None),
                 auth,
@@ -286,6 +354,7 @@ impl Registry {
     fn call<T, F, Fut>(
         &self,
         capability: Capability,
+        kind: RequestKind,
         reference: &Reference,
         what: &str,
         request: F,
@@ -318,7 +387,7 @@ impl Registry {
             } else {
                 self.options.retries.min(1)
             };
-            match self.call_endpoint(route, &target, what, retries, &request) {
+            match self.call_endpoint(route, kind, &target, what, retries, &request) {
                 Ok(value) => return Ok(value),
                 Err(error) => {
                     if number + 1 < routes.len() {
@@ -340,6 +409,7 @@ impl Registry {
     fn call_endpoint<T, F, Fut>(
         &self,
         route: &Route,
+        kind: RequestKind,
         target: &Reference,
         what: &str,
         retries: u32,
@@ -367,13 +437,22 @@ impl Registry {
                 ),
                 None => (route.client.clone(), route.auth.clone(), route.auth_source),
             };
+            let anonymous_read =
+                kind == RequestKind::BlobRead && matches!(auth, RegistryAuth::Anonymous);
             let outcome = self.runtime.block_on(async {
-                tokio::time::timeout(
-                    self.options.request_timeout,
-                    request(client, auth, target.clone()),
-                )
+                tokio::time::timeout(self.options.request_timeout, async {
+                    let client = if anonymous_read {
+                        route.client_for_anonymous_read(&client, target).await
+                    } else {
+                        client
+                    };
+                    request(client, auth, target.clone()).await
+                })
                 .await
             });
+            if anonymous_read && !matches!(outcome, Ok(Ok(_))) {
+                route.forget_access();
+            }
             let error = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(source)) if !retryable(&source) || attempt == retries => {
@@ -418,6 +497,7 @@ impl Registry {
             };
             let (bytes, digest) = self.call(
                 capability,
+                RequestKind::Authenticating,
                 &reference,
                 &format!("manifest of {reference}"),
                 |client, auth, target| async move {
@@ -504,6 +584,7 @@ impl Registry {
     pub fn has_blob(&self, reference: &Reference, digest: &str) -> Result<bool, RegistryError> {
         self.call(
             Capability::Push,
+            RequestKind::Authenticating,
             reference,
             &format!("checking blob {digest}"),
             |client, auth, target| async move {
@@ -527,6 +608,7 @@ impl Registry {
         let size = std::fs::metadata(path).map(|m| m.len()).ok();
         self.call(
             Capability::Push,
+            RequestKind::Authenticating,
             reference,
             &format!("pushing blob {digest}"),
             |client, auth, target| {
@@ -572,6 +654,7 @@ impl Registry {
         let content_type = reqwest_header(media_type);
         self.call(
             Capability::Push,
+            RequestKind::Authenticating,
             reference,
             &format!("pushing the manifest of {reference}"),
             |client, auth, target| {
@@ -747,9 +830,17 @@ impl RegistryBlob {
         let descriptor = &descriptor;
         self.registry.call(
             Capability::Pull,
+            RequestKind::BlobRead,
             &self.reference,
             &what,
-            |client, _auth, target| async move {
+            |client, auth, target| async move {
+                // A client made for new pull credentials may not hold them yet (anonymous
+                // reads are the probe's business: see `client_for_anonymous_read`).
+                if !matches!(auth, RegistryAuth::Anonymous) {
+                    client
+                        .store_auth_if_needed(target.resolve_registry(), &auth)
+                        .await;
+                }
                 let response = client
                     .pull_blob_stream_partial(&target, descriptor, offset, Some(len as u64))
                     .await?;

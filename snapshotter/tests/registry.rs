@@ -254,3 +254,69 @@ fn a_mirror_that_does_not_answer_is_skipped_after_failing_once() {
         "the dead mirror was tried again within its backoff"
     );
 }
+
+/// `GET /v2/` requests and blob GETs a registry has answered.
+fn probes_and_blob_reads(registry: &DockerRegistry) -> (usize, usize) {
+    (
+        registry.gets(|uri| uri == "/v2/"),
+        registry.gets(|uri| uri.contains("/blobs/")),
+    )
+}
+
+#[test]
+fn each_range_read_is_one_request_with_or_without_credentials() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let key = PrivateKey::generate().unwrap();
+    sealed_layout(&work.path().join("layout"), &key);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (user, password) = ("reader", "s3cret-range");
+    let basic = |_: &str| {
+        Ok::<_, std::convert::Infallible>(oci_client::secrets::RegistryAuth::Basic(
+            user.to_string(),
+            password.to_string(),
+        ))
+    };
+    let open = DockerRegistry::start();
+    let guarded = DockerRegistry::start_with_password(user, password);
+    for (registry, with_credentials) in [(&open, false), (&guarded, true)] {
+        let reference = registry.push_as(
+            &work.path().join("layout"),
+            "v1",
+            "ranges",
+            with_credentials
+                .then(|| format!("{user}:{password}"))
+                .as_deref(),
+        );
+        let client = if with_credentials {
+            Registry::connect(
+                runtime.handle().clone(),
+                &registry.host,
+                RegistryOptions::default(),
+                &basic,
+            )
+            .unwrap()
+        } else {
+            anonymous_client(&runtime, &registry.host, RegistryOptions::default())
+        };
+        let image = client
+            .resolve(&Registry::parse(&reference).unwrap())
+            .unwrap();
+        let blob = client.layer(&image, &image.image.manifest.layers()[0]);
+        let (probes_before, reads_before) = probes_and_blob_reads(registry);
+        for i in 0..10u64 {
+            assert_eq!(blob.read(i * CHUNK as u64, 512).unwrap().len(), 512);
+        }
+        let (probes, reads) = probes_and_blob_reads(registry);
+        assert_eq!(reads - reads_before, 10, "credentials: {with_credentials}");
+        // Authentication is found out once per endpoint (the anonymous client's probe), not
+        // before every read: a probe per read doubles the round trips of a lazy start.
+        assert!(
+            probes - probes_before <= 1,
+            "{} auth probes for 10 range reads (credentials: {with_credentials})",
+            probes - probes_before
+        );
+    }
+}

@@ -126,21 +126,39 @@ impl DockerRegistry {
         }
     }
 
-    /// Bytes of blob bodies this registry has sent so far (from its access log): what a
-    /// client really downloaded.
-    pub fn blob_bytes_served(&self) -> u64 {
+    /// The requests this registry has answered so far, from its access log (JSON lines).
+    fn answered(&self) -> Vec<serde_json::Value> {
         let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
         log.lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| entry["msg"] == "response completed")
+            .collect()
+    }
+
+    /// Bytes of blob bodies this registry has sent so far (from its access log): what a
+    /// client really downloaded.
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.answered()
+            .iter()
             .filter(|entry| {
-                entry["msg"] == "response completed"
-                    && entry["http.request.method"] == "GET"
+                entry["http.request.method"] == "GET"
                     && entry["http.request.uri"]
                         .as_str()
                         .is_some_and(|uri| uri.contains("/blobs/"))
             })
             .filter_map(|entry| entry["http.response.written"].as_u64())
             .sum()
+    }
+
+    /// How many GET requests for a path that `uri` accepts this registry has answered so far.
+    pub fn gets(&self, uri: impl Fn(&str) -> bool) -> usize {
+        self.answered()
+            .iter()
+            .filter(|entry| {
+                entry["http.request.method"] == "GET"
+                    && entry["http.request.uri"].as_str().is_some_and(&uri)
+            })
+            .count()
     }
 
     /// Pushes an OCI layout image with skopeo to `NAME:TAG` here; returns `HOST/NAME:TAG`.
