@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod compress;
 pub mod crypto;
 pub mod digest;
 pub mod error;

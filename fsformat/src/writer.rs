@@ -21,7 +21,8 @@ use std::path::{Component, Path};
 
 use sha2::{Digest, Sha256};
 
-use crate::crypto::{ChunkBinding, Compression, LayerId, LayerKey, LayerKeys, TAG_LEN};
+use crate::compress::{Compressed, OrderedCompressor};
+use crate::crypto::{ChunkBinding, LayerId, LayerKey, LayerKeys, TAG_LEN};
 use crate::digest::{digest_of, HashingReader, HashingWriter};
 use crate::error::{FormatError, Result};
 use crate::layout::{
@@ -51,6 +52,9 @@ pub struct SealOptions {
     /// Paths (relative to the layer root, no leading `/`) a container reads first, in order:
     /// their data is packed together and their chunks become the index's prefetch order.
     pub prefetch: Vec<Vec<u8>>,
+    /// Threads compressing chunks (at least 1; the output is the same for any number). The
+    /// default is every core.
+    pub threads: usize,
 }
 
 impl Default for SealOptions {
@@ -59,6 +63,7 @@ impl Default for SealOptions {
             chunk_size_log2: DEFAULT_CHUNK_SIZE_LOG2,
             zstd_level: 3,
             prefetch: Vec::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -223,7 +228,7 @@ struct Sealer<W: Write> {
     out: HashingWriter<W>,
     keys: LayerKeys,
     chunk_size: usize,
-    zstd: zstd::bulk::Compressor<'static>,
+    compressor: OrderedCompressor,
     zstd_level: i32,
     index: Index,
     /// Full path (no leading slash) -> entry number.
@@ -238,17 +243,17 @@ struct Sealer<W: Write> {
     prefetch: Vec<Vec<u8>>,
     listed: HashSet<Vec<u8>>,
     buffer: Vec<u8>,
-    /// The last chunk is only known when the next arrives or the layer ends; it waits here
-    /// (compressed, unsealed) so its AAD can carry the last-chunk flag.
-    held: Option<(Vec<u8>, u32, Compression)>,
+    /// Chunks numbered so far; those from `index.chunks.len()` on are being compressed or wait
+    /// to be written. The newest always waits: whether it is the last is only known when the
+    /// next arrives or the layer ends, and its AAD carries the last-chunk flag.
+    emitted: u32,
     file_bytes: u64,
 }
 
 impl<W: Write> Sealer<W> {
     fn new(out: HashingWriter<W>, key: &LayerKey, options: &SealOptions) -> Result<Self> {
         let keys = LayerKeys::derive(key, LayerId::generate()?);
-        let zstd = zstd::bulk::Compressor::new(options.zstd_level)
-            .map_err(|e| FormatError::io("starting zstd", e))?;
+        let compressor = OrderedCompressor::new(options.threads, options.zstd_level)?;
         let chunk_size = 1usize << options.chunk_size_log2;
         let root = Entry {
             parent: 0,
@@ -269,7 +274,7 @@ impl<W: Write> Sealer<W> {
             out,
             keys,
             chunk_size,
-            zstd,
+            compressor,
             zstd_level: options.zstd_level,
             index: Index {
                 chunks: Vec::new(),
@@ -283,7 +288,7 @@ impl<W: Write> Sealer<W> {
             prefetch: options.prefetch.clone(),
             listed: options.prefetch.iter().cloned().collect(),
             buffer: vec![0; chunk_size],
-            held: None,
+            emitted: 0,
             file_bytes: 0,
         })
     }
@@ -659,37 +664,32 @@ impl<W: Write> Sealer<W> {
         order
     }
 
-    /// Compresses a chunk and queues it; returns its number.
+    /// Queues a chunk for compression; returns its number. Writes the chunks before it that
+    /// are ready, and waits for the oldest when too many are outstanding.
     fn emit_chunk(&mut self, plain: &[u8]) -> Result<u32> {
-        // The previous chunk is sealed first: chunk numbers follow blob order.
-        self.write_held(false)?;
-        let number = u32::try_from(self.index.chunks.len())
-            .ok()
-            .filter(|&n| n < PENDING_PACK[PRIORITY])
-            .ok_or_else(|| {
-                FormatError::InvalidArgument("layer has more than 2^32-1 chunks".into())
-            })?;
-        let mut payload = self
-            .zstd
-            .compress(plain)
-            .map_err(|e| FormatError::io("compressing a chunk", e))?;
-        let compression = if payload.len() < plain.len() {
-            Compression::Zstd
-        } else {
-            payload.clear();
-            payload.extend_from_slice(plain);
-            Compression::Stored
-        };
-        self.held = Some((payload, plain.len() as u32, compression));
+        let number = self.emitted;
+        if number >= PENDING_PACK[PRIORITY] {
+            return Err(FormatError::InvalidArgument(
+                "layer has more than 2^32-1 chunks".into(),
+            ));
+        }
+        while !self.compressor.has_room() {
+            self.write_next(false)?;
+        }
+        self.compressor.submit(number, plain.to_vec())?;
+        self.emitted += 1;
         Ok(number)
     }
 
-    /// Seals and writes the held chunk, now that we know whether it is the last.
-    fn write_held(&mut self, last: bool) -> Result<()> {
-        let Some((mut payload, plain_len, compression)) = self.held.take() else {
-            return Ok(());
-        };
+    /// Seals and writes the oldest chunk not yet written; `last` says whether it is the
+    /// layer's last one.
+    fn write_next(&mut self, last: bool) -> Result<()> {
         let index = self.index.chunks.len() as u32;
+        let Compressed {
+            mut payload,
+            plain_len,
+            compression,
+        } = self.compressor.take(index)?;
         let sealed_len = (payload.len() + TAG_LEN) as u32;
         let binding = ChunkBinding {
             index,
@@ -714,7 +714,10 @@ impl<W: Write> Sealer<W> {
     fn finish(mut self) -> Result<SealSummary> {
         self.flush_pack(PRIORITY)?;
         self.flush_pack(0)?;
-        self.write_held(true)?;
+        while (self.index.chunks.len() as u32) < self.emitted {
+            let last = self.index.chunks.len() as u32 + 1 == self.emitted;
+            self.write_next(last)?;
+        }
         self.index.prefetch = self.prefetch_order();
         let plain_index = self.index.encode()?;
         // Seal only what every reader will accept and read back as this very index: the

@@ -5,7 +5,8 @@
 //! chunks: decode (verify + decrypt + decompress, what a FUSE read pays for a cache miss),
 //! plain zstd decompression of the same plaintext chunks (the baseline: what an unencrypted
 //! lazy format pays), and AES-256-GCM alone with `ring` and with the `aes-gcm` crate (why the
-//! format uses `ring`). The target is decode/zstd >= 0.75.
+//! format uses `ring`). The target is decode/zstd >= 0.75. Sealing is measured with one
+//! compression thread (the baseline) and with one per core.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use anyhow::{Context, Result};
 use fsformat::layout::EntryKind;
 use fsformat::reader::{ChunkDecoder, UnverifiedTail};
-use fsformat::writer::{seal_layer, SealOptions};
+use fsformat::writer::{seal_layer, SealOptions, SealSummary};
 use fsformat::LayerKey;
 
 /// Options of the format benchmark.
@@ -60,11 +61,28 @@ pub fn run(args: &FormatArgs) -> Result<()> {
     );
 
     let key = LayerKey::generate()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Sealing on one core (the baseline) and on every core; the layer is the same either way.
+    let seal_with = |threads: usize| -> Result<(Duration, Vec<u8>, SealSummary)> {
+        let options = SealOptions {
+            threads,
+            ..SealOptions::with_chunk_size(args.chunk_size)?
+        };
+        let mut best = None::<(Duration, Vec<u8>, SealSummary)>;
+        for _ in 0..args.passes.clamp(1, 2) {
+            let mut blob = Vec::with_capacity(tar.len());
+            let start = Instant::now();
+            let summary = seal_layer(&tar[..], &mut blob, &key, &options)?;
+            let time = start.elapsed();
+            if best.as_ref().is_none_or(|(t, _, _)| time < *t) {
+                best = Some((time, blob, summary));
+            }
+        }
+        Ok(best.expect("at least one pass"))
+    };
+    let (seal_time, _, _) = seal_with(1)?;
+    let (seal_time_all, blob, summary) = seal_with(cores)?;
     let options = SealOptions::with_chunk_size(args.chunk_size)?;
-    let mut blob = Vec::with_capacity(tar.len());
-    let start = Instant::now();
-    let summary = seal_layer(&tar[..], &mut blob, &key, &options)?;
-    let seal_time = start.elapsed();
     let layer = UnverifiedTail::read(&blob, blob.len() as u64)?.open(&key, &summary.tail_digest)?;
     let chunk_count = layer.index().chunks.len() as u32;
     let sealed: Vec<Vec<u8>> = (0..chunk_count)
@@ -183,6 +201,16 @@ pub fn run(args: &FormatArgs) -> Result<()> {
         mbps(plain_bytes, decode_time),
     );
     row("baseline: zstd decompress, same chunks", zstd_rate);
+    println!();
+    println!("| sealing (hash + compress + encrypt) | MB/s of file data | vs one core |");
+    println!("|---|---:|---:|");
+    let one = mbps(file_bytes, seal_time);
+    println!("| baseline: 1 compression thread | {one:.0} | 1.00 |");
+    let all = mbps(file_bytes, seal_time_all);
+    println!(
+        "| **{cores} compression threads (the default)** | {all:.0} | {:.2} |",
+        all / one
+    );
     println!();
     println!("| AES-256-GCM open, one core | MB/s of ciphertext |");
     println!("|---|---:|");

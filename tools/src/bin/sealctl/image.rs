@@ -146,14 +146,23 @@ fn bar_style() -> ProgressStyle {
     .progress_chars("=> ")
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Compression threads for each of `layers` layers sealed at once by [`parallel`]: the cores
+/// shared out, so one big layer gets them all and many layers do not multiply threads (and
+/// the chunks each keeps in flight) by the core count.
+pub(crate) fn compression_threads(layers: usize) -> usize {
+    (cores() / layers.clamp(1, cores())).max(1)
+}
+
 /// Runs `work` on every item with as many threads as there are cores; results in item order.
 pub(crate) fn parallel<T: Sync, R: Send>(
     items: &[T],
     work: impl Fn(usize, &T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len().max(1));
+    let threads = cores().min(items.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<R>>>> =
         Mutex::new((0..items.len()).map(|_| None).collect());
@@ -211,6 +220,7 @@ pub fn seal(
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
     let dst = &destination_layout.layout;
     let layers = image.manifest.layers();
+    options.threads = compression_threads(layers.len());
     let diff_ids = layer_diff_ids(&image.config, layers, source)?;
     let bars = MultiProgress::new();
     let sealed = parallel(layers, |number, layer| {

@@ -326,6 +326,7 @@ pub fn optimize(
         // The same chunk size as before: the profile changes packing, not chunking.
         let chunk_size = 1u64 << opened[number].layer.footer().chunk_size_log2;
         let mut seal_options = SealOptions::with_chunk_size(chunk_size)?;
+        seal_options.threads = super::image::compression_threads(layers.len());
         seal_options.set_prefetch_paths(profiles[number].iter().map(Vec::as_slice))?;
         let (sealed, summary) = reseal(
             src,
