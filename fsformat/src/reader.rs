@@ -146,6 +146,11 @@ impl UnverifiedTail {
         Self::parse(blob_size, &tail)
     }
 
+    /// Bytes it holds (what it costs to keep).
+    pub fn byte_len(&self) -> usize {
+        self.sealed_index.len() + FOOTER_LEN
+    }
+
     /// The footer (unauthenticated until [`Self::open`]).
     pub fn footer(&self) -> &Footer {
         &self.footer

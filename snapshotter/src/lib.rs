@@ -57,6 +57,7 @@ pub mod remote;
 pub mod service;
 pub mod snapshot;
 pub mod source;
+pub mod tails_ahead;
 
 /// An error and its causes in one line (`outer: cause: root cause`): containerd and
 /// terminals show a single message.

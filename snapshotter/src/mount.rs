@@ -217,8 +217,23 @@ pub fn open_sealed_layer(
     identities: &[PrivateKey],
     max_index_bytes: u64,
 ) -> Result<OpenedLayer, MountError> {
+    open_sealed_layer_with_tail(descriptor, source, identities, max_index_bytes, None)
+}
+
+/// Like [`open_sealed_layer`], with the tail already fetched by [`read_tail`] when `fetched`
+/// holds it (from the same descriptor: it was checked against the digest that pins).
+pub fn open_sealed_layer_with_tail(
+    descriptor: &Descriptor,
+    source: Arc<dyn ChunkSource>,
+    identities: &[PrivateKey],
+    max_index_bytes: u64,
+    fetched: Option<UnverifiedTail>,
+) -> Result<OpenedLayer, MountError> {
     let (facts, key) = unwrap_layer(descriptor, identities)?;
-    let tail = read_tail(descriptor, &facts, &*source, max_index_bytes)?;
+    let tail = match fetched {
+        Some(tail) => tail,
+        None => read_tail(descriptor, &facts, &*source, max_index_bytes)?,
+    };
     let digest = descriptor.digest().to_string();
     let layer = tail
         .open(&key, &facts.index_digest)

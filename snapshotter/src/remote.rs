@@ -23,6 +23,7 @@ use crate::fuse::session::FuseSession;
 use crate::keys::{self, KeyError};
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
 use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteImage};
+use crate::tails_ahead::{TailJob, TailKey, TailsAhead};
 
 /// The label naming the committed snapshot a layer's `Prepare` is for (its chain id).
 pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
@@ -234,6 +235,8 @@ pub struct RemoteLayers {
     registries: Mutex<HashMap<String, Registry>>,
     /// Recently resolved manifests, by the reference asked for.
     manifests: Mutex<lru::LruCache<String, (Instant, RemoteImage)>>,
+    /// Tails of the layers after the one being prepared, fetched meanwhile.
+    tails: Arc<TailsAhead>,
 }
 
 impl RemoteLayers {
@@ -253,6 +256,7 @@ impl RemoteLayers {
             memory,
             registries: Mutex::new(HashMap::new()),
             manifests: Mutex::new(lru::LruCache::new(NonZeroUsize::new(64).expect("64"))),
+            tails: Arc::default(),
         }
     }
 
@@ -392,10 +396,35 @@ impl RemoteLayers {
                 found,
             });
         }
+        self.fetch_tails_after(&registry, &image, &descriptor);
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
         }))
+    }
+
+    /// Starts fetching the tails of the sealed layers that follow `current` in `image`:
+    /// containerd prepares them next, one after another (see [`crate::tails_ahead`]).
+    fn fetch_tails_after(&self, registry: &Registry, image: &RemoteImage, current: &Descriptor) {
+        let pinned = image.reference.whole();
+        let jobs = image
+            .image
+            .manifest
+            .layers()
+            .iter()
+            .skip_while(|layer| layer.digest() != current.digest())
+            .skip(1)
+            .filter(|layer| layer.media_type().to_string() == MEDIA_TYPE_SEALED_LAYER)
+            .filter_map(|layer| {
+                Some(TailJob {
+                    key: TailKey::of(&pinned, layer)?,
+                    descriptor: layer.clone(),
+                    source: Arc::new(registry.layer(image, layer)),
+                    max_index_bytes: self.config.mount.max_index_bytes,
+                })
+            })
+            .collect();
+        self.tails.schedule(jobs);
     }
 
     /// Opens the layer with the node's keys and mounts it at `mountpoint`; `cache_key` tells
@@ -422,11 +451,16 @@ impl RemoteLayers {
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = registry.blob(&reference, &layer, source.descriptor.size());
-        let opened = mount::open_sealed_layer(
+        // One being fetched ahead is waited for rather than fetched twice; its fetch is
+        // bounded by the registry's deadlines.
+        let fetched = TailKey::of(&source.reference, &source.descriptor)
+            .and_then(|key| self.tails.take(&key, self.config.registry.request_timeout));
+        let opened = mount::open_sealed_layer_with_tail(
             &source.descriptor,
             Arc::new(blob),
             &identities,
             self.config.mount.max_index_bytes,
+            fetched,
         )
         .map_err(mount_error)?;
         let options = MountOptions {
