@@ -200,7 +200,7 @@ mod tests {
         for threads in [1, 3] {
             let mut pool = OrderedCompressor::new(threads, 3).unwrap();
             let mut taken = 0;
-            let mut check = |pool: &mut OrderedCompressor, taken: &mut usize| {
+            let check = |pool: &mut OrderedCompressor, taken: &mut usize| {
                 let got = pool.take(*taken as u32).unwrap();
                 let want = &want[*taken];
                 assert_eq!(got.compression, want.compression, "chunk {taken}");

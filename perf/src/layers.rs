@@ -14,9 +14,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use oci_spec::image::MediaType;
 use sealfs_e2e::containerd::Containerd;
 use sealfs_e2e::registry::DockerRegistry;
 use sealfs_e2e::sealfs::SealfsDaemon;
+use snapshotter::oci_layout::{descriptor, OciLayout};
 
 use crate::command::{require_tools, run, sibling_binary};
 use crate::startup::images::busybox_base;
@@ -87,64 +89,72 @@ struct Step {
 }
 
 /// The plain layout with tags `n1`, `n10`, ...: `n<K>` is busybox plus `K - 1` layers of one
-/// file each. Built once and kept in `work`.
+/// file each. Written directly (one tar per layer; umoci's repack would rescan the growing
+/// tree for every layer) and kept in `work`.
 fn build_layout(work: &Path, counts: &[usize], layer_kib: usize) -> Result<PathBuf> {
     let largest = *counts.iter().max().context("no layer counts")?;
     let layout = work
         .join("images")
         .join(format!("layers-{largest}x{layer_kib}k"));
-    let tags_present = counts
-        .iter()
-        .all(|n| layout.join("index.json").exists() && tag_exists(&layout, *n));
-    if tags_present {
+    if counts.iter().all(|n| tag_exists(&layout, *n)) {
         return Ok(layout);
     }
-    eprintln!(
-        "building a {largest}-layer image in {} (one umoci repack per layer)",
-        layout.display()
-    );
-    let staging = work.join("images").join(".build-layers");
-    let _ = fs::remove_dir_all(&staging);
+    eprintln!("writing a {largest}-layer image to {}", layout.display());
     let _ = fs::remove_dir_all(&layout);
-    fs::create_dir_all(&staging)?;
-    let oci = staging.join("layout");
-    let image = format!("{}:latest", oci.display());
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&oci))?;
-    run(Command::new("umoci").args(["new", "--image", &image]))?;
-    let bundle = staging.join("bundle");
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle))?;
-    let root = bundle.join("rootfs");
-    busybox_base(&root)?;
+    let oci = OciLayout::open_or_create(&layout)?;
+    let base = tempfile::tempdir()?;
+    busybox_base(base.path())?;
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
     for layer in 1..=largest {
-        if layer > 1 {
-            let dir = root.join(format!("layers/l{layer:04}"));
-            fs::create_dir_all(&dir)?;
-            fs::write(
-                dir.join("data"),
-                sealfs_e2e::noise(layer as u64, layer_kib << 10),
+        let mut builder = tar::Builder::new(Vec::new());
+        builder.follow_symlinks(false);
+        if layer == 1 {
+            builder.append_dir_all(".", base.path())?;
+        } else {
+            let data = sealfs_e2e::noise(layer as u64, layer_kib << 10);
+            let mut header = sealfs_e2e::regular_header(data.len() as u64);
+            builder.append_data(&mut header, format!("layers/l{layer:04}/data"), &data[..])?;
+        }
+        let tar = builder.into_inner()?;
+        let (digest, size) = oci.put_blob(&tar)?;
+        diff_ids.push(digest.clone());
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest,
+            "size": size,
+        }));
+        if counts.contains(&layer) {
+            let config = serde_json::json!({
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Cmd": ["/bin/sh"]},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            });
+            let (config_digest, config_size) = oci.put_blob(&serde_json::to_vec(&config)?)?;
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": config_size,
+                },
+                "layers": layers,
+            });
+            let manifest = serde_json::to_vec(&manifest)?;
+            let (digest, size) = oci.put_blob(&manifest)?;
+            oci.set_tag(
+                &descriptor(MediaType::ImageManifest, &digest, size)?,
+                Some(&format!("n{layer}")),
             )?;
         }
-        // --refresh-bundle: the next repack's diff holds only what the next layer adds.
-        run(Command::new("umoci")
-            .args(["repack", "--refresh-bundle", "--image", &image])
-            .arg(&bundle))?;
-        if counts.contains(&layer) {
-            run(Command::new("umoci")
-                .args(["tag", "--image", &image])
-                .arg(format!("n{layer}")))?;
-        }
     }
-    run(Command::new("umoci").args(["gc", "--layout"]).arg(&oci))?;
-    fs::rename(&oci, &layout)?;
-    let _ = fs::remove_dir_all(&staging);
     Ok(layout)
 }
 
 fn tag_exists(layout: &Path, layers: usize) -> bool {
-    fs::read_to_string(layout.join("index.json"))
-        .is_ok_and(|index| index.contains(&format!("\"n{layers}\"")))
+    OciLayout::open(layout).is_ok_and(|oci| oci.resolve(Some(&format!("n{layers}"))).is_ok())
 }
 
 /// Reads every regular file under `dir` to its end; the bytes read.
@@ -301,14 +311,7 @@ pub fn run_layers(args: &LayersArgs) -> Result<()> {
         counts.iter().all(|&n| n >= 1),
         "a layer count is at least 1"
     );
-    require_tools(&[
-        "containerd",
-        "ctr",
-        "runc",
-        "docker-registry",
-        "umoci",
-        "busybox",
-    ])?;
+    require_tools(&["containerd", "ctr", "runc", "docker-registry", "busybox"])?;
     let sealctl = sibling_binary("sealctl")?;
     let mut daemons = vec![(
         "this build".to_string(),
