@@ -63,6 +63,8 @@ unset RUSTC_BOOTSTRAP
 echo "==> start-up benchmark smoke test (perf startup --quick: the harness works; no timing asserted)"
 cargo build --quiet -p perf -p sealfs-tools
 target/debug/perf startup --quick --work "$(mktemp -d /var/tmp/sealfs-perf-quick.XXXXXX)"
+echo "==> layer-scale benchmark smoke test (perf layers --quick)"
+target/debug/perf layers --quick --work "$(mktemp -d /var/tmp/sealfs-perf-layers.XXXXXX)"
 
 echo "==> demo (the README's main job)"
 SEALFS_SKIP_DEPS=1 bash scripts/demo.sh "$(mktemp -d /tmp/sealfs-demo.XXXXXX)"
