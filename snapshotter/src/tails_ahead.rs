@@ -313,6 +313,19 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(30);
 
+    /// Waits (on the condvar the threads signal as they end) until no thread is left.
+    fn until_threads_end(ahead: &TailsAhead) -> std::sync::MutexGuard<'_, State> {
+        let deadline = Instant::now() + WAIT;
+        let mut state = ahead.state.lock().unwrap();
+        while state.threads > 0 {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect("the threads end");
+            state = ahead.changed.wait_timeout(state, left).unwrap().0;
+        }
+        state
+    }
+
     #[test]
     fn a_prepare_takes_the_verified_tail_fetched_ahead_and_waits_for_one_in_flight() {
         let (blob, descriptor, tail_digest) = sealed(None);
@@ -387,14 +400,7 @@ mod tests {
             gate.release.send(()).unwrap();
         }
         // The threads drain the queue and end; the queued tail was never read.
-        let deadline = Instant::now() + WAIT;
-        let mut state = ahead.state.lock().unwrap();
-        while state.threads > 0 {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .expect("threads end");
-            state = ahead.changed.wait_timeout(state, left).unwrap().0;
-        }
+        drop(until_threads_end(&ahead));
         assert_eq!(waiting.source.reads.load(Ordering::SeqCst), 0);
     }
 
@@ -418,14 +424,6 @@ mod tests {
         for _ in 0..MAX_SLOTS {
             let _ = gate.release.send(());
         }
-        let deadline = Instant::now() + WAIT;
-        let mut state = ahead.state.lock().unwrap();
-        while state.threads > 0 {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .expect("threads end");
-            state = ahead.changed.wait_timeout(state, left).unwrap().0;
-        }
-        assert!(state.bytes <= MAX_BYTES);
+        assert!(until_threads_end(&ahead).bytes <= MAX_BYTES);
     }
 }
