@@ -326,23 +326,33 @@ mod tests {
         state
     }
 
-    #[test]
-    fn a_prepare_takes_the_verified_tail_fetched_ahead_and_waits_for_one_in_flight() {
-        let (blob, descriptor, tail_digest) = sealed(None);
+    /// Schedules the tail of `descriptor` and, once its fetch is in flight, asks for it as a
+    /// Prepare would, then lets the fetch finish: what the Prepare got, and the fetcher.
+    fn take_while_in_flight(
+        blob: Vec<u8>,
+        descriptor: &Descriptor,
+    ) -> (Option<UnverifiedTail>, Arc<TailsAhead>, Gate, TailKey) {
         let gate = gated(blob);
         let ahead = Arc::new(TailsAhead::default());
-        let job = job(&descriptor, gate.source.clone());
+        let job = job(descriptor, gate.source.clone());
         let key = job.key.clone();
         ahead.schedule(vec![job]);
         gate.entered.recv().unwrap();
-        // The fetch is in flight: a Prepare now waits for it instead of fetching again.
         let taking = {
             let ahead = ahead.clone();
             let key = key.clone();
             std::thread::spawn(move || ahead.take(&key, WAIT))
         };
         gate.release.send(()).unwrap();
-        let tail = taking.join().unwrap().expect("the tail fetched ahead");
+        (taking.join().unwrap(), ahead, gate, key)
+    }
+
+    #[test]
+    fn a_prepare_takes_the_verified_tail_fetched_ahead_and_waits_for_one_in_flight() {
+        let (blob, descriptor, tail_digest) = sealed(None);
+        // The fetch is in flight when the Prepare asks: it waits instead of fetching again.
+        let (taken, ahead, gate, key) = take_while_in_flight(blob, &descriptor);
+        let tail = taken.expect("the tail fetched ahead");
         assert_eq!(tail.digest(), tail_digest);
         assert_eq!(gate.source.reads.load(Ordering::SeqCst), 1);
         // Taken once; held tails cost nothing afterwards.
@@ -353,18 +363,8 @@ mod tests {
     #[test]
     fn a_tail_that_does_not_match_its_pinned_digest_is_left_to_its_prepare() {
         let (blob, descriptor, _) = sealed(Some(&format!("sha256:{}", "1".repeat(64))));
-        let gate = gated(blob);
-        let ahead = Arc::new(TailsAhead::default());
-        let job = job(&descriptor, gate.source.clone());
-        let key = job.key.clone();
-        ahead.schedule(vec![job]);
-        gate.entered.recv().unwrap();
-        let taking = {
-            let ahead = ahead.clone();
-            std::thread::spawn(move || ahead.take(&key, WAIT))
-        };
-        gate.release.send(()).unwrap();
-        assert!(taking.join().unwrap().is_none());
+        let (taken, ahead, _gate, _) = take_while_in_flight(blob, &descriptor);
+        assert!(taken.is_none());
         assert!(ahead.state.lock().unwrap().slots.is_empty());
     }
 
