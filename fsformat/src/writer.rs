@@ -3,7 +3,9 @@
 //! File data is cut into chunks of `chunk_size` plaintext bytes. A file is never split at an
 //! arbitrary point: a file's whole chunks are stored as they come, and the rest of it (a small
 //! file, or the tail of a large one) goes into a *pack* chunk shared with other small pieces, so
-//! that one small file costs one round trip and never two. Identical whole chunks, and identical
+//! that one small file costs one round trip and never two. Packs are smaller than chunks (256
+//! KiB by default), so a read of one small file brings fewer of its neighbours; a piece larger
+//! than a pack is a chunk of its own. Identical whole chunks, and identical
 //! small pieces, are stored once (SHA-256 of the plaintext, kept in memory only).
 //!
 //! A *prefetch list* (a startup profile: paths in the order a container first reads them)
@@ -39,6 +41,10 @@ pub const MAX_FILE_SIZE: u64 = 1 << 40;
 const PENDING_PACK: [u32; 2] = [u32::MAX, u32::MAX - 1];
 /// The pack of files the prefetch list names.
 const PRIORITY: usize = 1;
+/// Default largest pack: 256 KiB. A start-up reads small files scattered over many packs;
+/// with 1 MiB packs (the chunk size) each read of one small file also fetched about a
+/// megabyte of its neighbours (`docs/benchmarks.md`).
+pub const DEFAULT_PACK_SIZE_LOG2: u8 = 18;
 const OCI_WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OCI_OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
@@ -47,6 +53,10 @@ const OCI_OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub struct SealOptions {
     /// log2 of the chunk size (16..=24).
     pub chunk_size_log2: u8,
+    /// log2 of the largest pack chunk (16..=chunk_size_log2). A piece (a small file, the
+    /// rest of a large one) larger than a pack becomes a chunk of its own. Smaller packs mean
+    /// that a read of one small file fetches fewer of its neighbours.
+    pub pack_size_log2: u8,
     /// zstd level for chunks and the index.
     pub zstd_level: i32,
     /// Paths (relative to the layer root, no leading `/`) a container reads first, in order:
@@ -61,6 +71,7 @@ impl Default for SealOptions {
     fn default() -> Self {
         SealOptions {
             chunk_size_log2: DEFAULT_CHUNK_SIZE_LOG2,
+            pack_size_log2: DEFAULT_PACK_SIZE_LOG2,
             zstd_level: 3,
             prefetch: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -81,6 +92,7 @@ impl SealOptions {
         }
         Ok(SealOptions {
             chunk_size_log2: log2 as u8,
+            pack_size_log2: DEFAULT_PACK_SIZE_LOG2.min(log2 as u8),
             ..SealOptions::default()
         })
     }
@@ -185,6 +197,11 @@ pub fn seal_layer<R: Read, W: Write>(
             "chunk size out of range".into(),
         ));
     }
+    if !(MIN_CHUNK_SIZE_LOG2..=options.chunk_size_log2).contains(&options.pack_size_log2) {
+        return Err(FormatError::InvalidArgument(
+            "pack size must be from 64 KiB to the chunk size".into(),
+        ));
+    }
     let (_, tar_stream) = decompressed_tar(input)?;
     let mut hashed_input = HashingReader::new(tar_stream);
     let mut sealer = Sealer::new(HashingWriter::new(output), key, options)?;
@@ -228,6 +245,7 @@ struct Sealer<W: Write> {
     out: HashingWriter<W>,
     keys: LayerKeys,
     chunk_size: usize,
+    pack_size: usize,
     compressor: OrderedCompressor,
     zstd_level: i32,
     index: Index,
@@ -274,6 +292,7 @@ impl<W: Write> Sealer<W> {
             out,
             keys,
             chunk_size,
+            pack_size: 1usize << options.pack_size_log2,
             compressor,
             zstd_level: options.zstd_level,
             index: Index {
@@ -562,7 +581,7 @@ impl<W: Write> Sealer<W> {
                 )
             });
             let stored = read.and_then(|()| {
-                if len == self.chunk_size {
+                if len == self.chunk_size || len > self.pack_size {
                     self.store_whole_chunk(&buffer[..len])
                 } else {
                     self.store_piece(&buffer[..len], entry, pack)
@@ -600,7 +619,7 @@ impl<W: Write> Sealer<W> {
             }
             return Ok(extent);
         }
-        if self.packs[pack].data.len() + plain.len() > self.chunk_size {
+        if self.packs[pack].data.len() + plain.len() > self.pack_size {
             self.flush_pack(pack)?;
         }
         let filling = &mut self.packs[pack];

@@ -364,6 +364,64 @@ fn sealing_on_many_threads_gives_the_layer_one_thread_gives() {
 }
 
 #[test]
+fn packs_stay_within_the_pack_size_and_larger_pieces_get_a_chunk_of_their_own() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    for n in 0..20u64 {
+        files.push((format!("small/{n:02}"), noise(n, 10 << 10)));
+    }
+    files.push(("medium".to_string(), noise(99, 100 << 10)));
+    for (name, data) in &files {
+        let mut header = sealfs_e2e::regular_header(data.len() as u64);
+        builder.append_data(&mut header, name, &data[..]).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let key = LayerKey::generate().unwrap();
+    let options = SealOptions {
+        pack_size_log2: 16,
+        ..SealOptions::with_chunk_size(256 << 10).unwrap()
+    };
+    let mut blob = Vec::new();
+    let summary = seal_layer(&tar[..], &mut blob, &key, &options).unwrap();
+    let layer = open(&blob, &key, &summary.tail_digest).unwrap();
+    let chunk_of = |path: &str| match &layer
+        .entry(layer.lookup(path.as_bytes()).unwrap())
+        .unwrap()
+        .kind
+    {
+        EntryKind::File { extents, .. } => {
+            assert_eq!(extents.len(), 1, "{path}");
+            extents[0]
+        }
+        other => panic!("{path} is {other:?}"),
+    };
+    let medium = chunk_of("medium");
+    assert_eq!(
+        (medium.offset, medium.len),
+        (0, 100 << 10),
+        "a chunk of its own"
+    );
+    for (name, data) in &files {
+        let extent = chunk_of(name);
+        if name != "medium" {
+            assert_ne!(extent.chunk, medium.chunk, "{name} is packed");
+            let plain = layer.index().chunks[extent.chunk as usize].plain_len;
+            assert!(plain <= 64 << 10, "a pack of {plain} bytes");
+        }
+        assert_eq!(&read_all(&layer, &blob, name).unwrap(), data);
+    }
+    // Six 10 KiB files fit a 64 KiB pack: 20 files take 4 packs, plus the medium file's chunk.
+    assert_eq!(layer.index().chunks.len(), 5);
+
+    let too_big = SealOptions {
+        pack_size_log2: 19,
+        ..SealOptions::with_chunk_size(256 << 10).unwrap()
+    };
+    let error = seal_layer(&tar[..], &mut Vec::new(), &key, &too_big).unwrap_err();
+    assert!(error.to_string().contains("pack size"), "{error}");
+}
+
+#[test]
 fn gzip_and_zstd_inputs_give_the_same_tree_and_diff_id() {
     let tar = rich_tar();
     let key = LayerKey::generate().unwrap();
