@@ -83,6 +83,11 @@ pub struct FetchSection {
     pub fuse_threads: usize,
     /// Background range requests in flight at once, node-wide.
     pub background_streams: usize,
+    /// Plaintext read ahead with a missed chunk, in the same range read (KiB); 0: off.
+    pub readahead_kib: u64,
+    /// How long the background fetch waits after a layer is mounted, for the container that
+    /// mounted it to start reading (milliseconds).
+    pub background_after_mount_ms: u64,
     /// Largest merged range request of the background and profile fetches (KiB).
     pub merge_kib: u64,
     /// Bandwidth cap of the node's background fetch (MiB/s); 0: none.
@@ -151,6 +156,8 @@ impl Default for FetchSection {
             threads: pool.threads,
             fuse_threads: MountOptions::default().fuse_threads,
             background_streams: pool.background_streams,
+            background_after_mount_ms: pool.after_mount.as_millis() as u64,
+            readahead_kib: fetch.readahead_bytes >> 10,
             merge_kib: fetch.merge_bytes >> 10,
             background_mib_per_sec: 0,
             read_timeout_secs: fetch.timeout.as_secs(),
@@ -260,10 +267,12 @@ impl Config {
                     merge_bytes: fetch.merge_kib << 10,
                     profile: fetch.profile,
                     profile_streams: fetch.profile_streams,
+                    readahead_bytes: fetch.readahead_kib << 10,
                 },
                 pool: PoolConfig {
                     threads: fetch.threads,
                     background_streams: fetch.background_streams,
+                    after_mount: Duration::from_millis(fetch.background_after_mount_ms),
                     background_bytes_per_sec: (fetch.background_mib_per_sec > 0)
                         .then_some(fetch.background_mib_per_sec << 20),
                     ..PoolConfig::default()

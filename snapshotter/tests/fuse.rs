@@ -361,6 +361,76 @@ fn reading_one_small_file_fetches_one_chunk() {
 }
 
 #[test]
+fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
+    if !prerequisites() {
+        return;
+    }
+    // Eight 40 KiB files: each fills a pack (64 KiB here) of its own, one chunk per file.
+    let sealed = Sealed::new(|root| {
+        for n in 0..8 {
+            fs::write(root.join(format!("f{n}")), noise(n, 40 << 10)).unwrap();
+        }
+    });
+    let layer = sealed.opened();
+    let mut by_chunk: Vec<(u32, String)> = (0..8)
+        .map(|n| {
+            let name = format!("f{n}");
+            let entry = layer
+                .data_entry(layer.lookup(name.as_bytes()).unwrap())
+                .unwrap();
+            let fsformat::layout::EntryKind::File { extents, .. } = &entry.kind else {
+                panic!("{name} is not a file");
+            };
+            assert_eq!(extents.len(), 1, "{name} is in one chunk");
+            (extents[0].chunk, name)
+        })
+        .collect();
+    by_chunk.sort();
+    let chunks: Vec<u32> = by_chunk.iter().map(|(c, _)| *c).collect();
+    assert_eq!(chunks, (0..8).collect::<Vec<u32>>(), "one pack per file");
+    let read = |mounted: &MountedLayer, chunk: usize| {
+        let (_, name) = &by_chunk[chunk];
+        assert_eq!(
+            fs::read(mounted.mountpoint.join(name)).unwrap(),
+            noise(name[1..].parse().unwrap(), 40 << 10)
+        );
+    };
+
+    // 100 KiB of readahead: the missed chunk and the next two (40 + 40 KiB) in one read.
+    let (mounted, faults, _mp) = sealed.mount(
+        FetchConfig {
+            readahead_bytes: 100 << 10,
+            ..lazy()
+        },
+        None,
+    );
+    read(&mounted, 0);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 1);
+    read(&mounted, 1);
+    read(&mounted, 2);
+    assert_eq!(
+        faults.reads.load(Ordering::SeqCst),
+        1,
+        "read ahead with chunk 0"
+    );
+    read(&mounted, 3);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 2, "past the readahead");
+    drop(mounted);
+
+    // Off: one range read per chunk.
+    let (mounted, faults, _mp) = sealed.mount(
+        FetchConfig {
+            readahead_bytes: 0,
+            ..lazy()
+        },
+        None,
+    );
+    read(&mounted, 0);
+    read(&mounted, 1);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 2);
+}
+
+#[test]
 fn source_faults_fail_reads_with_eio_and_recover() {
     if !prerequisites() {
         return;

@@ -100,6 +100,10 @@ pub struct FetchConfig {
     pub profile: bool,
     /// Range reads of this layer's profile in flight at once.
     pub profile_streams: usize,
+    /// When a read misses, the chunks right after it are fetched in the same range read, up
+    /// to this many plaintext bytes: a start-up reads files in directory order, and the next
+    /// pack of small files is likely next. 0: off. A chunk bigger than this is never read ahead.
+    pub readahead_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -110,6 +114,7 @@ impl Default for FetchConfig {
             merge_bytes: 4 << 20,
             profile: true,
             profile_streams: 4,
+            readahead_bytes: 256 << 10,
         }
     }
 }
@@ -297,9 +302,12 @@ impl LayerFetcher {
             Joined::Ready(result) => return result,
             Joined::Waiting(pending) => pending,
             Joined::Claimed(claim, pending) => {
+                let mut claims = vec![claim];
+                claims.extend(state.claim_readahead(chunk));
+                let end = chunk + claims.len() as u32;
                 let job = FetchJob {
                     state: state.clone(),
-                    runs: vec![(chunk..chunk + 1, vec![claim])],
+                    runs: vec![(chunk..end, claims)],
                     purpose: Purpose::Urgent,
                 };
                 // Refused (the node is stopping): the job is dropped, its claim completes
@@ -482,6 +490,30 @@ impl LayerState {
             tracing::debug!(layer = %self.name, chunks = now, of = total, bytes_fetched = fetched,
                 "layer fetched to {}%", now * 100 / total);
         }
+    }
+
+    /// Claims the chunks right after `chunk` to read ahead with it: adjacent, missing, not in
+    /// flight, within [`FetchConfig::readahead_bytes`] of plaintext together.
+    fn claim_readahead(self: &Arc<Self>, chunk: u32) -> Vec<Claim> {
+        let table = &self.layer.index().chunks;
+        let mut budget = self.config.readahead_bytes;
+        let mut claims = Vec::new();
+        for next in chunk.saturating_add(1)..table.len() as u32 {
+            let plain = u64::from(table[next as usize].plain_len);
+            if plain > budget {
+                break;
+            }
+            let Some((_, mut claimed)) = self
+                .inflight
+                .claim_missing(next..next + 1, |c| self.is_present(c))
+                .pop()
+            else {
+                break;
+            };
+            budget -= plain;
+            claims.append(&mut claimed);
+        }
+        claims
     }
 
     /// Claims the missing chunks of `chunks` as a job, if any are missing.

@@ -61,6 +61,11 @@ pub struct PoolConfig {
     /// How long after the last foreground fetch the background waits: a start-up's reads come
     /// in bursts a few milliseconds apart.
     pub quiet: Duration,
+    /// How long after a layer is mounted (its background feed added) the background waits:
+    /// the container that mounted it is about to start, and between the mount and its first
+    /// read (containerd creating it, runc starting it) the link would otherwise fill with
+    /// background requests that its reads then queue behind.
+    pub after_mount: Duration,
 }
 
 impl Default for PoolConfig {
@@ -70,6 +75,7 @@ impl Default for PoolConfig {
             background_streams: 2,
             background_bytes_per_sec: None,
             quiet: Duration::from_millis(150),
+            after_mount: Duration::from_secs(2),
         }
     }
 }
@@ -84,6 +90,8 @@ pub struct Gate {
     in_flight: usize,
     last_end: Option<Instant>,
     quiet: Duration,
+    /// Closed until then, whatever the foreground does.
+    held_until: Option<Instant>,
 }
 
 impl Gate {
@@ -93,7 +101,13 @@ impl Gate {
             in_flight: 0,
             last_end: None,
             quiet,
+            held_until: None,
         }
+    }
+
+    /// Keeps the gate closed until `until` at least.
+    pub fn hold_until(&mut self, until: Instant) {
+        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
     }
 
     /// A foreground fetch starts.
@@ -113,7 +127,8 @@ impl Gate {
         if self.in_flight > 0 {
             return None;
         }
-        Some(self.last_end.map_or(now, |end| end + self.quiet))
+        let quiet_at = self.last_end.map_or(now, |end| end + self.quiet);
+        Some(self.held_until.map_or(quiet_at, |held| held.max(quiet_at)))
     }
 }
 
@@ -237,9 +252,13 @@ impl FetchPool {
         self.inner.wake.notify_all();
     }
 
-    /// Adds a layer's background feed.
+    /// Adds a layer's background feed; the background waits [`PoolConfig::after_mount`].
     pub fn add_background(&self, feed: Arc<dyn Feed>) {
-        self.inner.lock().background.push_back(feed);
+        let mut queues = self.inner.lock();
+        let until = Instant::now() + self.inner.config.after_mount;
+        queues.gate.hold_until(until);
+        queues.background.push_back(feed);
+        drop(queues);
         self.inner.wake.notify_all();
     }
 
@@ -493,6 +512,7 @@ mod tests {
         let pool = FetchPool::start(PoolConfig {
             threads: 1,
             quiet: Duration::from_millis(50),
+            after_mount: Duration::ZERO,
             ..PoolConfig::default()
         });
         // Occupy the only worker, then queue one of each class behind it.
@@ -516,6 +536,7 @@ mod tests {
             threads: 4,
             background_streams: 2,
             quiet: Duration::ZERO,
+            after_mount: Duration::ZERO,
             ..PoolConfig::default()
         });
         pool.add_background(feed(&harness, 1, "a", 10));
@@ -602,5 +623,15 @@ mod tests {
         assert_eq!(gate.open_at(end), None, "one still in flight");
         gate.leave(end);
         assert_eq!(gate.open_at(end), Some(end + Duration::from_millis(150)));
+        // A hold keeps it closed past the quiet time, and only a later hold extends it.
+        gate.hold_until(end + Duration::from_secs(2));
+        gate.hold_until(end + Duration::from_secs(1));
+        assert_eq!(gate.open_at(end), Some(end + Duration::from_secs(2)));
+        gate.enter();
+        gate.leave(end + Duration::from_secs(3));
+        assert_eq!(
+            gate.open_at(end),
+            Some(end + Duration::from_secs(3) + Duration::from_millis(150))
+        );
     }
 }

@@ -152,6 +152,7 @@ impl Recording {
                 // Reads fetch what they need, nothing else: the recording is the point.
                 background: false,
                 profile: false,
+                readahead_bytes: 0,
                 ..FetchConfig::default()
             },
             ..MountOptions::default()
