@@ -267,6 +267,19 @@ impl Route {
     }
 }
 
+/// An image manifest resolved in a registry, without its config (what a snapshotter needs).
+#[derive(Clone, Debug)]
+pub struct RemoteManifest {
+    /// The reference, pinned to the manifest digest.
+    pub reference: Reference,
+    /// The manifest's descriptor.
+    pub descriptor: Descriptor,
+    /// The manifest.
+    pub manifest: ImageManifest,
+    /// The manifest exactly as the registry sent it (its digest is the image's).
+    pub raw_manifest: Vec<u8>,
+}
+
 /// An image resolved in a registry.
 #[derive(Clone, Debug)]
 pub struct RemoteImage {
@@ -482,6 +495,26 @@ impl Registry {
 
     /// Resolves a reference to its manifest (for this platform) and config.
     pub fn resolve(&self, reference: &Reference) -> Result<RemoteImage, RegistryError> {
+        let resolved = self.resolve_manifest(reference)?;
+        let config = self.read_all(
+            &resolved.reference,
+            resolved.manifest.config().digest().as_ref(),
+            resolved.manifest.config().size(),
+        )?;
+        Ok(RemoteImage {
+            reference: resolved.reference,
+            image: ResolvedImage {
+                descriptor: resolved.descriptor,
+                manifest: resolved.manifest,
+                config,
+            },
+            raw_manifest: resolved.raw_manifest,
+        })
+    }
+
+    /// Resolves a reference to its manifest for this platform, without the config: one
+    /// round trip less for a caller that does not read it.
+    pub fn resolve_manifest(&self, reference: &Reference) -> Result<RemoteManifest, RegistryError> {
         let registry = reference.resolve_registry().to_string();
         let invalid = |what: String| RegistryError::Invalid {
             registry: registry.clone(),
@@ -533,21 +566,16 @@ impl Registry {
             }
             let manifest = ImageManifest::from_reader(&bytes[..])
                 .map_err(|e| invalid(format!("manifest {digest}: {e}")))?;
-            let config_digest = manifest.config().digest().to_string();
-            let config = self.read_all(&pinned, &config_digest, manifest.config().size())?;
             let descriptor = crate::oci_layout::descriptor(
                 MediaType::ImageManifest,
                 &digest,
                 bytes.len() as u64,
             )
             .map_err(|e| invalid(e.to_string()))?;
-            return Ok(RemoteImage {
+            return Ok(RemoteManifest {
                 reference: pinned,
-                image: ResolvedImage {
-                    descriptor,
-                    manifest,
-                    config,
-                },
+                descriptor,
+                manifest,
                 raw_manifest: bytes.to_vec(),
             });
         }

@@ -22,7 +22,7 @@ use crate::fetcher::FetchPool;
 use crate::fuse::session::FuseSession;
 use crate::keys::{self, KeyError};
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
-use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteImage};
+use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteManifest};
 use crate::tails_ahead::{TailJob, TailKey, TailsAhead};
 
 /// The label naming the committed snapshot a layer's `Prepare` is for (its chain id).
@@ -234,7 +234,7 @@ pub struct RemoteLayers {
     /// One client per registry host (connection pools, tokens).
     registries: Mutex<HashMap<String, Registry>>,
     /// Recently resolved manifests, by the reference asked for.
-    manifests: Mutex<lru::LruCache<String, (Instant, RemoteImage)>>,
+    manifests: Mutex<lru::LruCache<String, (Instant, RemoteManifest)>>,
     /// Tails of the layers after the one being prepared, fetched meanwhile.
     tails: Arc<TailsAhead>,
 }
@@ -316,13 +316,13 @@ impl RemoteLayers {
     }
 
     /// The image's manifest, from the cache while fresh.
-    fn manifest(&self, registry: &Registry, asked: &str) -> Result<RemoteImage, RegistryError> {
+    fn manifest(&self, registry: &Registry, asked: &str) -> Result<RemoteManifest, RegistryError> {
         if let Some((at, image)) = self.manifests.lock().expect("manifests lock").get(asked) {
             if at.elapsed() < MANIFEST_TTL {
                 return Ok(image.clone());
             }
         }
-        let image = registry.resolve(&Registry::parse(asked)?)?;
+        let image = registry.resolve_manifest(&Registry::parse(asked)?)?;
         self.manifests
             .lock()
             .expect("manifests lock")
@@ -351,7 +351,6 @@ impl RemoteLayers {
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let image = self.manifest(&registry, &asked).map_err(registry_error)?;
         let descriptor = image
-            .image
             .manifest
             .layers()
             .iter()
@@ -365,7 +364,6 @@ impl RemoteLayers {
             return Ok(None);
         }
         let version = image
-            .image
             .manifest
             .annotations()
             .as_ref()
@@ -405,10 +403,9 @@ impl RemoteLayers {
 
     /// Starts fetching the tails of the sealed layers that follow `current` in `image`:
     /// containerd prepares them next, one after another (see [`crate::tails_ahead`]).
-    fn fetch_tails_after(&self, registry: &Registry, image: &RemoteImage, current: &Descriptor) {
+    fn fetch_tails_after(&self, registry: &Registry, image: &RemoteManifest, current: &Descriptor) {
         let pinned = image.reference.whole();
         let jobs = image
-            .image
             .manifest
             .layers()
             .iter()
@@ -419,7 +416,11 @@ impl RemoteLayers {
                 Some(TailJob {
                     key: TailKey::of(&pinned, layer)?,
                     descriptor: layer.clone(),
-                    source: Arc::new(registry.layer(image, layer)),
+                    source: Arc::new(registry.blob(
+                        &image.reference,
+                        layer.digest().as_ref(),
+                        layer.size(),
+                    )),
                     max_index_bytes: self.config.mount.max_index_bytes,
                 })
             })
