@@ -97,6 +97,21 @@ impl SealOptions {
         })
     }
 
+    /// Sets the largest pack in bytes: a power of two from 64 KiB to the chunk size.
+    pub fn set_pack_size(&mut self, pack_size: u64) -> Result<()> {
+        let log2 = pack_size.trailing_zeros();
+        if !pack_size.is_power_of_two()
+            || !(u32::from(MIN_CHUNK_SIZE_LOG2)..=u32::from(self.chunk_size_log2)).contains(&log2)
+        {
+            return Err(FormatError::InvalidArgument(format!(
+                "pack size {pack_size} must be a power of two from 64 KiB to the chunk size ({})",
+                1u64 << self.chunk_size_log2
+            )));
+        }
+        self.pack_size_log2 = log2 as u8;
+        Ok(())
+    }
+
     /// Sets the prefetch list from paths as a user writes them (`/usr/bin/python3`,
     /// `etc/passwd`); duplicates after the first are dropped. Fails on a path that leaves the
     /// root.

@@ -27,6 +27,8 @@ fn seal_inspect_unseal_round_trip_of_a_real_image() {
             "bob.pub",
             "--chunk-size",
             "256K",
+            "--pack-size",
+            "64K",
             "oci:img:v1",
             "oci:sealed:v1",
         ],
@@ -197,6 +199,19 @@ fn keys_that_do_not_match_are_named_and_nothing_is_written() {
         ],
     );
     assert!(err.contains("power of two"), "{err}");
+    let err = sealctl_err(
+        &work,
+        &[
+            "seal",
+            "-r",
+            "alice.pub",
+            "--pack-size",
+            "2M",
+            "oci:img:v1",
+            "oci:other:v1",
+        ],
+    );
+    assert!(err.contains("to the chunk size (1048576)"), "{err}");
     let err = sealctl_err(
         &work,
         &["seal", "-r", "alice.pub", "oci:sealed:v1", "oci:twice:v1"],

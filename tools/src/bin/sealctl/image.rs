@@ -189,11 +189,25 @@ pub(crate) fn parallel<T: Sync, R: Send>(
         .collect::<Result<Vec<R>>>()
 }
 
+/// How `sealctl seal` lays a layer out: chunk size, largest pack (default: 256 KiB or the
+/// chunk size if smaller), zstd level.
+pub fn seal_options(
+    chunk_size: u64,
+    pack_size: Option<u64>,
+    zstd_level: i32,
+) -> Result<SealOptions> {
+    let mut options = SealOptions::with_chunk_size(chunk_size)?;
+    if let Some(pack_size) = pack_size {
+        options.set_pack_size(pack_size)?;
+    }
+    options.zstd_level = zstd_level;
+    Ok(options)
+}
+
 pub fn seal(
     transport: &Transport,
     recipient_files: &[PathBuf],
-    chunk_size: u64,
-    zstd_level: i32,
+    mut options: SealOptions,
     prefetch_list: Option<&std::path::Path>,
     source: &str,
     destination: &str,
@@ -202,8 +216,6 @@ pub fn seal(
         .iter()
         .map(|p| sealfs_tools::keyfiles::load_public(p))
         .collect::<Result<_>>()?;
-    let mut options = SealOptions::with_chunk_size(chunk_size)?;
-    options.zstd_level = zstd_level;
     if let Some(list) = prefetch_list {
         let text = std::fs::read(list)
             .with_context(|| format!("reading the prefetch list {}", list.display()))?;

@@ -60,6 +60,11 @@ enum Command {
         /// Chunk size in bytes: a power of two from 65536 to 16777216 (suffixes K and M work).
         #[arg(long, value_name = "N", default_value = "1M", value_parser = image::parse_size)]
         chunk_size: u64,
+        /// Largest pack of small files in bytes: a power of two from 64K to the chunk size
+        /// [default: 256K, or the chunk size if smaller]. Smaller packs mean a read of one
+        /// small file fetches fewer of its neighbours, at the cost of more requests.
+        #[arg(long, value_name = "N", value_parser = image::parse_size)]
+        pack_size: Option<u64>,
         /// zstd level for chunks (1-19).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
@@ -211,19 +216,21 @@ fn main() -> ExitCode {
         Command::Seal {
             recipients,
             chunk_size,
+            pack_size,
             zstd_level,
             prefetch_list,
             source,
             destination,
-        } => image::seal(
-            t,
-            &recipients,
-            chunk_size,
-            zstd_level,
-            prefetch_list.as_deref(),
-            &source,
-            &destination,
-        ),
+        } => image::seal_options(chunk_size, pack_size, zstd_level).and_then(|options| {
+            image::seal(
+                t,
+                &recipients,
+                options,
+                prefetch_list.as_deref(),
+                &source,
+                &destination,
+            )
+        }),
         Command::Optimize {
             options,
             source,
