@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::cache::MemoryCache;
 use crate::config::Config;
+use crate::grpc::Service;
+use crate::node::Node;
 use crate::remote::RemoteLayers;
-use crate::service::{Node, Service};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 
 /// Why the daemon could not run.

@@ -28,8 +28,10 @@
 //! mount an image), [`registry`] with [`credentials`] and [`hosts`], [`snapshot`]
 //! (containerd's snapshot model on overlayfs, state in redb), [`filters`] (containerd's filter
 //! syntax for Walk), [`keys`] (the node's keys), [`remote`] (sealed layers named by
-//! containerd's labels, mounted as directories of the node's session), [`service`]
-//! (containerd's snapshots API over the store and the remote layers), [`metrics`],
+//! containerd's labels, mounted as directories of the node's session; their tails fetched
+//! ahead by [`tails_ahead`]), [`node`] (containerd's snapshots model over the store and the
+//! remote layers, with domain errors), [`grpc`] (the snapshots service: tonic only there),
+//! [`metrics`],
 //! [`cri_proxy`], [`config`] and [`daemon`] (`containerd-sealfs-grpc`).
 
 #![deny(missing_docs)]
@@ -44,6 +46,7 @@ pub mod fetcher;
 pub mod filters;
 pub mod fs;
 pub mod fuse;
+pub mod grpc;
 pub mod hardening;
 pub mod hosts;
 pub mod image_ref;
@@ -51,10 +54,10 @@ pub mod keys;
 pub mod metrics;
 pub mod mount;
 pub mod mount_table;
+pub mod node;
 pub mod oci_layout;
 pub mod registry;
 pub mod remote;
-pub mod service;
 pub mod snapshot;
 pub mod source;
 pub mod tails_ahead;

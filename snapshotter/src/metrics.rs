@@ -13,45 +13,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::fetcher::{FetchStats, LATENCY_BUCKETS};
-use crate::service::Node;
-
-/// Fetch counters summed over layers.
-#[derive(Clone, Debug, Default)]
-pub struct FetchTotals {
-    memory_hits: u64,
-    disk_hits: u64,
-    urgent_chunks: u64,
-    background_chunks: u64,
-    profile_chunks: u64,
-    source_reads: u64,
-    source_bytes: u64,
-    verification_failures: u64,
-    timeouts: u64,
-    latency_counts: [u64; LATENCY_BUCKETS.len() + 1],
-    latency_sum: f64,
-}
-
-impl FetchTotals {
-    /// Adds one layer's counters.
-    pub fn add(&mut self, stats: &FetchStats) {
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        self.memory_hits += load(&stats.memory_hits);
-        self.disk_hits += load(&stats.disk_hits);
-        self.urgent_chunks += load(&stats.urgent_chunks);
-        self.background_chunks += load(&stats.background_chunks);
-        self.profile_chunks += load(&stats.profile_chunks);
-        self.source_reads += load(&stats.source_reads);
-        self.source_bytes += load(&stats.source_bytes);
-        self.verification_failures += load(&stats.verification_failures);
-        self.timeouts += load(&stats.timeouts);
-        let (counts, sum) = stats.read_latency.snapshot();
-        for (total, count) in self.latency_counts.iter_mut().zip(counts) {
-            *total += count;
-        }
-        self.latency_sum += sum;
-    }
-}
+use crate::fetcher::LATENCY_BUCKETS;
+use crate::node::Node;
 
 /// Reads a [`Node`]'s counters on each scrape.
 #[derive(Debug)]

@@ -39,7 +39,7 @@ use crate::source::{ChunkSource, SourceError};
 use inflight::{Claim, InFlight, Joined};
 use pool::{Feed, Job, Next};
 pub use pool::{FetchPool, PoolConfig};
-pub use stats::{FetchProgress, FetchStats, LatencyHistogram, LATENCY_BUCKETS};
+pub use stats::{FetchProgress, FetchStats, FetchTotals, LatencyHistogram, LATENCY_BUCKETS};
 
 /// Why a chunk could not be served.
 #[derive(Clone, Debug, thiserror::Error)]

@@ -77,3 +77,51 @@ pub struct FetchProgress {
     /// Sealed bytes of all chunks.
     pub bytes_total: u64,
 }
+
+/// Fetch counters summed over layers.
+#[derive(Clone, Debug, Default)]
+pub struct FetchTotals {
+    /// Chunks served from the memory cache.
+    pub memory_hits: u64,
+    /// Chunks served from the disk cache.
+    pub disk_hits: u64,
+    /// Chunks fetched for a read.
+    pub urgent_chunks: u64,
+    /// Chunks fetched in the background.
+    pub background_chunks: u64,
+    /// Chunks fetched for a startup profile.
+    pub profile_chunks: u64,
+    /// Range reads sent to the source.
+    pub source_reads: u64,
+    /// Sealed bytes read from the source.
+    pub source_bytes: u64,
+    /// Chunks that failed authentication.
+    pub verification_failures: u64,
+    /// Reads that timed out.
+    pub timeouts: u64,
+    /// Range reads per latency bucket ([`LATENCY_BUCKETS`], then the rest).
+    pub latency_counts: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Seconds spent in range reads.
+    pub latency_sum: f64,
+}
+
+impl FetchTotals {
+    /// Adds one layer's counters.
+    pub fn add(&mut self, stats: &FetchStats) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        self.memory_hits += load(&stats.memory_hits);
+        self.disk_hits += load(&stats.disk_hits);
+        self.urgent_chunks += load(&stats.urgent_chunks);
+        self.background_chunks += load(&stats.background_chunks);
+        self.profile_chunks += load(&stats.profile_chunks);
+        self.source_reads += load(&stats.source_reads);
+        self.source_bytes += load(&stats.source_bytes);
+        self.verification_failures += load(&stats.verification_failures);
+        self.timeouts += load(&stats.timeouts);
+        let (counts, sum) = stats.read_latency.snapshot();
+        for (total, count) in self.latency_counts.iter_mut().zip(counts) {
+            *total += count;
+        }
+        self.latency_sum += sum;
+    }
+}

@@ -7,44 +7,37 @@
 //! so unsealed images run unchanged. Active snapshots on remote layers are overlays whose
 //! lower directories are the FUSE mount points.
 //!
-//! The store and the mounts block, so each call runs on tokio's blocking pool.
-
-// `tonic::Status` is the error type of the gRPC trait these methods serve; boxing it here would
-// only be undone at the trait boundary.
-#![allow(clippy::result_large_err)]
+//! Its methods block (the store, the mounts) and return [`NodeError`]; the gRPC edge
+//! ([`crate::grpc`]) runs them on tokio's blocking pool and maps the errors to statuses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::Duration;
 
-use containerd_snapshots::api::types::Mount as ApiMount;
-use containerd_snapshots::{Info as ApiInfo, Kind as ApiKind, Snapshotter, Usage as ApiUsage};
-use tonic::Status;
-
-use crate::metrics::FetchTotals;
+use crate::fetcher::FetchTotals;
 use crate::mount::MountedLayer;
 use crate::remote::{self, LayerRequest, RemoteError, RemoteLayerSource, RemoteLayers};
-use crate::snapshot::{Ancestor, Info, Kind, Mount, SnapshotError, SnapshotStore};
+use crate::snapshot::{Ancestor, Info, Mount, SnapshotError, SnapshotStore};
 
-impl From<SnapshotError> for Status {
-    fn from(error: SnapshotError) -> Status {
-        let message = error.to_string();
-        match error {
-            SnapshotError::NotFound(_) => Status::not_found(message),
-            SnapshotError::AlreadyExists(_) => Status::already_exists(message),
-            SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(message),
-            SnapshotError::Internal(_) => Status::internal(message),
-        }
-    }
-}
-
-fn remote_status(error: &RemoteError) -> Status {
-    let message = format!("sealfs: {}", crate::error_chain(error));
-    match error {
-        RemoteError::Registry { .. } | RemoteError::Busy { .. } => Status::unavailable(message),
-        RemoteError::Record(_) => Status::internal(message),
-        _ => Status::failed_precondition(message),
-    }
+/// Why a snapshots call failed, in the node's terms (the gRPC edge maps each to a status).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The snapshot store refused or failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A remote sealed layer could not be mounted or checked.
+    #[error("sealfs: {}", crate::error_chain(.0))]
+    Remote(#[from] RemoteError),
+    /// A sealed layer's Prepare succeeded: its snapshot is committed under `target`, which
+    /// containerd learns as `AlreadyExists` (it then downloads nothing).
+    #[error("target snapshot {target}: already exists (remote sealed layer)")]
+    RemoteLayerReady {
+        /// The committed snapshot.
+        target: String,
+    },
+    /// The request asks for something no snapshot can do.
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 /// Counters the service keeps besides the layers' own (see [`crate::metrics`]).
@@ -158,10 +151,9 @@ impl Node {
     }
 
     /// Makes sure every remote layer below `parent` is mounted.
-    fn ensure_chain_mounted(&self, parent: Option<&str>) -> Result<(), Status> {
+    fn ensure_chain_mounted(&self, parent: Option<&str>) -> Result<(), NodeError> {
         for ancestor in self.store.ancestors(parent)? {
-            self.ensure_mounted(&ancestor)
-                .map_err(|e| remote_status(&e))?;
+            self.ensure_mounted(&ancestor)?;
         }
         Ok(())
     }
@@ -173,20 +165,16 @@ impl Node {
         key: &str,
         parent: Option<&str>,
         labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, Status> {
+    ) -> Result<Vec<Mount>, NodeError> {
         tracing::debug!(key, ?parent, ?labels, "prepare");
         if let Some(request) = LayerRequest::from_labels(&labels) {
             let target = labels[remote::TARGET_LABEL].clone();
             match self.prepare_remote(&target, parent, &labels, &request) {
-                Ok(true) => {
-                    return Err(Status::already_exists(format!(
-                        "target snapshot {target}: already exists (remote sealed layer)"
-                    )))
-                }
+                Ok(true) => return Err(NodeError::RemoteLayerReady { target }),
                 Ok(false) => {} // not sealed after all: containerd unpacks it
                 Err(error) => {
                     tracing::warn!(key, layer = %request.layer, error = %crate::error_chain(&error), "remote layer refused");
-                    return Err(remote_status(&error));
+                    return Err(NodeError::Remote(error));
                 }
             }
         }
@@ -345,13 +333,13 @@ impl Node {
         key: &str,
         parent: Option<&str>,
         labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, Status> {
+    ) -> Result<Vec<Mount>, NodeError> {
         self.ensure_chain_mounted(parent)?;
         Ok(self.store.view(key, parent, sorted(labels))?)
     }
 
     /// containerd's Mounts.
-    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, NodeError> {
         let info = self.store.stat(key)?;
         self.ensure_chain_mounted(info.parent.as_deref())?;
         Ok(self.store.mounts(key)?)
@@ -363,12 +351,12 @@ impl Node {
         name: &str,
         key: &str,
         labels: HashMap<String, String>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), NodeError> {
         Ok(self.store.commit(name, key, sorted(labels))?)
     }
 
     /// containerd's Remove: a remote snapshot's FUSE mount ends and its cache is deleted.
-    pub fn remove(&self, key: &str) -> Result<(), Status> {
+    pub fn remove(&self, key: &str) -> Result<(), NodeError> {
         Ok(self.store.remove_releasing(key, |removed| {
             if removed.remote.is_some() {
                 let layer = self
@@ -390,7 +378,7 @@ impl Node {
     }
 
     /// containerd's Stat.
-    pub fn stat(&self, key: &str) -> Result<Info, Status> {
+    pub fn stat(&self, key: &str) -> Result<Info, NodeError> {
         Ok(self.store.stat(key)?)
     }
 
@@ -401,7 +389,7 @@ impl Node {
         name: &str,
         new_labels: HashMap<String, String>,
         paths: &[String],
-    ) -> Result<Info, Status> {
+    ) -> Result<Info, NodeError> {
         let current = self.store.stat(name)?;
         let mut labels = current.labels;
         if paths.is_empty() || paths.iter().any(|p| p == "labels") {
@@ -409,7 +397,7 @@ impl Node {
         } else {
             for path in paths {
                 let Some(label) = path.strip_prefix("labels.") else {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(NodeError::InvalidArgument(format!(
                         "cannot update field {path:?} of snapshot {name}: only labels are mutable"
                     )));
                 };
@@ -423,7 +411,7 @@ impl Node {
     }
 
     /// containerd's Usage.
-    pub fn usage(&self, key: &str) -> Result<crate::snapshot::Usage, Status> {
+    pub fn usage(&self, key: &str) -> Result<crate::snapshot::Usage, NodeError> {
         let info = self.store.stat(key)?;
         if info.labels.contains_key(remote::REMOTE_LABEL) {
             // A remote layer takes no space but its cache, which containerd does not count.
@@ -433,16 +421,16 @@ impl Node {
     }
 
     /// containerd's Walk: the snapshots that pass `filters` (containerd's syntax; none: all).
-    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>, Status> {
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>, NodeError> {
         let filters = crate::filters::Filters::parse(filters)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
         let mut infos = self.store.walk()?;
         infos.retain(|info| filters.matches(info));
         Ok(infos)
     }
 
     /// containerd's Cleanup: directories no snapshot owns (after a crash), their mounts first.
-    pub fn cleanup(&self) -> Result<(), Status> {
+    pub fn cleanup(&self) -> Result<(), NodeError> {
         let _guard = self.unrecorded_remote.write().expect("unrecorded lock");
         let removed = self.store.cleanup()?;
         if !removed.is_empty() {
@@ -514,160 +502,10 @@ fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
     labels.into_iter().collect()
 }
 
-fn parent_arg(parent: &str) -> Option<String> {
-    (!parent.is_empty()).then(|| parent.to_string())
-}
-
-fn api_mounts(mounts: Vec<Mount>) -> Vec<ApiMount> {
-    mounts
-        .into_iter()
-        .map(|m| ApiMount {
-            r#type: m.kind,
-            source: m.source,
-            options: m.options,
-            ..Default::default()
-        })
-        .collect()
-}
-
-fn api_info(info: Info) -> ApiInfo {
-    let time = |ns: u128| UNIX_EPOCH + Duration::from_nanos(ns as u64);
-    ApiInfo {
-        kind: match info.kind {
-            Kind::View => ApiKind::View,
-            Kind::Active => ApiKind::Active,
-            Kind::Committed => ApiKind::Committed,
-        },
-        name: info.name,
-        parent: info.parent.unwrap_or_default(),
-        labels: info.labels.into_iter().collect(),
-        created_at: time(info.created_ns),
-        updated_at: time(info.updated_ns),
-    }
-}
-
-/// The gRPC face of a [`Node`].
-#[derive(Clone)]
-pub struct Service {
-    node: Arc<Node>,
-}
-
-impl Service {
-    /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Service { node }
-    }
-
-    /// Runs `f` on the blocking pool.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Node) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let node = self.node.clone();
-        tokio::task::spawn_blocking(move || f(&node))
-            .await
-            .map_err(|e| Status::internal(format!("snapshot operation panicked: {e}")))?
-    }
-}
-
-#[tonic::async_trait]
-impl Snapshotter for Service {
-    type Error = Status;
-    type InfoStream = futures_util::stream::Iter<std::vec::IntoIter<Result<ApiInfo, Status>>>;
-
-    async fn stat(&self, key: String) -> Result<ApiInfo, Status> {
-        self.blocking(move |node| node.stat(&key).map(api_info))
-            .await
-    }
-
-    async fn update(
-        &self,
-        info: ApiInfo,
-        fieldpaths: Option<Vec<String>>,
-    ) -> Result<ApiInfo, Status> {
-        self.blocking(move |node| {
-            node.update(&info.name, info.labels, &fieldpaths.unwrap_or_default())
-                .map(api_info)
-        })
-        .await
-    }
-
-    async fn usage(&self, key: String) -> Result<ApiUsage, Status> {
-        self.blocking(move |node| {
-            node.usage(&key).map(|u| ApiUsage {
-                inodes: u.inodes as i64,
-                size: u.size as i64,
-            })
-        })
-        .await
-    }
-
-    async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
-        self.blocking(move |node| node.mounts(&key).map(api_mounts))
-            .await
-    }
-
-    async fn prepare(
-        &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<ApiMount>, Status> {
-        self.blocking(move |node| {
-            node.prepare(&key, parent_arg(&parent).as_deref(), labels)
-                .map(api_mounts)
-        })
-        .await
-    }
-
-    async fn view(
-        &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<ApiMount>, Status> {
-        self.blocking(move |node| {
-            node.view(&key, parent_arg(&parent).as_deref(), labels)
-                .map(api_mounts)
-        })
-        .await
-    }
-
-    async fn commit(
-        &self,
-        name: String,
-        key: String,
-        labels: HashMap<String, String>,
-    ) -> Result<(), Status> {
-        self.blocking(move |node| node.commit(&name, &key, labels))
-            .await
-    }
-
-    async fn remove(&self, key: String) -> Result<(), Status> {
-        self.blocking(move |node| node.remove(&key)).await
-    }
-
-    async fn clear(&self) -> Result<(), Status> {
-        self.blocking(|node| node.cleanup()).await
-    }
-
-    async fn list(
-        &self,
-        _snapshotter: String,
-        filters: Vec<String>,
-    ) -> Result<Self::InfoStream, Status> {
-        let infos = self.blocking(move |node| node.list(&filters)).await?;
-        Ok(futures_util::stream::iter(
-            infos
-                .into_iter()
-                .map(|i| Ok(api_info(i)))
-                .collect::<Vec<_>>(),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
