@@ -108,6 +108,7 @@ impl Collector for NodeCollector {
                 ("memory", totals.memory_hits),
                 ("disk", totals.disk_hits),
                 ("registry_urgent", totals.urgent_chunks),
+                ("registry_readahead", totals.readahead_chunks),
                 ("registry_profile", totals.profile_chunks),
                 ("registry_background", totals.background_chunks),
             ] {

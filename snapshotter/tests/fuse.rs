@@ -406,6 +406,17 @@ fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
     );
     read(&mounted, 0);
     assert_eq!(faults.reads.load(Ordering::SeqCst), 1);
+    let stats = mounted.fs.fetcher().stats();
+    assert_eq!(
+        stats.urgent_chunks.load(Ordering::SeqCst),
+        1,
+        "the chunk read waits for"
+    );
+    assert_eq!(
+        stats.readahead_chunks.load(Ordering::SeqCst),
+        2,
+        "the two after it"
+    );
     read(&mounted, 1);
     read(&mounted, 2);
     assert_eq!(

@@ -559,16 +559,18 @@ impl LayerState {
             }
         };
         self.stats.source_bytes.fetch_add(len, Ordering::Relaxed);
-        let counter = match purpose {
-            Purpose::Urgent => &self.stats.urgent_chunks,
-            Purpose::Profile => &self.stats.profile_chunks,
-            Purpose::Background => &self.stats.background_chunks,
-        };
         let mut at = 0usize;
-        for (chunk, claim) in chunks.zip(claims) {
+        for (number, (chunk, claim)) in chunks.zip(claims).enumerate() {
             let sealed_len = table[chunk as usize].sealed_len as usize;
             let sealed = &bytes[at..at + sealed_len];
             at += sealed_len;
+            let counter = match purpose {
+                // An urgent run is the chunk a read waits for, then what is read ahead with it.
+                Purpose::Urgent if number == 0 => &self.stats.urgent_chunks,
+                Purpose::Urgent => &self.stats.readahead_chunks,
+                Purpose::Profile => &self.stats.profile_chunks,
+                Purpose::Background => &self.stats.background_chunks,
+            };
             counter.fetch_add(1, Ordering::Relaxed);
             let mut buf = sealed.to_vec();
             let result = match self.open(chunk, &mut buf) {

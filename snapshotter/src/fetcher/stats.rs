@@ -13,6 +13,8 @@ pub struct FetchStats {
     pub disk_hits: AtomicU64,
     /// Chunks fetched from the source for a read.
     pub urgent_chunks: AtomicU64,
+    /// Chunks fetched from the source with a read's chunk, read ahead.
+    pub readahead_chunks: AtomicU64,
     /// Chunks fetched from the source in the background.
     pub background_chunks: AtomicU64,
     /// Chunks fetched from the source as part of the startup profile.
@@ -87,6 +89,8 @@ pub struct FetchTotals {
     pub disk_hits: u64,
     /// Chunks fetched for a read.
     pub urgent_chunks: u64,
+    /// Chunks read ahead with a read's chunk.
+    pub readahead_chunks: u64,
     /// Chunks fetched in the background.
     pub background_chunks: u64,
     /// Chunks fetched for a startup profile.
@@ -112,6 +116,7 @@ impl FetchTotals {
         self.memory_hits += load(&stats.memory_hits);
         self.disk_hits += load(&stats.disk_hits);
         self.urgent_chunks += load(&stats.urgent_chunks);
+        self.readahead_chunks += load(&stats.readahead_chunks);
         self.background_chunks += load(&stats.background_chunks);
         self.profile_chunks += load(&stats.profile_chunks);
         self.source_reads += load(&stats.source_reads);
