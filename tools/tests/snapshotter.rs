@@ -518,9 +518,13 @@ fn optimize_records_the_startup_and_the_profile_spares_every_on_demand_fetch() {
         ),
         "profiled\n"
     );
+    // On demand: for a read, or read ahead with one.
     let on_demand = baseline
         .daemon
-        .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#);
+        .metric(r#"sealfs_chunks_total{source="registry_urgent"}"#)
+        + baseline
+            .daemon
+            .metric(r#"sealfs_chunks_total{source="registry_readahead"}"#);
     assert!(on_demand >= 4 + 5 + 4, "{on_demand} chunks on demand");
 }
 
