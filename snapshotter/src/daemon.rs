@@ -157,7 +157,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             tracing::info!(%address, "metrics at http://{address}/metrics");
         }
         tracing::info!(socket = %config.socket.display(), root = %config.root.display(), "serving containerd snapshots");
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        // Each connection is logged: containerd keeps one and redials it after a restart of
+        // this daemon, so the line says when containerd can use the snapshotter again.
+        let incoming = futures_util::StreamExt::inspect(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            |accepted| {
+                if accepted.is_ok() {
+                    tracing::info!("snapshots client connected");
+                }
+            },
+        );
         tonic::transport::Server::builder()
             .add_service(containerd_snapshots::server(Arc::new(Service::new(
                 node.clone(),

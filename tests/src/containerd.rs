@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running containerd.
 pub struct Containerd {
@@ -105,29 +105,36 @@ impl Containerd {
             ),
         )
         .expect("writing the containerd config");
-        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log file");
-        let child = Command::new("containerd")
+        let mut child = Command::new("containerd")
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
             .expect("starting containerd (is it installed?)");
+        let log = crate::log_watch::LogWatch::start(
+            child.stderr.take().expect("piped stderr"),
+            &dir.path().join("containerd.log"),
+        );
         let containerd = Containerd {
             dir,
             child,
             socket,
             namespace: "sealfs-test",
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containerd.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                containerd.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // containerd's last line of start-up (1.x and 2.x alike); its API serves from then on.
+        assert!(
+            log.wait_for("containerd successfully booted", 0, Duration::from_secs(30)),
+            "containerd did not start: {}",
+            containerd.log()
+        );
+        let version = containerd.ctr(&["version"]);
+        assert!(
+            version.status.success(),
+            "containerd booted but does not answer: {}{}",
+            String::from_utf8_lossy(&version.stderr),
+            containerd.log()
+        );
         containerd
     }
 

@@ -5,7 +5,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A `containerd-sealfs-grpc` process with its own root, socket and metrics port.
 pub struct SealfsDaemon {
@@ -19,6 +19,8 @@ pub struct SealfsDaemon {
     log: PathBuf,
     binary: PathBuf,
     child: Option<Child>,
+    /// The lines of its log, across restarts.
+    watch: Option<crate::log_watch::LogWatch>,
 }
 
 impl SealfsDaemon {
@@ -38,6 +40,7 @@ impl SealfsDaemon {
             log: dir.join("sealfs.log"),
             binary: binary.as_ref().to_path_buf(),
             child: None,
+            watch: None,
         };
         fs::write(
             &daemon.config,
@@ -56,30 +59,27 @@ impl SealfsDaemon {
         daemon
     }
 
-    /// Starts the process (again); waits until the socket answers.
+    /// Starts the process (again); waits until it serves its socket (it logs so once the
+    /// socket is bound).
     pub fn resume(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
             .expect("starting containerd-sealfs-grpc");
+        let watch = crate::log_watch::LogWatch::start(
+            child.stderr.take().expect("piped stderr"),
+            &self.log,
+        );
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            watch.wait_for("serving containerd snapshots", 0, Duration::from_secs(20)),
+            "the daemon did not start: {}",
+            self.log()
+        );
+        self.watch = Some(watch);
     }
 
     /// The process id, while it runs.
@@ -105,17 +105,22 @@ impl SealfsDaemon {
 
     /// Restarts the daemon and waits until containerd has reconnected to it (containerd
     /// redials a proxy plugin with a backoff of up to 3 s).
+    /// Nothing but containerd connects to the socket, so the daemon's first "client
+    /// connected" line is containerd's redial.
     pub fn restart(&mut self, containerd: &crate::containerd::Containerd) {
         self.resume();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containerd
-            .ctr(&["snapshots", "--snapshotter", "sealfs", "ls"])
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "containerd did not reconnect");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let watch = self.watch.as_ref().expect("resumed");
+        assert!(
+            watch.wait_for("snapshots client connected", 0, Duration::from_secs(30)),
+            "containerd did not reconnect: {}",
+            self.log()
+        );
+        let listed = containerd.ctr(&["snapshots", "--snapshotter", "sealfs", "ls"]);
+        assert!(
+            listed.status.success(),
+            "containerd reconnected but cannot list: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
     }
 
     pub fn log(&self) -> String {
