@@ -106,9 +106,12 @@ impl SealfsDaemon {
     /// Restarts the daemon and waits until containerd has reconnected to it (containerd
     /// redials a proxy plugin with a backoff of up to 3 s).
     /// Nothing but containerd connects to the socket, so the daemon's first "client
-    /// connected" line is containerd's redial.
+    /// connected" line is containerd's redial. containerd 1.x redials on its own (with its
+    /// backoff); 2.x's gRPC leaves a broken connection idle until a call needs it, so one
+    /// call is made first to set the redial off (it may fail while the backoff runs).
     pub fn restart(&mut self, containerd: &crate::containerd::Containerd) {
         self.resume();
+        let _ = containerd.ctr(&["snapshots", "--snapshotter", "sealfs", "ls"]);
         let watch = self.watch.as_ref().expect("resumed");
         assert!(
             watch.wait_for("snapshots client connected", 0, Duration::from_secs(30)),
