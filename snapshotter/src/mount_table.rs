@@ -40,22 +40,16 @@ impl MountRestrictions {
 }
 
 /// The FUSE control-filesystem id of the FUSE filesystem mounted at `mountpoint`, if that is
-/// what is mounted there (checked by its statfs magic, so no other connection is touched).
+/// what is mounted there (the topmost mount). Read from the mount table alone: asking the
+/// filesystem itself (statfs, stat) would wait for ever on a session nobody serves, which is
+/// exactly when a connection needs to be found and aborted.
 pub fn fuse_connection(mountpoint: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
-    let path = CString::new(mountpoint.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs is plain data filled by the kernel; `path` is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path pointer and output struct for the duration of the call.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0
-        || stat.f_type as libc::c_long != FUSE_SUPER_MAGIC
-    {
-        return None;
-    }
-    let dev = std::fs::metadata(mountpoint).ok()?.dev();
+    let mountpoint = resolve_parent(mountpoint)?;
+    let entry = mount_entries()
+        .into_iter()
+        .rfind(|entry| entry.point == mountpoint)?;
     // FUSE superblocks use anonymous devices (major 0); the control directory is the minor.
-    (libc::major(dev) == 0).then(|| u64::from(libc::minor(dev)))
+    (entry.fstype.starts_with("fuse") && entry.major == 0).then_some(u64::from(entry.minor))
 }
 
 /// Aborts FUSE connection `id` through /sys/fs/fuse/connections, mounting the control
@@ -153,20 +147,73 @@ pub fn unmount(target: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `target` is a mount point in this mount namespace.
+/// Whether `target` is a mount point in this mount namespace. Only `target`'s parent is
+/// resolved on the filesystem: `target` itself may be a FUSE mount nobody serves.
 pub fn is_mounted(target: &Path) -> bool {
-    let Ok(target) = target.canonicalize() else {
+    let Some(target) = resolve_parent(target) else {
         return false;
     };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| {
-            info.lines().any(|line| {
-                line.split(' ')
-                    .nth(4)
-                    .is_some_and(|point| unescape_mountinfo(point) == target.as_os_str().as_bytes())
-            })
-        })
-        .unwrap_or(false)
+    mount_entries().iter().any(|entry| entry.point == target)
+}
+
+/// The mount points under `root` of filesystems of type `fstype` (as /proc/self/mountinfo
+/// names it, e.g. `fuse.sealfs`), deepest first, so each can be unmounted in turn.
+pub fn mounts_under(root: &Path, fstype: &str) -> Vec<PathBuf> {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let mut found: Vec<PathBuf> = mount_entries()
+        .into_iter()
+        .filter(|entry| entry.fstype == fstype && entry.point.starts_with(&root))
+        .map(|entry| entry.point)
+        .collect();
+    found.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    found.dedup();
+    found
+}
+
+/// `path` with its parent directory resolved (symlinks, `..`) and its last component kept as
+/// it is, so nothing mounted at `path` is asked anything.
+fn resolve_parent(path: &Path) -> Option<PathBuf> {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            Some(parent.canonicalize().ok()?.join(name))
+        }
+        // `/` (or a path ending in `..`): nothing above it can be a FUSE mount of ours.
+        _ => path.canonicalize().ok(),
+    }
+}
+
+/// One line of /proc/self/mountinfo, the fields sealfs uses.
+struct MountEntry {
+    point: PathBuf,
+    major: u32,
+    minor: u32,
+    fstype: String,
+}
+
+/// This mount namespace's mounts, in mount order (a later one at the same point is on top).
+fn mount_entries() -> Vec<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+/// `ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER_OPTIONS`
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let mut fields = line.split(' ');
+    let device = fields.nth(2)?;
+    let point = fields.nth(1)?;
+    let (major, minor) = device.split_once(':')?;
+    let (_, tail) = line.split_once(" - ")?;
+    Some(MountEntry {
+        point: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(point))),
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        fstype: tail.split(' ').next()?.to_string(),
+    })
 }
 
 fn unescape_mountinfo(field: &str) -> Vec<u8> {
@@ -219,4 +266,34 @@ pub fn detach_all(target: &Path) -> usize {
         detached += 1;
     }
     detached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_give_point_device_and_type_past_optional_fields_and_escapes() {
+        let line = "912 29 0:58 / /var/lib/sealfs/snapshots/7/my\\040fs rw,nosuid shared:5 \
+                    master:1 - fuse.sealfs sealfs:node rw,user_id=0";
+        let entry = parse_mountinfo_line(line).unwrap();
+        assert_eq!(entry.point, Path::new("/var/lib/sealfs/snapshots/7/my fs"));
+        assert_eq!((entry.major, entry.minor), (0, 58));
+        assert_eq!(entry.fstype, "fuse.sealfs");
+        assert!(parse_mountinfo_line("garbage").is_none());
+    }
+
+    #[test]
+    fn a_path_is_resolved_up_to_its_parent_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::os::unix::fs::symlink(&real, real.join("link")).unwrap();
+        // `missing` does not exist (or could be a dead mount): it is not looked at.
+        assert_eq!(
+            resolve_parent(&real.join("link/missing")).unwrap(),
+            real.join("missing")
+        );
+        assert!(is_mounted(Path::new("/proc")));
+        assert!(!is_mounted(&real.join("missing")));
+    }
 }
