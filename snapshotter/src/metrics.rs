@@ -151,6 +151,12 @@ impl Collector for NodeCollector {
             "Reads that gave up waiting for their chunk (EIO).",
             totals.timeouts,
         )?;
+        gauge(
+            &mut encoder,
+            "sealfs_reads_waiting",
+            "Reads waiting now for a chunk being fetched (from a registry, or a fetch in flight).",
+            totals.reads_waiting as i64,
+        )?;
         counter(
             &mut encoder,
             "sealfs_remote_mount_failures",

@@ -317,7 +317,10 @@ impl LayerFetcher {
             }
         };
         let timeout = state.config.timeout;
-        pending.wait(timeout).unwrap_or_else(|| {
+        state.stats.reads_waiting.fetch_add(1, Ordering::Relaxed);
+        let waited = pending.wait(timeout);
+        state.stats.reads_waiting.fetch_sub(1, Ordering::Relaxed);
+        waited.unwrap_or_else(|| {
             state.stats.timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(layer = %state.name, chunk, ?timeout, "chunk fetch timed out");
             Err(FetchError::Timeout {

@@ -27,6 +27,8 @@ pub struct FetchStats {
     pub verification_failures: AtomicU64,
     /// Reads that timed out.
     pub timeouts: AtomicU64,
+    /// Reads waiting now for a chunk being fetched (a gauge, not a count).
+    pub reads_waiting: AtomicU64,
     /// How long successful range reads from the source took.
     pub read_latency: LatencyHistogram,
 }
@@ -103,6 +105,8 @@ pub struct FetchTotals {
     pub verification_failures: u64,
     /// Reads that timed out.
     pub timeouts: u64,
+    /// Reads waiting now for a chunk being fetched.
+    pub reads_waiting: u64,
     /// Range reads per latency bucket ([`LATENCY_BUCKETS`], then the rest).
     pub latency_counts: [u64; LATENCY_BUCKETS.len() + 1],
     /// Seconds spent in range reads.
@@ -123,6 +127,7 @@ impl FetchTotals {
         self.source_bytes += load(&stats.source_bytes);
         self.verification_failures += load(&stats.verification_failures);
         self.timeouts += load(&stats.timeouts);
+        self.reads_waiting += load(&stats.reads_waiting);
         let (counts, sum) = stats.read_latency.snapshot();
         for (total, count) in self.latency_counts.iter_mut().zip(counts) {
             *total += count;
