@@ -9,13 +9,13 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::node::DAEMON;
 use common::*;
 use k8s_cri::v1 as cri;
 use sealfs_e2e::containerd::{Containerd, CriPull};
 use sealfs_e2e::registry::DockerRegistry;
 use sealfs_e2e::sealfs::SealfsDaemon;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
 /// The local sandbox ("pause") image: the app image's busybox, sleeping.
 const SANDBOX_IMAGE: &str = "sealfs.test/img:pause";
 

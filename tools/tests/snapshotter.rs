@@ -7,12 +7,9 @@ use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use common::node::Node;
 use common::*;
-use sealfs_e2e::containerd::Containerd;
-use sealfs_e2e::registry::DockerRegistry;
-use sealfs_e2e::sealfs::SealfsDaemon;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_containerd-sealfs-grpc");
 /// Prints every path with its type, mode and owner (and size and link count unless it is a
 /// directory: those depend on the file system), then every regular file's checksum: what a
 /// container sees of its root file system (`-xdev`: not /proc etc.).
@@ -22,88 +19,6 @@ const TREE_SCRIPT: &str =
      busybox find . -xdev ! -type d | busybox sort | while read -r f; do \
      busybox stat -c '%n %f %u %g %s %h' \"$f\"; done; \
      busybox find . -xdev -type f | busybox sort | while read -r f; do busybox md5sum \"$f\"; done";
-
-/// containerd with sealfs as its `sealfs` snapshotter, a registry, and the node's key.
-struct Node {
-    // Dropped first: containerd, then the daemon (unmounts), then the registry.
-    containerd: Containerd,
-    daemon: SealfsDaemon,
-    registry: DockerRegistry,
-}
-
-impl Node {
-    fn start(work: &Path, extra_config: &str) -> Self {
-        let keys = work.join("node-keys");
-        fs::create_dir_all(&keys).unwrap();
-        fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
-        fs::set_permissions(keys.join("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
-        let registry = DockerRegistry::start();
-        let daemon = SealfsDaemon::start(DAEMON, work, &keys, extra_config);
-        let containerd = Containerd::start_with_sealfs(&daemon.socket);
-        Node {
-            containerd,
-            daemon,
-            registry,
-        }
-    }
-
-    fn pull(&self, reference: &str) -> std::process::Output {
-        Command::new(SEALCTL)
-            .arg("pull")
-            .arg("--address")
-            .arg(&self.containerd.socket)
-            .args(["--namespace", "sealfs-test", reference])
-            .output()
-            .unwrap()
-    }
-
-    /// Pulls `reference` lazily and fails the test if the pull fails.
-    fn pull_ok(&self, reference: &str) {
-        let pulled = self.pull(reference);
-        assert!(
-            pulled.status.success(),
-            "sealctl pull {reference}: {}",
-            String::from_utf8_lossy(&pulled.stderr)
-        );
-    }
-
-    /// Pushes the plain `img:v1` as `NAME:v1` and pulls it into the sealfs snapshotter with
-    /// plain `ctr` (containerd downloads and unpacks it); its reference.
-    fn pull_plain(&self, work: &Path, name: &str) -> String {
-        let plain = self.registry.push(&work.join("img"), "v1", name);
-        self.containerd.ctr_ok(&[
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "sealfs",
-            &plain,
-        ]);
-        plain
-    }
-
-    /// `ctr run --snapshotter sealfs` against this node's containerd, to add arguments to.
-    fn ctr_run(&self) -> Command {
-        let mut command = self.containerd.ctr_command();
-        command.args(["run", "--snapshotter", "sealfs"]);
-        command
-    }
-
-    /// Runs a container of `reference` on the sealfs snapshotter; its standard output.
-    fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
-        let mut all = vec!["run", "--snapshotter", "sealfs", "--rm", reference, id];
-        all.extend_from_slice(args);
-        let out = self.containerd.ctr(&all);
-        assert!(
-            out.status.success(),
-            "ctr run {id}: {}{}\n--- daemon log ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.daemon.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -242,29 +157,51 @@ fn ctr_remote_rpull_works_and_the_daemon_survives_restarts() {
         node.daemon.log()
     );
 
-    // kill -9: the mounts it left are dead; a new daemon replaces them from its database.
+    // kill -9 and SIGTERM alike leave the layers mounted, their session with the keeper, and
+    // the next daemon serves them again (running containers across restarts: restart.rs).
     node.daemon.signal("KILL");
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
     node.daemon.restart(&node.containerd);
     assert_eq!(
         node.run(&sealed, "after-kill", &[]),
         format!("{GREETING}\n")
     );
-    // A clean stop unmounts; a start mounts again.
     node.daemon.signal("TERM");
-    assert!(node.daemon.fuse_mounts().is_empty());
-    assert!(
-        !node.daemon.fuse_session_mounted(),
-        "the node's session is unmounted too"
-    );
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    assert!(node.daemon.fuse_session_mounted());
     assert!(
         !node.daemon.log().contains("Unmount failed"),
         "{}",
         node.daemon.log()
     );
+    // Only `release` unmounts them, and lets the keeper go.
+    let released = node.daemon.release();
+    assert!(
+        released.status.success(),
+        "release: {}",
+        String::from_utf8_lossy(&released.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&released.stdout).contains("and the kept FUSE session"),
+        "{}",
+        String::from_utf8_lossy(&released.stdout)
+    );
+    assert!(node.daemon.fuse_mounts().is_empty());
+    assert!(!node.daemon.fuse_session_mounted());
+    assert!(!node.daemon.root.join("session-keeper.sock").exists());
     node.daemon.restart(&node.containerd);
     assert_eq!(
-        node.run(&sealed, "after-restart", &[]),
+        node.run(&sealed, "after-release", &[]),
         format!("{GREETING}\n")
+    );
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    // While a daemon serves, release refuses and unmounts nothing.
+    let refused = node.daemon.release();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
     assert_eq!(node.daemon.fuse_mounts().len(), layers);
 }

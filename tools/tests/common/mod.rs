@@ -8,6 +8,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod node;
+
 use sealfs_e2e::noise;
 use sealfs_e2e::registry::DockerRegistry;
 
