@@ -2,7 +2,8 @@
 # Builds the release binaries and installs sealfs on this node:
 #   PREFIX/bin/sealctl, PREFIX/bin/containerd-sealfs-grpc, /sbin/mount.sealfs
 #   /etc/sealfs/config.toml (kept if present), /etc/sealfs/keys/ (mode 0700)
-#   /etc/systemd/system/containerd-sealfs-grpc.service (enabled and started when systemd runs)
+#   /etc/systemd/system/containerd-sealfs-grpc.service (enabled and started when systemd runs;
+#   restarted if it ran: an upgrade in place, which running containers survive)
 #   PREFIX/share/sealfs/containerd-snippet.toml, PREFIX/share/doc/sealfs/
 # With --configure-containerd it also adds sealfs to /etc/containerd/config.toml (unless
 # present; in the config version of the installed containerd: 2 for 1.6/1.7, 3 with the
@@ -41,11 +42,17 @@ fi
 
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
+  if systemctl is-active --quiet containerd-sealfs-grpc.service; then
+    # An upgrade in place: the new binary takes over the running one's FUSE session, so
+    # containers running on sealed layers keep reading (docs/semantics.md, "Restarts").
+    systemctl restart containerd-sealfs-grpc.service
+  fi
   systemctl enable --now containerd-sealfs-grpc.service
   if [ "$configure_containerd" = 1 ]; then systemctl restart containerd; fi
   echo "containerd-sealfs-grpc is running (systemctl status containerd-sealfs-grpc)"
 else
-  echo "systemd is not running: start the snapshotter with"
+  echo "systemd is not running: start the snapshotter with (after stopping a running one with"
+  echo "SIGTERM, if this is an upgrade: running containers keep their sealed layers)"
   echo "  $prefix/bin/containerd-sealfs-grpc --config /etc/sealfs/config.toml"
   echo "and add $prefix/share/sealfs/containerd-snippet.toml (containerd 1.x) or"
   echo "containerd2-snippet.toml (containerd 2.x) to containerd's config"

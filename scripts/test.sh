@@ -20,7 +20,7 @@ cargo test --workspace
 # version-3 config with the snippet operators install.
 containerd2="$here/target/debian/containerd2/usr/bin"
 echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
-PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test cri
+PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test cri
 
 # containerd's own snapshotter conformance suites against containerd-sealfs-grpc, through
 # containerd's proxy snapshotter client (Go in GOPATH mode on Debian's packaged sources, no

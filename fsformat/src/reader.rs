@@ -114,6 +114,15 @@ impl UnverifiedTail {
         })
     }
 
+    /// The tail's bytes as they are in the blob (sealed index, then footer): what
+    /// [`Self::from_pinned`] takes back, for keeping a verified tail beside a disk cache.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.sealed_index.len() + FOOTER_LEN);
+        bytes.extend_from_slice(&self.sealed_index);
+        bytes.extend_from_slice(&self.footer_bytes);
+        bytes
+    }
+
     /// Reads footer then index from `source` (two reads). Use [`Self::read_sized`] when the
     /// tail size is known from the descriptor: one read.
     pub fn read<S: BlobSource + ?Sized>(source: &S, blob_size: u64) -> Result<Self> {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::fetcher::{FetchConfig, PoolConfig};
 use crate::mount::MountOptions;
 use crate::registry::RegistryOptions;
-use crate::remote::RemoteConfig;
+use crate::remote::{RemoteConfig, SessionKeeping};
 
 /// Where the daemon looks for its configuration when not told.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sealfs/config.toml";
@@ -244,6 +244,11 @@ impl Config {
         Ok(config)
     }
 
+    /// Where the node's FUSE session is mounted, every layer a directory in it.
+    pub fn session_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
     /// What remote layers need from the configuration.
     pub fn remote(&self) -> RemoteConfig {
         let fetch = &self.fetch;
@@ -284,7 +289,12 @@ impl Config {
                 restrictions: crate::mount::MountRestrictions::default(),
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
-            session_dir: self.root.join("layers"),
+            session_dir: self.session_dir(),
+            keeper: Some(SessionKeeping {
+                keeper: crate::session_keeper::Keeper::in_root(&self.root),
+                program: PathBuf::from("/proc/self/exe"),
+                log: self.root.join(crate::session_keeper::LOG_NAME),
+            }),
         }
     }
 }

@@ -11,6 +11,24 @@ use crate::node::Node;
 use crate::remote::RemoteLayers;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 
+/// Puts every remote layer back into a resumed session, then lets it answer requests. A layer
+/// that cannot be opened again (its key removed, its cache and the registry both gone) is
+/// reported: containers running on it get errors for its files until it can be.
+fn resume(node: &Node) -> std::io::Result<()> {
+    match node.restore() {
+        Ok(0) => {}
+        Ok(failed) => tracing::error!(
+            failed,
+            "layers of the resumed FUSE session could not be opened again (see the warnings above); \
+             containers running on them fail to read their files until they can be"
+        ),
+        Err(error) => {
+            tracing::error!(%error, "reading remote snapshots to put back in the resumed session")
+        }
+    }
+    node.remote().start_resumed_session()
+}
+
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -71,24 +89,36 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers, the default action (exit) applies; wait forever here.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+/// SIGTERM and SIGINT, caught from the start of the daemon: one that arrives while it starts
+/// up (restoring layers, say) is answered with a clean shutdown once it serves, rather than
+/// by the default action, which would end it in the middle of its work.
+struct Termination {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    /// Installs the handlers (inside the runtime).
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Termination {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves when either signal has arrived.
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
     }
 }
 
-/// Runs the daemon with `config` until a termination signal; unmounts its layers on the way
-/// out (a restart mounts them again).
+/// Runs the daemon with `config` until a termination signal. Its layers stay mounted when
+/// their FUSE session is with the session keeper (the next start resumes serving them);
+/// otherwise they are unmounted on the way out.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     // Before anything is created or decrypted: files, sockets and directories private by
     // default, and no core dump that would write plaintext to disk.
@@ -105,6 +135,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(setup("starting the async runtime"))?;
+    let termination = {
+        let _inside = runtime.enter();
+        Termination::install().map_err(setup("handling SIGTERM and SIGINT"))?
+    };
     let store = SnapshotStore::open(&config.root).map_err(|source| DaemonError::Store {
         root: config.root.clone(),
         source,
@@ -126,14 +160,23 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let served = runtime.block_on(async {
         let listener = bind_socket(&config.socket)?;
-        // Remount in the background: the socket answers at once, and a snapshot used before
-        // its layer is back mounts it on demand.
         let restoring = node.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(error) = restoring.restore() {
-                tracing::error!(%error, "reading remote snapshots to remount");
-            }
-        });
+        if node.remote().resume_session() {
+            // Every layer goes back into the session's table before it answers a request:
+            // containers' reads wait for the table rather than fail on a missing layer.
+            tokio::task::spawn_blocking(move || resume(&restoring))
+                .await
+                .map_err(|error| setup("resuming the kept FUSE session")(std::io::Error::other(error)))?
+                .map_err(setup("resuming the kept FUSE session"))?;
+        } else {
+            // Remount in the background: the socket answers at once, and a snapshot used
+            // before its layer is back mounts it on demand.
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = restoring.restore() {
+                    tracing::error!(%error, "reading remote snapshots to remount");
+                }
+            });
+        }
         if !config.cri.image_proxy_socket.as_os_str().is_empty() {
             let socket = config.cri.image_proxy_socket.clone();
             let proxy =
@@ -171,7 +214,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             .add_service(containerd_snapshots::server(Arc::new(Service::new(
                 node.clone(),
             ))))
-            .serve_with_incoming_shutdown(incoming, termination())
+            .serve_with_incoming_shutdown(incoming, termination.received())
             .await?;
         Ok::<(), DaemonError>(())
     });
@@ -179,8 +222,50 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if !config.cri.image_proxy_socket.as_os_str().is_empty() {
         let _ = std::fs::remove_file(&config.cri.image_proxy_socket);
     }
-    // Unmount on the blocking side: FUSE sessions join their threads.
-    node.unmount_all();
+    if node.remote().session_is_kept() {
+        node.leave_mounted();
+        tracing::info!(
+            "layers stay mounted and their FUSE session kept for the next start; \
+             `containerd-sealfs-grpc release` unmounts them (breaking the containers on them)"
+        );
+    } else {
+        // Unmount on the blocking side: FUSE sessions join their threads.
+        node.unmount_all();
+    }
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     served
+}
+
+/// What [`release`] let go of.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Sealed-layer mounts detached.
+    pub mounts: usize,
+    /// Whether a kept FUSE session was ended.
+    pub session: bool,
+}
+
+/// The deliberate shutdown a daemon restart does not do: unmounts every sealed layer a
+/// stopped daemon left mounted, ends their FUSE session and lets the session keeper exit.
+/// Containers still running on those layers fail every later read of them. Refuses while a
+/// daemon serves `config`'s socket (stop it first).
+pub fn release(config: &Config) -> Result<Released, DaemonError> {
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        return Err(DaemonError::SocketInUse(config.socket.clone()));
+    }
+    let connection = crate::mount_table::fuse_connection(&config.session_dir());
+    let mut released = Released::default();
+    for point in crate::mount_table::mounts_under(&config.root, "fuse.sealfs") {
+        released.mounts += crate::mount_table::detach_all(&point);
+    }
+    // Detached mounts still serve the overlays standing on them; aborting the connection ends
+    // them, so nothing waits on a session nobody will serve.
+    if let Some(id) = connection {
+        crate::mount_table::abort_fuse_connection(id);
+    }
+    let keeper = crate::session_keeper::Keeper::in_root(&config.root);
+    released.session = keeper
+        .release(crate::session_keeper::NODE_SESSION)
+        .unwrap_or(false);
+    Ok(released)
 }

@@ -58,6 +58,7 @@ pub mod node;
 pub mod oci_layout;
 pub mod registry;
 pub mod remote;
+pub mod session_keeper;
 pub mod snapshot;
 pub mod source;
 pub mod tails_ahead;

@@ -352,7 +352,8 @@ pub fn mount_session(
     })
 }
 
-fn session_config(options: &MountOptions, name: &str) -> SessionConfig {
+/// The session settings of `options`, shown in the mount table as `sealfs:NAME`.
+pub fn session_config(options: &MountOptions, name: &str) -> SessionConfig {
     SessionConfig {
         threads: options.fuse_threads,
         fs_name: format!("sealfs:{name}"),
@@ -372,6 +373,8 @@ pub struct MountedLayer {
     bound: Option<PathBuf>,
     /// Where its tree is seen.
     pub mountpoint: PathBuf,
+    /// Left mounted on drop.
+    kept: bool,
 }
 
 impl MountedLayer {
@@ -398,6 +401,7 @@ impl MountedLayer {
             slot: None,
             bound: None,
             mountpoint: mountpoint.to_path_buf(),
+            kept: false,
         })
     }
 
@@ -411,32 +415,64 @@ impl MountedLayer {
             slot: Some(slot),
             bound: None,
             mountpoint: session.layer_dir(slot),
+            kept: false,
         }
     }
 
-    /// Serves `fs` as a new directory of `session`, bind-mounted at `target`.
-    pub fn add_bound(
+    /// Serves `fs` at `slot` of `session` (see [`LayerTable::insert_at`]), bind-mounted at
+    /// `target`. A bind mount already at `target` in a resumed session is the one the daemon
+    /// before left for this slot, and containers' overlays stand on it: it is kept. Any other
+    /// mount there is a dead daemon's and answers nothing: it is replaced.
+    pub fn add_bound_at(
         session: &Arc<FuseSession>,
         fs: LayerFs,
+        slot: Slot,
         target: &Path,
     ) -> Result<Self, MountError> {
-        let mut layer = Self::add(session, fs);
-        mount_table::bind(&layer.mountpoint, target).map_err(|source| MountError::Io {
-            what: format!(
-                "bind-mounting {} at {}",
-                layer.mountpoint.display(),
-                target.display()
-            ),
-            source,
-        })?;
+        let fs = Arc::new(fs);
+        session
+            .table()
+            .insert_at(slot, fs.clone())
+            .map_err(|taken| MountError::Io {
+                what: format!("adding a layer for {}", target.display()),
+                source: io::Error::other(taken),
+            })?;
+        let mut layer = MountedLayer {
+            fs,
+            session: session.clone(),
+            slot: Some(slot),
+            bound: None,
+            mountpoint: session.layer_dir(slot),
+            kept: false,
+        };
+        if !(session.is_resumed() && mount_table::is_mounted(target)) {
+            mount_table::detach_all(target);
+            mount_table::bind(&layer.mountpoint, target).map_err(|source| MountError::Io {
+                what: format!(
+                    "bind-mounting {} at {}",
+                    layer.mountpoint.display(),
+                    target.display()
+                ),
+                source,
+            })?;
+        }
         layer.bound = Some(target.to_path_buf());
         layer.mountpoint = target.to_path_buf();
         Ok(layer)
+    }
+
+    /// Leaves the layer mounted when it is dropped: the process is about to exit and the next
+    /// daemon resumes its session.
+    pub fn keep_for_restart(&mut self) {
+        self.kept = true;
     }
 }
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if let Some(target) = self.bound.take() {
             if let Err(error) = mount_table::unmount(&target) {
                 if error.raw_os_error() != Some(libc::EINVAL) {

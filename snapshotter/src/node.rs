@@ -98,14 +98,17 @@ impl Node {
     }
 
     /// Mounts every remote snapshot again (after a restart). A layer that cannot be mounted
-    /// now (registry down, key gone) is logged and tried again when a snapshot on it is used.
-    pub fn restore(&self) -> Result<(), SnapshotError> {
+    /// now (registry down, key gone) is logged and tried again when a snapshot on it is used;
+    /// how many could not.
+    pub fn restore(&self) -> Result<usize, SnapshotError> {
+        let mut failed = 0;
         for snapshot in self.store.remote_snapshots()? {
             if let Err(error) = self.ensure_mounted(&snapshot) {
+                failed += 1;
                 tracing::warn!(snapshot = %snapshot.name, error = %crate::error_chain(&error), "remote layer not mounted; will retry on use");
             }
         }
-        Ok(())
+        Ok(failed)
     }
 
     fn parse_source(text: &str) -> Result<RemoteLayerSource, RemoteError> {
@@ -123,8 +126,6 @@ impl Node {
         }
         let source = Self::parse_source(text)?;
         let mountpoint = self.store.content_dir(snapshot.id);
-        // A mount left by a daemon that died answers nothing; replace it.
-        crate::mount_table::detach_all(&mountpoint);
         let layer = self
             .remote
             .mount(
@@ -443,6 +444,15 @@ impl Node {
     pub fn unmount_all(&self) {
         self.mounted.lock().expect("mounted lock").clear();
         self.remote.end_session();
+    }
+
+    /// Ends this daemon's part in the layers, leaving them mounted and their session with the
+    /// keeper, so the next daemon resumes serving them and running containers read on.
+    pub fn leave_mounted(&self) {
+        self.remote.keep_session_for_restart();
+        for (_, mut layer) in self.mounted.lock().expect("mounted lock").drain() {
+            layer.keep_for_restart();
+        }
     }
 }
 

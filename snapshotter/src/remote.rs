@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fsformat::oci::MEDIA_TYPE_SEALED_LAYER;
+use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
+use fsformat::reader::UnverifiedTail;
 use oci_client::Reference;
 use oci_spec::image::Descriptor;
 use tokio::runtime::Handle;
@@ -19,10 +20,12 @@ use tokio::runtime::Handle;
 use crate::cache::MemoryCache;
 use crate::credentials;
 use crate::fetcher::FetchPool;
+use crate::fs::table::Slot;
 use crate::fuse::session::FuseSession;
 use crate::keys::{self, KeyError};
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
 use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteManifest};
+use crate::session_keeper::{Keeper, NODE_SESSION};
 use crate::tails_ahead::{TailJob, TailKey, TailsAhead};
 
 /// The label naming the committed snapshot a layer's `Prepare` is for (its chain id).
@@ -217,6 +220,21 @@ pub struct RemoteConfig {
     pub session_dir: PathBuf,
     /// How long Prepare of a remote layer waits for its startup profile.
     pub profile_wait: Duration,
+    /// Where the node's FUSE session is kept across restarts; `None`: it is not (a restart
+    /// breaks the containers running on sealed layers).
+    pub keeper: Option<SessionKeeping>,
+}
+
+/// The session keeper of a daemon and how to start it.
+#[derive(Clone, Debug)]
+pub struct SessionKeeping {
+    /// Its socket.
+    pub keeper: Keeper,
+    /// The binary that runs `keep-sessions` (the daemon's own: `/proc/self/exe`, which works
+    /// even after an upgrade replaced the file).
+    pub program: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// How long a manifest resolved by tag is reused for the other layers of the same pull.
@@ -265,8 +283,9 @@ impl RemoteLayers {
         &self.memory
     }
 
-    /// The node's FUSE session, mounted now if it is not yet. A session a dead daemon left
-    /// mounted answers nothing: it is detached first.
+    /// The node's FUSE session, mounted now if it is not yet (and handed to the keeper). A
+    /// session a dead daemon left mounted, and nobody kept, answers nothing: it is detached
+    /// first.
     fn session(&self) -> Result<Arc<FuseSession>, MountError> {
         let mut session = self.session.lock().expect("session lock");
         if let Some(session) = &*session {
@@ -274,7 +293,7 @@ impl RemoteLayers {
         }
         let dir = &self.config.session_dir;
         if crate::mount_table::detach_all(dir) > 0 {
-            tracing::info!(dir = %dir.display(), "detached the FUSE session a previous daemon left");
+            tracing::warn!(dir = %dir.display(), "detached a dead FUSE session a previous daemon left (nothing kept it); containers still running on its layers cannot read them");
         }
         crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
             what: format!("creating {}", dir.display()),
@@ -282,14 +301,116 @@ impl RemoteLayers {
         })?;
         let mounted = Arc::new(mount::mount_session(dir, &self.config.mount, "node")?);
         tracing::info!(dir = %dir.display(), fuse_threads = self.config.mount.fuse_threads,
-            fetch_threads = self.pool.threads(), "FUSE session mounted for every layer");
+            fetch_threads = self.pool.threads(), serving = ?mounted.serving(),
+            "FUSE session mounted for every layer");
+        self.keep(&mounted);
         *session = Some(mounted.clone());
         Ok(mounted)
     }
 
-    /// Unmounts the node's FUSE session (on shutdown, after every layer is gone).
+    /// Hands the session's connection to the keeper, starting one if none runs.
+    fn keep(&self, session: &FuseSession) {
+        let Some(keeping) = &self.config.keeper else {
+            return;
+        };
+        let kept = (|| {
+            if !keeping.keeper.is_running() {
+                keeping.keeper.spawn(&keeping.program, &keeping.log)?;
+            }
+            keeping.keeper.store(NODE_SESSION, session.device())
+        })();
+        match kept {
+            Ok(()) => {
+                tracing::info!(keeper = %keeping.keeper.socket().display(), "FUSE session kept for restarts")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the FUSE session is not kept: a restart of this daemon will break the containers running on sealed layers")
+            }
+        }
+    }
+
+    /// Takes over the FUSE session an earlier daemon left with the keeper, if there is one and
+    /// it is still mounted; it serves once [`RemoteLayers::start_resumed_session`] is called,
+    /// after every layer is back in its table. Whether a session was resumed.
+    pub fn resume_session(&self) -> bool {
+        let Some(keeping) = &self.config.keeper else {
+            return false;
+        };
+        let dir = &self.config.session_dir;
+        let device = match keeping.keeper.take(NODE_SESSION) {
+            Ok(Some(device)) => device,
+            Ok(None) => return false,
+            Err(error) => {
+                if keeping.keeper.socket().exists() {
+                    tracing::warn!(%error, "the session keeper does not answer; mounting a new FUSE session");
+                }
+                return false;
+            }
+        };
+        if !crate::mount_table::is_mounted(dir) {
+            // Unmounted by hand: the kept connection serves nothing any more.
+            tracing::warn!(dir = %dir.display(), "the kept FUSE session is no longer mounted; releasing it");
+            let _ = keeping.keeper.release(NODE_SESSION);
+            return false;
+        }
+        let config = mount::session_config(&self.config.mount, "node");
+        match FuseSession::resume(Arc::default(), device, dir, &config) {
+            Ok(resumed) => {
+                tracing::info!(dir = %dir.display(), serving = ?resumed.serving(), "resuming the FUSE session the previous daemon left");
+                *self.session.lock().expect("session lock") = Some(Arc::new(resumed));
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not resume the kept FUSE session; mounting a new one");
+                false
+            }
+        }
+    }
+
+    /// Starts serving a resumed session: requests waiting since the restart are answered.
+    pub fn start_resumed_session(&self) -> std::io::Result<()> {
+        let session = self.session.lock().expect("session lock").clone();
+        match session {
+            Some(session) => {
+                session.start()?;
+                tracing::info!(
+                    layers = session.table().len(),
+                    "resumed FUSE session serving"
+                );
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the node's session is held by the keeper (so leaving it mounted at exit lets
+    /// the next daemon resume it).
+    pub fn session_is_kept(&self) -> bool {
+        let Some(keeping) = &self.config.keeper else {
+            return false;
+        };
+        self.session.lock().expect("session lock").is_some()
+            && keeping
+                .keeper
+                .list()
+                .is_ok_and(|names| names.iter().any(|name| name == NODE_SESSION))
+    }
+
+    /// Leaves the node's session mounted and connected when this daemon exits.
+    pub fn keep_session_for_restart(&self) {
+        if let Some(session) = &*self.session.lock().expect("session lock") {
+            session.keep_for_restart();
+        }
+    }
+
+    /// Unmounts the node's FUSE session (on shutdown, after every layer is gone) and tells
+    /// the keeper to let it go.
     pub fn end_session(&self) {
-        self.session.lock().expect("session lock").take();
+        if self.session.lock().expect("session lock").take().is_some() {
+            if let Some(keeping) = &self.config.keeper {
+                let _ = keeping.keeper.release(NODE_SESSION);
+            }
+        }
     }
 
     fn registry_for(&self, reference: &Reference) -> Result<Registry, RegistryError> {
@@ -448,20 +569,25 @@ impl RemoteLayers {
             layer: layer.clone(),
             source: Box::new(error),
         };
+        let slot = u32::try_from(cache_key).map(Slot).map_err(|_| {
+            mount_error(MountError::Io {
+                what: format!("snapshot id {cache_key} is beyond the session's layer slots"),
+                source: std::io::Error::other("too many snapshots"),
+            })
+        })?;
         let identities = keys::load_key_dir(&self.config.keys_dir)?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
-        let blob = registry.blob(&reference, &layer, source.descriptor.size());
-        // One being fetched ahead is waited for rather than fetched twice; its fetch is
-        // bounded by the registry's deadlines.
-        let fetched = TailKey::of(&source.reference, &source.descriptor)
-            .and_then(|key| self.tails.take(&key, self.config.registry.request_timeout));
+        let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
+        let tail = self
+            .layer_tail(source, &blob, cache_dir)
+            .map_err(mount_error)?;
         let opened = mount::open_sealed_layer_with_tail(
             &source.descriptor,
-            Arc::new(blob),
+            blob,
             &identities,
             self.config.mount.max_index_bytes,
-            fetched,
+            Some(tail),
         )
         .map_err(mount_error)?;
         let options = MountOptions {
@@ -477,8 +603,65 @@ impl RemoteLayers {
         )
         .map_err(mount_error)?;
         let session = self.session().map_err(mount_error)?;
-        MountedLayer::add_bound(&session, fs, mountpoint).map_err(mount_error)
+        MountedLayer::add_bound_at(&session, fs, slot, mountpoint).map_err(mount_error)
     }
+
+    /// The layer's tail: the copy kept beside its disk cache (so a restart reopens the layer
+    /// without the registry), else the one fetched ahead, else one range read. Every copy is
+    /// checked against the digest the descriptor pins before it is used; a fetched one is
+    /// kept for next time.
+    fn layer_tail(
+        &self,
+        source: &RemoteLayerSource,
+        blob: &Arc<crate::registry::RegistryBlob>,
+        cache_dir: &Path,
+    ) -> Result<UnverifiedTail, MountError> {
+        let descriptor = &source.descriptor;
+        let facts = SealedLayerAnnotations::read_from(
+            &descriptor.annotations().clone().unwrap_or_default(),
+        )
+        .map_err(|error| MountError::Layer {
+            digest: source.digest(),
+            source: error,
+        })?;
+        let kept_at = cache_dir.join(KEPT_TAIL);
+        if let Ok(bytes) = std::fs::read(&kept_at) {
+            match UnverifiedTail::from_pinned(descriptor.size(), bytes, &facts.index_digest) {
+                Ok(tail) => return Ok(tail),
+                Err(error) => {
+                    tracing::warn!(path = %kept_at.display(), %error, "kept layer tail does not verify; fetching it again")
+                }
+            }
+        }
+        // One being fetched ahead is waited for rather than fetched twice; its fetch is
+        // bounded by the registry's deadlines.
+        let tail = match TailKey::of(&source.reference, descriptor)
+            .and_then(|key| self.tails.take(&key, self.config.registry.request_timeout))
+        {
+            Some(tail) => tail,
+            None => mount::read_tail(
+                descriptor,
+                &facts,
+                &**blob,
+                self.config.mount.max_index_bytes,
+            )?,
+        };
+        if let Err(error) = keep_tail(cache_dir, &kept_at, &tail) {
+            tracing::warn!(path = %kept_at.display(), %error, "could not keep the layer tail; a restart fetches it again");
+        }
+        Ok(tail)
+    }
+}
+
+/// The file beside a layer's disk cache that keeps its verified tail (ciphertext index and
+/// footer, as in the blob).
+const KEPT_TAIL: &str = "tail";
+
+fn keep_tail(cache_dir: &Path, path: &Path, tail: &UnverifiedTail) -> std::io::Result<()> {
+    crate::hardening::ensure_private_dir(cache_dir)?;
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, tail.to_bytes())?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Labels of a remote snapshot: the `Prepare` labels containerd asks to keep (non-empty ones,

@@ -118,6 +118,27 @@ impl DockerRegistry {
         }
     }
 
+    /// Freezes the registry process (SIGSTOP): connections are accepted by the kernel and
+    /// never answered, as from a registry that hangs. [`DockerRegistry::thaw`] undoes it.
+    pub fn freeze(&self) {
+        self.send_signal("STOP");
+    }
+
+    /// Lets a frozen registry run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.send_signal("CONT");
+    }
+
+    fn send_signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the registry runs");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} of the registry failed");
+    }
+
     /// Stops the registry process (storage is kept).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -82,12 +82,76 @@ impl SealfsDaemon {
         self.watch = Some(watch);
     }
 
+    /// Runs `containerd-sealfs-grpc release` (the daemon must be stopped); its output.
+    pub fn release(&self) -> std::process::Output {
+        Command::new(&self.binary)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("release")
+            .output()
+            .expect("running containerd-sealfs-grpc release")
+    }
+
+    /// Runs the daemon from `binary` from its next start on (an upgrade).
+    pub fn set_binary(&mut self, binary: impl AsRef<Path>) {
+        self.binary = binary.as_ref().to_path_buf();
+    }
+
+    /// The process id of the session keeper the daemon started, if one runs: the process
+    /// whose command line is `... keep-sessions --socket ROOT/session-keeper.sock`.
+    pub fn keeper_pid(&self) -> Option<u32> {
+        let socket = self.root.join("session-keeper.sock");
+        fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (args.iter().any(|a| *a == b"keep-sessions")
+                && args
+                    .iter()
+                    .any(|a| *a == socket.as_os_str().as_encoded_bytes()))
+            .then_some(pid)
+        })
+    }
+
+    /// How many of process `pid`'s descriptors are `/dev/fuse` connections.
+    pub fn fuse_descriptors_of(pid: u32) -> usize {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .filter(|fd| {
+                        fs::read_link(fd.path())
+                            .is_ok_and(|target| target == Path::new("/dev/fuse"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Requests the kernel has sent the node's FUSE session and not had answered yet (the
+    /// FUSE control filesystem's `waiting`); `None` if the session is not mounted.
+    pub fn fuse_requests_waiting(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(self.root.join("layers")).ok()?.dev();
+        let connection = format!("/sys/fs/fuse/connections/{}", libc_minor(dev));
+        if !Path::new(&connection).exists() {
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"])
+                .status();
+        }
+        fs::read_to_string(format!("{connection}/waiting"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Sends `signal` and waits for the process to end.
+    /// Sends `signal` and waits for the process to end (a minute at most: one that does not
+    /// end is a hang, reported with where its threads wait).
     pub fn signal(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
             let status = Command::new("kill")
@@ -96,7 +160,29 @@ impl SealfsDaemon {
                 .status()
                 .expect("running kill");
             assert!(status.success(), "kill -{signal} failed");
-            let status = child.wait().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let stacks = Command::new("sh")
+                        .arg("-c")
+                        .arg(format!(
+                            "for t in /proc/{}/task/*; do cat $t/comm $t/stack; done",
+                            child.id()
+                        ))
+                        .output()
+                        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                        .unwrap_or_default();
+                    let _ = child.kill();
+                    panic!(
+                        "the daemon did not end after SIG{signal}:\n{stacks}\n{}",
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
             if signal == "TERM" {
                 assert!(status.success(), "exit after SIGTERM: {status:?}");
             }
@@ -202,6 +288,8 @@ impl SealfsDaemon {
 }
 
 impl Drop for SealfsDaemon {
+    /// Stops the daemon and unmounts what it leaves for a restart (`release`), so no mount or
+    /// session keeper outlives the test.
     fn drop(&mut self) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill").arg(child.id().to_string()).status();
@@ -209,5 +297,11 @@ impl Drop for SealfsDaemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
+        let _ = self.release();
     }
+}
+
+/// The minor number of a device number (glibc's `gnu_dev_minor`).
+fn libc_minor(dev: u64) -> u64 {
+    (dev & 0xff) | ((dev >> 12) & 0xffff_ff00)
 }

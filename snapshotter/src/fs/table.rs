@@ -1,8 +1,11 @@
 //! Many layers in one tree, so one FUSE session (one `/dev/fuse` connection, one set of
 //! request threads) serves every layer of the node: the root is a directory with one entry
 //! per mounted layer, named by its slot number, and a layer's inode `i` is `slot << 32 | i`.
-//! Slots are never reused while the table lives, so an inode the kernel still holds after a
-//! layer left can never reach another layer; it answers ENOENT.
+//! Slots are never reused while the connection lives, so an inode the kernel still holds
+//! after a layer left can never reach another layer; it answers ENOENT. The node places each
+//! layer at its snapshot's id ([`LayerTable::insert_at`]), so a daemon that resumes the
+//! connection after a restart puts every layer back where the kernel's inodes point; inode
+//! numbers inside a layer come from its index and are the same in every daemon.
 //!
 //! A table made with [`LayerTable::single`] holds one layer at slot 0 and *is* that layer
 //! (its root is the session's root, inodes unchanged): a layer mounted on its own.
@@ -37,6 +40,11 @@ impl Slot {
         Ino(ino.0 & u64::from(u32::MAX))
     }
 }
+
+/// A slot that is the root's or another layer's.
+#[derive(Debug, thiserror::Error)]
+#[error("layer slot {} is taken", .0 .0)]
+pub struct SlotTaken(pub Slot);
 
 /// The layers of one FUSE session.
 pub struct LayerTable {
@@ -79,6 +87,23 @@ impl LayerTable {
         assert!(slot.0 != u32::MAX, "layer slots exhausted");
         self.layers.write().expect("table lock").insert(slot, fs);
         slot
+    }
+
+    /// Adds a layer at a slot the caller chose: a number that stays the layer's for as long
+    /// as the kernel may hold its inodes, across daemon restarts (the node uses its
+    /// snapshot's id, which the store never reuses). Refuses slot 0 (the root) and a taken
+    /// one.
+    pub fn insert_at(&self, slot: Slot, fs: Arc<LayerFs>) -> Result<(), SlotTaken> {
+        assert!(!self.single, "a single-layer table takes no other layer");
+        let mut layers = self.layers.write().expect("table lock");
+        if slot.0 == 0 || slot.0 == u32::MAX || layers.contains_key(&slot) {
+            return Err(SlotTaken(slot));
+        }
+        layers.insert(slot, fs);
+        // Slots chosen by number and slots handed out by `insert` never meet.
+        self.next_slot
+            .fetch_max(slot.0.saturating_add(1), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Removes a layer; its inodes answer ENOENT from now on.

@@ -18,8 +18,13 @@ use snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
 ///     address = "/run/sealfs/sealfs.sock"
 ///
 /// Node keys go in keys_dir (default /etc/sealfs/keys, files mode 0600). Every option is
-/// described in docs/configuration.md. Stops cleanly on SIGTERM or SIGINT; a restart mounts
-/// the layers it had again.
+/// described in docs/configuration.md.
+///
+/// Restarts keep running containers: the node's FUSE session is held by a small session
+/// keeper process (started by the daemon, logging to ROOT/session-keeper.log), so on SIGTERM,
+/// SIGINT, a crash or kill -9 the sealed layers stay mounted, their reads wait, and the next
+/// start (the same binary or a new version) resumes serving them. To unmount them for good
+/// (uninstall), stop the daemon and run `containerd-sealfs-grpc release`.
 #[derive(Parser, Debug)]
 #[command(name = "containerd-sealfs-grpc", version, verbatim_doc_comment)]
 struct Cli {
@@ -34,10 +39,38 @@ struct Cli {
     /// Check the configuration, print it in full (defaults filled in) and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Unmount every sealed layer a stopped daemon left mounted and end their FUSE session
+    /// (uninstall, or before removing the root). Containers still running on those layers
+    /// fail every later read of them: stop them first. Refuses while the daemon runs.
+    Release,
+    /// Run the session keeper on SOCKET (started by the daemon itself; see
+    /// snapshotter::session_keeper).
+    #[command(hide = true)]
+    KeepSessions {
+        /// The socket to answer on.
+        #[arg(long, value_name = "SOCKET")]
+        socket: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::KeepSessions { socket }) = &cli.command {
+        // Before any configuration: the keeper holds descriptors and needs nothing else.
+        return match snapshotter::session_keeper::serve(socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("containerd-sealfs-grpc keep-sessions: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -57,6 +90,29 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| format!("defaults ({DEFAULT_CONFIG_PATH} if present)"))
         );
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Release) = cli.command {
+        return match snapshotter::daemon::release(&config) {
+            Ok(released) => {
+                println!(
+                    "released {} sealed-layer mount(s){}",
+                    released.mounts,
+                    if released.session {
+                        " and the kept FUSE session"
+                    } else {
+                        "; no FUSE session was kept"
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!(
+                    "containerd-sealfs-grpc release: {}",
+                    snapshotter::error_chain(&error)
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     let level = cli.log_level.as_deref().unwrap_or(&config.log_level);
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEALFS_LOG")
