@@ -9,8 +9,9 @@ use serde::Deserialize;
 
 use crate::fetcher::{FetchConfig, PoolConfig};
 use crate::mount::MountOptions;
+use crate::node_session::SessionKeeping;
 use crate::registry::RegistryOptions;
-use crate::remote::{RemoteConfig, SessionKeeping};
+use crate::remote::RemoteConfig;
 
 /// Where the daemon looks for its configuration when not told.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sealfs/config.toml";
@@ -290,7 +291,7 @@ impl Config {
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
             session_dir: self.session_dir(),
-            keeper: Some(SessionKeeping {
+            keeping: Some(SessionKeeping {
                 keeper: crate::session_keeper::Keeper::in_root(&self.root),
                 program: PathBuf::from("/proc/self/exe"),
                 log: self.root.join(crate::session_keeper::LOG_NAME),

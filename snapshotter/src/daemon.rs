@@ -26,7 +26,7 @@ fn resume(node: &Node) -> std::io::Result<()> {
             tracing::error!(%error, "reading remote snapshots to put back in the resumed session")
         }
     }
-    node.remote().start_resumed_session()
+    node.remote().session().start_resumed()
 }
 
 /// Why the daemon could not run.
@@ -161,7 +161,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let served = runtime.block_on(async {
         let listener = bind_socket(&config.socket)?;
         let restoring = node.clone();
-        if node.remote().resume_session() {
+        if node.remote().session().resume() {
             // Every layer goes back into the session's table before it answers a request:
             // containers' reads wait for the table rather than fail on a missing layer.
             tokio::task::spawn_blocking(move || resume(&restoring))
@@ -222,7 +222,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if !config.cri.image_proxy_socket.as_os_str().is_empty() {
         let _ = std::fs::remove_file(&config.cri.image_proxy_socket);
     }
-    if node.remote().session_is_kept() {
+    if node.remote().session().is_kept() {
         node.leave_mounted();
         tracing::info!(
             "layers stay mounted and their FUSE session kept for the next start; \

@@ -29,7 +29,9 @@
 //! (containerd's snapshot model on overlayfs, state in redb), [`filters`] (containerd's filter
 //! syntax for Walk), [`keys`] (the node's keys), [`remote`] (sealed layers named by
 //! containerd's labels, mounted as directories of the node's session; their tails fetched
-//! ahead by [`tails_ahead`]), [`node`] (containerd's snapshots model over the store and the
+//! ahead by [`tails_ahead`]), [`node_session`] (that one FUSE session, whose descriptor
+//! [`session_keeper`] holds so that a restarted daemon resumes it and running containers keep
+//! reading), [`node`] (containerd's snapshots model over the store and the
 //! remote layers, with domain errors), [`grpc`] (the snapshots service: tonic only there),
 //! [`metrics`],
 //! [`cri_proxy`], [`config`] and [`daemon`] (`containerd-sealfs-grpc`).
@@ -55,6 +57,7 @@ pub mod metrics;
 pub mod mount;
 pub mod mount_table;
 pub mod node;
+pub mod node_session;
 pub mod oci_layout;
 pub mod registry;
 pub mod remote;

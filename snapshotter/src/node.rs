@@ -443,13 +443,13 @@ impl Node {
     /// Unmounts every remote layer (on shutdown).
     pub fn unmount_all(&self) {
         self.mounted.lock().expect("mounted lock").clear();
-        self.remote.end_session();
+        self.remote.session().end();
     }
 
     /// Ends this daemon's part in the layers, leaving them mounted and their session with the
     /// keeper, so the next daemon resumes serving them and running containers read on.
     pub fn leave_mounted(&self) {
-        self.remote.keep_session_for_restart();
+        self.remote.session().keep_for_restart();
         for (_, mut layer) in self.mounted.lock().expect("mounted lock").drain() {
             layer.keep_for_restart();
         }

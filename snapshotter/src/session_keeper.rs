@@ -274,7 +274,7 @@ fn receive(stream: BorrowedFd<'_>) -> io::Result<(String, Option<OwnedFd>)> {
 }
 
 /// Runs the keeper on `socket` until a `release` leaves it holding nothing. Prints
-/// [`READY_LINE`] on stdout once it answers, then closes stdout.
+/// its ready line on stdout once it answers, then closes stdout.
 pub fn serve(socket_path: &Path) -> io::Result<()> {
     let listener = listen(socket_path)?;
     {

@@ -1,0 +1,181 @@
+//! The node's one FUSE session and its life across daemon restarts. Every sealed layer of the
+//! node is a directory of this session (mounted at `ROOT/layers`, see [`crate::fs::table`]);
+//! it is mounted when the first layer needs it, and its descriptor is handed to the
+//! [session keeper](crate::session_keeper) so the kernel's side of every layer mount outlives
+//! this process. A daemon that starts while the keeper holds a session that is still mounted
+//! *resumes* it instead of mounting a new one: the node puts every layer back into its table,
+//! then it starts answering (the kernel has queued what arrived meanwhile). See
+//! `docs/semantics.md`, "Restarts".
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::fuse::session::FuseSession;
+use crate::mount::{self, MountError, MountOptions};
+use crate::session_keeper::{Keeper, NODE_SESSION};
+
+/// The session keeper of a daemon and how to start it.
+#[derive(Clone, Debug)]
+pub struct SessionKeeping {
+    /// Its socket.
+    pub keeper: Keeper,
+    /// The binary that runs `keep-sessions` (the daemon's own: `/proc/self/exe`, which works
+    /// even after an upgrade replaced the file).
+    pub program: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+}
+
+/// The node's FUSE session: none until a layer needs it or a kept one is resumed.
+pub struct NodeSession {
+    dir: PathBuf,
+    /// FUSE threads and mount restrictions of the session.
+    mount: MountOptions,
+    /// Where the session is kept across restarts; `None`: it is not (a restart breaks the
+    /// containers running on sealed layers).
+    keeping: Option<SessionKeeping>,
+    session: Mutex<Option<Arc<FuseSession>>>,
+}
+
+impl NodeSession {
+    /// A session to mount at `dir` (private to root) with `mount`'s settings, kept by
+    /// `keeping` across restarts.
+    pub fn new(dir: PathBuf, mount: MountOptions, keeping: Option<SessionKeeping>) -> Self {
+        NodeSession {
+            dir,
+            mount,
+            keeping,
+            session: Mutex::new(None),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<FuseSession>> {
+        self.session.lock().expect("session lock").clone()
+    }
+
+    /// The session, mounted now if it is not yet (and handed to the keeper). A session a dead
+    /// daemon left mounted, and nobody kept, answers nothing: it is detached first.
+    pub fn get_or_mount(&self) -> Result<Arc<FuseSession>, MountError> {
+        let mut session = self.session.lock().expect("session lock");
+        if let Some(session) = &*session {
+            return Ok(session.clone());
+        }
+        let dir = &self.dir;
+        if crate::mount_table::detach_all(dir) > 0 {
+            tracing::warn!(dir = %dir.display(), "detached a dead FUSE session a previous daemon left (nothing kept it); containers still running on its layers cannot read them");
+        }
+        crate::hardening::ensure_private_dir(dir).map_err(|source| MountError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        let mounted = Arc::new(mount::mount_session(dir, &self.mount, "node")?);
+        tracing::info!(dir = %dir.display(), fuse_threads = self.mount.fuse_threads,
+            serving = ?mounted.serving(), "FUSE session mounted for every layer");
+        self.keep(&mounted);
+        *session = Some(mounted.clone());
+        Ok(mounted)
+    }
+
+    /// Hands the session's connection to the keeper, starting one if none runs. A failure
+    /// leaves the session working, only not kept: said once, as a warning.
+    fn keep(&self, session: &FuseSession) {
+        let Some(keeping) = &self.keeping else {
+            return;
+        };
+        let kept = (|| {
+            if !keeping.keeper.is_running() {
+                keeping.keeper.spawn(&keeping.program, &keeping.log)?;
+            }
+            keeping.keeper.store(NODE_SESSION, session.device())
+        })();
+        match kept {
+            Ok(()) => {
+                tracing::info!(keeper = %keeping.keeper.socket().display(), "FUSE session kept for restarts")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the FUSE session is not kept: a restart of this daemon will break the containers running on sealed layers")
+            }
+        }
+    }
+
+    /// Takes over the session an earlier daemon left with the keeper, if there is one and it
+    /// is still mounted; it answers nothing until [`NodeSession::start_resumed`], so the
+    /// layers can be put back first. Whether a session was resumed.
+    pub fn resume(&self) -> bool {
+        let Some(keeping) = &self.keeping else {
+            return false;
+        };
+        let dir = &self.dir;
+        let device = match keeping.keeper.take(NODE_SESSION) {
+            Ok(Some(device)) => device,
+            Ok(None) => return false,
+            Err(error) => {
+                if keeping.keeper.socket().exists() {
+                    tracing::warn!(%error, "the session keeper does not answer; mounting a new FUSE session");
+                }
+                return false;
+            }
+        };
+        if !crate::mount_table::is_mounted(dir) {
+            // Unmounted by hand: the kept connection serves nothing any more.
+            tracing::warn!(dir = %dir.display(), "the kept FUSE session is no longer mounted; releasing it");
+            let _ = keeping.keeper.release(NODE_SESSION);
+            return false;
+        }
+        let config = mount::session_config(&self.mount, "node");
+        match FuseSession::resume(Arc::default(), device, dir, &config) {
+            Ok(resumed) => {
+                tracing::info!(dir = %dir.display(), serving = ?resumed.serving(), "resuming the FUSE session the previous daemon left");
+                *self.session.lock().expect("session lock") = Some(Arc::new(resumed));
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not resume the kept FUSE session; mounting a new one");
+                false
+            }
+        }
+    }
+
+    /// Starts answering in a resumed session: requests waiting since the restart are served.
+    pub fn start_resumed(&self) -> std::io::Result<()> {
+        let Some(session) = self.current() else {
+            return Ok(());
+        };
+        session.start()?;
+        tracing::info!(
+            layers = session.table().len(),
+            "resumed FUSE session serving"
+        );
+        Ok(())
+    }
+
+    /// Whether the session is held by the keeper (so leaving it mounted at exit lets the next
+    /// daemon resume it).
+    pub fn is_kept(&self) -> bool {
+        let Some(keeping) = &self.keeping else {
+            return false;
+        };
+        self.current().is_some()
+            && keeping
+                .keeper
+                .list()
+                .is_ok_and(|names| names.iter().any(|name| name == NODE_SESSION))
+    }
+
+    /// Leaves the session mounted and connected when this daemon exits.
+    pub fn keep_for_restart(&self) {
+        if let Some(session) = self.current() {
+            session.keep_for_restart();
+        }
+    }
+
+    /// Unmounts the session (on shutdown, after every layer is gone) and tells the keeper to
+    /// let it go.
+    pub fn end(&self) {
+        if self.session.lock().expect("session lock").take().is_some() {
+            if let Some(keeping) = &self.keeping {
+                let _ = keeping.keeper.release(NODE_SESSION);
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Remote layers: from the labels containerd sends with a layer's `Prepare` to a sealed layer
+//! mounted with FUSE. Finds the layer in its image's manifest (the registry's copy, not the
+//! client's labels, is trusted), unwraps its key with the node's keys, verifies its index
+//! against the digest the manifest pins and mounts it. What a remote snapshot needs to be
+//! mounted again after a restart is kept as a [`RemoteLayerSource`]: the reference pinned to
+//! the manifest digest and the layer's descriptor, so a remount costs one range read.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
+use fsformat::reader::UnverifiedTail;
+use oci_client::Reference;
+use oci_spec::image::Descriptor;
+use tokio::runtime::Handle;
+
+use crate::cache::MemoryCache;
+use crate::credentials;
+use crate::fetcher::FetchPool;
+use crate::fs::table::Slot;
+use crate::keys;
+use crate::mount::{self, MountError, MountOptions, MountedLayer};
+use crate::node_session::{NodeSession, SessionKeeping};
+use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteManifest};
+use crate::tails_ahead::{TailJob, TailKey, TailsAhead};
+
+mod error;
+mod labels;
+
+pub use error::RemoteError;
+pub use labels::{
+    snapshot_labels, LayerRequest, RemoteLayerSource, REMOTE_LABEL, SEALED_MARKER_LABEL,
+    TARGET_LABEL,
+};
+
+/// Settings of remote layers.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// The node's private keys and key shares.
+    pub keys_dir: PathBuf,
+    /// docker `config.json` with registry credentials (`None`: the default place).
+    pub docker_config: Option<PathBuf>,
+    /// Registry access.
+    pub registry: RegistryOptions,
+    /// Fetching, the node's fetch and FUSE threads, and disk cache bounds of each layer.
+    pub mount: MountOptions,
+    /// Where the node's FUSE session is mounted (each layer a directory of it, bind-mounted
+    /// at its snapshot's `fs`); it must be private to root.
+    pub session_dir: PathBuf,
+    /// How long Prepare of a remote layer waits for its startup profile.
+    pub profile_wait: Duration,
+    /// Where the node's FUSE session is kept across restarts; `None`: it is not (a restart
+    /// breaks the containers running on sealed layers).
+    pub keeping: Option<SessionKeeping>,
+}
+
+/// How long a manifest resolved by tag is reused for the other layers of the same pull.
+const MANIFEST_TTL: Duration = Duration::from_secs(60);
+
+/// Opens and mounts remote sealed layers; one per daemon, shared by all snapshots.
+pub struct RemoteLayers {
+    config: RemoteConfig,
+    runtime: Handle,
+    memory: Arc<MemoryCache>,
+    /// The fetch workers of every layer.
+    pool: Arc<FetchPool>,
+    /// The FUSE session of every layer, mounted at the first layer's mount.
+    session: NodeSession,
+    /// One client per registry host (connection pools, tokens).
+    registries: Mutex<HashMap<String, Registry>>,
+    /// Recently resolved manifests, by the reference asked for.
+    manifests: Mutex<lru::LruCache<String, (Instant, RemoteManifest)>>,
+    /// Tails of the layers after the one being prepared, fetched meanwhile.
+    tails: Arc<TailsAhead>,
+}
+
+impl RemoteLayers {
+    /// How long Prepare waits for a mounted layer's startup profile.
+    pub fn profile_wait(&self) -> Duration {
+        self.config.profile_wait
+    }
+
+    /// Remote layers whose registry requests run on `runtime` and whose plain chunks share
+    /// `memory`.
+    pub fn new(config: RemoteConfig, runtime: Handle, memory: Arc<MemoryCache>) -> Self {
+        let pool = FetchPool::start(config.mount.pool.clone());
+        tracing::debug!(
+            threads = pool.threads(),
+            "fetch pool started for every layer"
+        );
+        RemoteLayers {
+            pool,
+            session: NodeSession::new(
+                config.session_dir.clone(),
+                config.mount.clone(),
+                config.keeping.clone(),
+            ),
+            config,
+            runtime,
+            memory,
+            registries: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(lru::LruCache::new(NonZeroUsize::new(64).expect("64"))),
+            tails: Arc::default(),
+        }
+    }
+
+    /// The memory cache shared by all layers.
+    pub fn memory(&self) -> &Arc<MemoryCache> {
+        &self.memory
+    }
+
+    /// The node's FUSE session.
+    pub fn session(&self) -> &NodeSession {
+        &self.session
+    }
+
+    fn registry_for(&self, reference: &Reference) -> Result<Registry, RegistryError> {
+        let host = reference.resolve_registry().to_string();
+        let mut registries = self.registries.lock().expect("registries lock");
+        if let Some(registry) = registries.get(&host) {
+            return Ok(registry.clone());
+        }
+        let credentials =
+            credentials::load_config(self.config.docker_config.as_deref()).map_err(|e| {
+                RegistryError::Invalid {
+                    registry: host.clone(),
+                    what: e.to_string(),
+                }
+            })?;
+        let registry = Registry::connect(
+            self.runtime.clone(),
+            &host,
+            self.config.registry.clone(),
+            &|h| credentials.auth_for(h),
+        )?;
+        registries.insert(host, registry.clone());
+        Ok(registry)
+    }
+
+    /// The image's manifest, from the cache while fresh.
+    fn manifest(&self, registry: &Registry, asked: &str) -> Result<RemoteManifest, RegistryError> {
+        if let Some((at, image)) = self.manifests.lock().expect("manifests lock").get(asked) {
+            if at.elapsed() < MANIFEST_TTL {
+                return Ok(image.clone());
+            }
+        }
+        let image = registry.resolve_manifest(&Registry::parse(asked)?)?;
+        self.manifests
+            .lock()
+            .expect("manifests lock")
+            .put(asked.to_string(), (Instant::now(), image.clone()));
+        Ok(image)
+    }
+
+    /// Finds the requested layer in its image's manifest. `None`: the manifest says the layer
+    /// is not sealed, so containerd should unpack it.
+    pub fn resolve(
+        &self,
+        request: &LayerRequest,
+    ) -> Result<Option<RemoteLayerSource>, RemoteError> {
+        let registry_error = |source| RemoteError::Registry {
+            image: request.image.clone(),
+            layer: request.layer.clone(),
+            source: Box::new(source),
+        };
+        let mut asked = request.image.clone();
+        if let Some(manifest) = &request.manifest {
+            // Pin to what the client resolved; drop a digest the reference already carried.
+            let base = asked.split('@').next().unwrap_or_default().to_string();
+            asked = format!("{base}@{manifest}");
+        }
+        let reference = Registry::parse(&asked).map_err(registry_error)?;
+        let registry = self.registry_for(&reference).map_err(registry_error)?;
+        let image = self.manifest(&registry, &asked).map_err(registry_error)?;
+        let descriptor = image
+            .manifest
+            .layers()
+            .iter()
+            .find(|l| l.digest().to_string() == request.layer)
+            .cloned()
+            .ok_or_else(|| RemoteError::NotInManifest {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+            })?;
+        if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
+            return Ok(None);
+        }
+        let version = image
+            .manifest
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(fsformat::oci::ANNOTATION_SEALED_IMAGE))
+            .cloned();
+        let legacy = descriptor
+            .annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(fsformat::oci::ANNOTATION_LEGACY_SOURCE_DIFF_ID));
+        if legacy || version.as_deref() != Some(fsformat::oci::SEALED_IMAGE_VERSION) {
+            return Err(RemoteError::LegacyFormat {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                found: version.unwrap_or_else(|| "v1 (unmarked)".to_string()),
+            });
+        }
+        let found = descriptor
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(SEALED_MARKER_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        if found != request.index_digest {
+            return Err(RemoteError::ManifestMismatch {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                expected: request.index_digest.clone(),
+                found,
+            });
+        }
+        self.fetch_tails_after(&registry, &image, &descriptor);
+        Ok(Some(RemoteLayerSource {
+            reference: image.reference.whole(),
+            descriptor,
+        }))
+    }
+
+    /// Starts fetching the tails of the sealed layers that follow `current` in `image`:
+    /// containerd prepares them next, one after another (see [`crate::tails_ahead`]).
+    fn fetch_tails_after(&self, registry: &Registry, image: &RemoteManifest, current: &Descriptor) {
+        let pinned = image.reference.whole();
+        let jobs = image
+            .manifest
+            .layers()
+            .iter()
+            .skip_while(|layer| layer.digest() != current.digest())
+            .skip(1)
+            .filter(|layer| layer.media_type().to_string() == MEDIA_TYPE_SEALED_LAYER)
+            .filter_map(|layer| {
+                Some(TailJob {
+                    key: TailKey::of(&pinned, layer)?,
+                    descriptor: layer.clone(),
+                    source: Arc::new(registry.blob(
+                        &image.reference,
+                        layer.digest().as_ref(),
+                        layer.size(),
+                    )),
+                    max_index_bytes: self.config.mount.max_index_bytes,
+                })
+            })
+            .collect();
+        self.tails.schedule(jobs);
+    }
+
+    /// Opens the layer with the node's keys and mounts it at `mountpoint`; `cache_key` tells
+    /// its chunks apart in the shared memory cache, `cache_dir` holds its sealed chunks.
+    pub fn mount(
+        &self,
+        source: &RemoteLayerSource,
+        mountpoint: &Path,
+        cache_key: u64,
+        cache_dir: &Path,
+    ) -> Result<MountedLayer, RemoteError> {
+        let layer = source.digest();
+        let mount_error = |error: MountError| RemoteError::Mount {
+            image: source.reference.clone(),
+            layer: layer.clone(),
+            source: Box::new(error),
+        };
+        let registry_error = |error| RemoteError::Registry {
+            image: source.reference.clone(),
+            layer: layer.clone(),
+            source: Box::new(error),
+        };
+        let slot = u32::try_from(cache_key).map(Slot).map_err(|_| {
+            mount_error(MountError::Io {
+                what: format!("snapshot id {cache_key} is beyond the session's layer slots"),
+                source: std::io::Error::other("too many snapshots"),
+            })
+        })?;
+        let identities = keys::load_key_dir(&self.config.keys_dir)?;
+        let reference = Registry::parse(&source.reference).map_err(registry_error)?;
+        let registry = self.registry_for(&reference).map_err(registry_error)?;
+        let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
+        let tail = self
+            .layer_tail(source, &blob, cache_dir)
+            .map_err(mount_error)?;
+        let opened = mount::open_sealed_layer_with_tail(
+            &source.descriptor,
+            blob,
+            &identities,
+            self.config.mount.max_index_bytes,
+            Some(tail),
+        )
+        .map_err(mount_error)?;
+        let options = MountOptions {
+            cache_dir: Some(cache_dir.to_path_buf()),
+            ..self.config.mount.clone()
+        };
+        let fs = mount::layer_fs(
+            &opened,
+            cache_key,
+            &self.pool,
+            self.memory.clone(),
+            &options,
+        )
+        .map_err(mount_error)?;
+        let session = self.session.get_or_mount().map_err(mount_error)?;
+        MountedLayer::add_bound_at(&session, fs, slot, mountpoint).map_err(mount_error)
+    }
+
+    /// The layer's tail: the copy kept beside its disk cache (so a restart reopens the layer
+    /// without the registry), else the one fetched ahead, else one range read. Every copy is
+    /// checked against the digest the descriptor pins before it is used; a fetched one is
+    /// kept for next time.
+    fn layer_tail(
+        &self,
+        source: &RemoteLayerSource,
+        blob: &Arc<crate::registry::RegistryBlob>,
+        cache_dir: &Path,
+    ) -> Result<UnverifiedTail, MountError> {
+        let descriptor = &source.descriptor;
+        let facts = SealedLayerAnnotations::read_from(
+            &descriptor.annotations().clone().unwrap_or_default(),
+        )
+        .map_err(|error| MountError::Layer {
+            digest: source.digest(),
+            source: error,
+        })?;
+        let kept_at = cache_dir.join(KEPT_TAIL);
+        if let Ok(bytes) = std::fs::read(&kept_at) {
+            match UnverifiedTail::from_pinned(descriptor.size(), bytes, &facts.index_digest) {
+                Ok(tail) => return Ok(tail),
+                Err(error) => {
+                    tracing::warn!(path = %kept_at.display(), %error, "kept layer tail does not verify; fetching it again")
+                }
+            }
+        }
+        // One being fetched ahead is waited for rather than fetched twice; its fetch is
+        // bounded by the registry's deadlines.
+        let tail = match TailKey::of(&source.reference, descriptor)
+            .and_then(|key| self.tails.take(&key, self.config.registry.request_timeout))
+        {
+            Some(tail) => tail,
+            None => mount::read_tail(
+                descriptor,
+                &facts,
+                &**blob,
+                self.config.mount.max_index_bytes,
+            )?,
+        };
+        if let Err(error) = keep_tail(cache_dir, &kept_at, &tail) {
+            tracing::warn!(path = %kept_at.display(), %error, "could not keep the layer tail; a restart fetches it again");
+        }
+        Ok(tail)
+    }
+}
+
+/// The file beside a layer's disk cache that keeps its verified tail (ciphertext index and
+/// footer, as in the blob).
+const KEPT_TAIL: &str = "tail";
+
+fn keep_tail(cache_dir: &Path, path: &Path, tail: &UnverifiedTail) -> std::io::Result<()> {
+    crate::hardening::ensure_private_dir(cache_dir)?;
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, tail.to_bytes())?;
+    std::fs::rename(&temporary, path)
+}
