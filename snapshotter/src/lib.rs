@@ -23,7 +23,7 @@
 //! (`[fetch] fuse_threads`) and one fetch pool (`[fetch] threads`) serve every mounted layer.
 //!
 //! Around the read path: [`hardening`] (private directories, no core dumps),
-//! [`image_ref`] and [`oci_layout`] (image access), [`mount_table`] (overlay, bind and lazy
+//! [`oci_layout`] (image access), [`mount_table`] (overlay, bind and lazy
 //! unmounts), [`mount`] (open a sealed layer: unwrap its key, verify its tail, build its fs;
 //! mount an image), [`registry`] with [`credentials`] and [`hosts`], [`snapshot`]
 //! (containerd's snapshot model on overlayfs, state in redb), [`filters`] (containerd's filter
@@ -51,7 +51,6 @@ pub mod fuse;
 pub mod grpc;
 pub mod hardening;
 pub mod hosts;
-pub mod image_ref;
 pub mod keys;
 pub mod metrics;
 pub mod mount;

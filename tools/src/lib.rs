@@ -1,4 +1,5 @@
 //! Shared code of the sealfs command-line tools.
 
+pub mod image_ref;
 pub mod keyfiles;
 pub mod signals;

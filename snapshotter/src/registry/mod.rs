@@ -152,7 +152,37 @@ pub struct RemoteImage {
     pub raw_manifest: Vec<u8>,
 }
 
+/// The runtime a tool's registry requests run on (the daemon has its own): two workers, as
+/// requests are I/O and their bytes are verified and decrypted on the caller's threads.
+pub fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sealfs-registry")
+        .enable_all()
+        .build()
+}
+
 impl Registry {
+    /// A client for `registry` with the credentials of docker's `config.json` at
+    /// `docker_config` (`None`: `$DOCKER_CONFIG/config.json`, then `~/.docker/config.json`),
+    /// as the daemon and every tool read them; see [`Registry::connect`].
+    pub fn connect_with_docker_config(
+        runtime: Handle,
+        registry: &str,
+        options: RegistryOptions,
+        docker_config: Option<&std::path::Path>,
+    ) -> Result<Self, RegistryError> {
+        let credentials = crate::credentials::load_config(docker_config).map_err(|error| {
+            RegistryError::Invalid {
+                registry: registry.to_string(),
+                what: error.to_string(),
+            }
+        })?;
+        Self::connect(runtime, registry, options, &|host| {
+            credentials.auth_for(host)
+        })
+    }
+
     /// A client for `registry`: its endpoints come from `options.hosts_dir` (containerd's
     /// hosts.toml layout), each host's credentials from `auth_for`; requests run on `runtime`.
     pub fn connect<E: std::fmt::Display>(

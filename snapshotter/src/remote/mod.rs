@@ -18,7 +18,6 @@ use oci_spec::image::Descriptor;
 use tokio::runtime::Handle;
 
 use crate::cache::MemoryCache;
-use crate::credentials;
 use crate::fetcher::FetchPool;
 use crate::fs::table::Slot;
 use crate::keys;
@@ -123,18 +122,11 @@ impl RemoteLayers {
         if let Some(registry) = registries.get(&host) {
             return Ok(registry.clone());
         }
-        let credentials =
-            credentials::load_config(self.config.docker_config.as_deref()).map_err(|e| {
-                RegistryError::Invalid {
-                    registry: host.clone(),
-                    what: e.to_string(),
-                }
-            })?;
-        let registry = Registry::connect(
+        let registry = Registry::connect_with_docker_config(
             self.runtime.clone(),
             &host,
             self.config.registry.clone(),
-            &|h| credentials.auth_for(h),
+            self.config.docker_config.as_deref(),
         )?;
         registries.insert(host, registry.clone());
         Ok(registry)

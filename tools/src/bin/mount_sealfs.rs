@@ -16,15 +16,15 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fsformat::PrivateKey;
 use oci_spec::image::Descriptor;
+use sealfs_tools::image_ref::ImageRef;
 use snapshotter::cache::MemoryCache;
 use snapshotter::credentials;
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::fetcher::FetchPool;
-use snapshotter::image_ref::ImageRef;
 use snapshotter::mount::{self, MountOptions, MountRestrictions, MountedLayer, OpenedLayer};
 use snapshotter::mount_table;
 use snapshotter::oci_layout::OciLayout;
-use snapshotter::registry::{Registry, RegistryOptions};
+use snapshotter::registry::{self, Registry, RegistryOptions};
 
 /// Mount a sealed image (all layers, merged read-only with overlayfs as a container sees them)
 /// or one sealed layer, fetching and decrypting chunks only when they are read.
@@ -254,15 +254,9 @@ fn open_layers(
             Ok((opened, None))
         }
         ImageRef::Registry { reference } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("sealfs-registry")
-                .enable_all()
-                .build()
-                .context("starting the registry client")?;
+            let runtime = registry::client_runtime().context("starting the registry client")?;
             let parsed = Registry::parse(reference)?;
             let host = parsed.resolve_registry().to_string();
-            let credentials = credentials::load_config(options.docker_config.as_deref())?;
             let settings = RegistryOptions {
                 hosts_dir: options
                     .hosts_dir
@@ -270,9 +264,12 @@ fn open_layers(
                     .or_else(credentials::default_hosts_dir),
                 ..RegistryOptions::default()
             };
-            let registry = Registry::connect(runtime.handle().clone(), &host, settings, &|h| {
-                credentials.auth_for(h)
-            })?;
+            let registry = Registry::connect_with_docker_config(
+                runtime.handle().clone(),
+                &host,
+                settings,
+                options.docker_config.as_deref(),
+            )?;
             let image = registry
                 .resolve(&parsed)
                 .with_context(|| format!("resolving {text}"))?;

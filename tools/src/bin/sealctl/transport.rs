@@ -13,10 +13,10 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_client::Reference;
 use oci_spec::image::{Descriptor, MediaType};
+use sealfs_tools::image_ref::ImageRef;
 use snapshotter::credentials;
-use snapshotter::image_ref::ImageRef;
 use snapshotter::oci_layout::{descriptor, OciLayout, ResolvedImage};
-use snapshotter::registry::{Registry, RegistryOptions};
+use snapshotter::registry::{self, Registry, RegistryOptions};
 use snapshotter::source::{ChunkSource, LocalBlob};
 
 /// Registry settings from the command line.
@@ -75,14 +75,10 @@ impl Transport {
         let runtime = match self.runtime.get() {
             Some(runtime) => runtime,
             None => {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?;
+                let runtime = registry::client_runtime()?;
                 self.runtime.get_or_init(|| runtime)
             }
         };
-        let credentials = credentials::load_config(self.docker_config.as_deref())?;
         let options = RegistryOptions {
             insecure: if self.insecure {
                 vec![host.to_string()]
@@ -95,9 +91,12 @@ impl Transport {
                 .or_else(credentials::default_hosts_dir),
             ..RegistryOptions::default()
         };
-        let registry = Registry::connect(runtime.handle().clone(), host, options, &|h| {
-            credentials.auth_for(h)
-        })?;
+        let registry = Registry::connect_with_docker_config(
+            runtime.handle().clone(),
+            host,
+            options,
+            self.docker_config.as_deref(),
+        )?;
         self.registries
             .borrow_mut()
             .insert(host.to_string(), registry.clone());
