@@ -19,8 +19,14 @@
 //!
 //! Threads belong to the pool, not to layers: a mounted layer costs memory only (its index,
 //! one bit and one byte per chunk, its counters).
+//!
+//! Files: `config` (tunables, errors), `inflight` (claims), `job` (what the pool runs: claimed
+//! runs fetched with one range read each, the layer's profile and background feed), `pool`,
+//! `prefetch` (which runs come next), `stats`.
 
+mod config;
 mod inflight;
+mod job;
 pub mod pool;
 mod prefetch;
 mod stats;
@@ -35,89 +41,12 @@ use fsformat::reader::{ChunkDecoder, SealedLayer};
 use fsformat::FormatError;
 
 use crate::cache::{ChunkKey, DiskCache, MemoryCache};
-use crate::source::{ChunkSource, SourceError};
+use crate::source::ChunkSource;
+pub use config::{ChunkResult, FetchConfig, FetchError};
 use inflight::{Claim, InFlight, Joined};
-use pool::{Feed, Job, Next};
+use job::{FetchJob, LayerFeed};
 pub use pool::{FetchPool, PoolConfig};
 pub use stats::{FetchProgress, FetchStats, FetchTotals, LatencyHistogram, LATENCY_BUCKETS};
-
-/// Why a chunk could not be served.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum FetchError {
-    /// The source failed.
-    #[error("layer {layer}: fetching chunk {chunk} failed")]
-    Source {
-        /// The layer's name.
-        layer: String,
-        /// The chunk.
-        chunk: u32,
-        /// What the source said (shared by every chunk of the failed range read).
-        #[source]
-        source: Arc<SourceError>,
-    },
-    /// The chunk failed authentication (tampered, truncated or swapped); never served.
-    #[error("layer {layer}: chunk {chunk} failed verification: {reason}")]
-    Verification {
-        /// The layer's name.
-        layer: String,
-        /// The chunk.
-        chunk: u32,
-        /// What failed.
-        reason: String,
-    },
-    /// The fetch did not complete within the timeout.
-    #[error("layer {layer}: chunk {chunk} did not arrive within {after:?}")]
-    Timeout {
-        /// The layer's name.
-        layer: String,
-        /// The chunk.
-        chunk: u32,
-        /// The timeout.
-        after: Duration,
-    },
-    /// The layer is being unmounted, or the node is shutting down.
-    #[error("layer {layer} is shutting down")]
-    Cancelled {
-        /// The layer's name.
-        layer: String,
-    },
-}
-
-/// A chunk's plaintext, or why there is none.
-pub type ChunkResult = Result<Arc<Vec<u8>>, FetchError>;
-
-/// Tunables of one layer's fetcher (defaults documented in docs/configuration.md). Threads,
-/// background streams and the bandwidth cap are the node's: see [`PoolConfig`].
-#[derive(Clone, Debug)]
-pub struct FetchConfig {
-    /// How long a read waits for its chunk before failing with EIO.
-    pub timeout: Duration,
-    /// Fetch the whole layer in the background after mounting.
-    pub background: bool,
-    /// Largest merged range read of the background and profile fetches.
-    pub merge_bytes: u64,
-    /// Fetch the layer's startup profile (its prefetch order) right after mounting.
-    pub profile: bool,
-    /// Range reads of this layer's profile in flight at once.
-    pub profile_streams: usize,
-    /// When a read misses, the chunks right after it are fetched in the same range read, up
-    /// to this many plaintext bytes: a start-up reads files in directory order, and the next
-    /// pack of small files is likely next. 0: off. A chunk bigger than this is never read ahead.
-    pub readahead_bytes: u64,
-}
-
-impl Default for FetchConfig {
-    fn default() -> Self {
-        FetchConfig {
-            timeout: Duration::from_secs(30),
-            background: true,
-            merge_bytes: 4 << 20,
-            profile: true,
-            profile_streams: 4,
-            readahead_bytes: 256 << 10,
-        }
-    }
-}
 
 /// Why a run of chunks is fetched (which counter it goes to).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -517,214 +446,5 @@ impl LayerState {
             claims.append(&mut claimed);
         }
         claims
-    }
-
-    /// Claims the missing chunks of `chunks` as a job, if any are missing.
-    fn claim_job(self: &Arc<Self>, chunks: Range<u32>, purpose: Purpose) -> Option<FetchJob> {
-        let runs = self
-            .inflight
-            .claim_missing(chunks, |chunk| self.is_present(chunk));
-        (!runs.is_empty()).then(|| FetchJob {
-            state: self.clone(),
-            runs,
-            purpose,
-        })
-    }
-
-    /// Fetches a run of chunks with one range read, verifies and stores each, and completes
-    /// its claims (in chunk order). A failure is logged here, once per range read.
-    fn fetch(&self, chunks: Range<u32>, claims: Vec<Claim>, purpose: Purpose) {
-        let table = &self.layer.index().chunks;
-        let Some((start, _)) = self.layer.chunk_range(chunks.start) else {
-            return; // claims drop: Cancelled (an index the fetcher was built on has it)
-        };
-        let len = self.sealed_len(chunks.clone());
-        self.stats.source_reads.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let bytes = match self.source.read_range(start, len as usize) {
-            Ok(bytes) => {
-                self.stats.read_latency.observe(started.elapsed());
-                bytes
-            }
-            Err(error) => {
-                let error = Arc::new(error);
-                tracing::warn!(layer = %self.name, ?chunks, error = %crate::error_chain(&*error),
-                    "source read failed");
-                for claim in claims {
-                    let chunk = claim.chunk();
-                    claim.complete(Err(FetchError::Source {
-                        layer: self.name.clone(),
-                        chunk,
-                        source: error.clone(),
-                    }));
-                }
-                return;
-            }
-        };
-        self.stats.source_bytes.fetch_add(len, Ordering::Relaxed);
-        let mut at = 0usize;
-        for (number, (chunk, claim)) in chunks.zip(claims).enumerate() {
-            let sealed_len = table[chunk as usize].sealed_len as usize;
-            let sealed = &bytes[at..at + sealed_len];
-            at += sealed_len;
-            let counter = match purpose {
-                // An urgent run is the chunk a read waits for, then what is read ahead with it.
-                Purpose::Urgent if number == 0 => &self.stats.urgent_chunks,
-                Purpose::Urgent => &self.stats.readahead_chunks,
-                Purpose::Profile => &self.stats.profile_chunks,
-                Purpose::Background => &self.stats.background_chunks,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let mut buf = sealed.to_vec();
-            let result = match self.open(chunk, &mut buf) {
-                Ok(plain) => {
-                    if self.cancelled.load(Ordering::Relaxed) {
-                        // Unmounted meanwhile: its caches are going away.
-                        claim.complete(Err(self.cancelled_error()));
-                        continue;
-                    }
-                    if let Some(disk) = &self.disk {
-                        if let Err(error) = disk.put(chunk, sealed) {
-                            tracing::warn!(layer = %self.name, chunk, %error, "could not write the disk cache");
-                        }
-                    }
-                    let plain = Arc::new(plain);
-                    // The cache first, then the claim: a reader that finds no claim finds
-                    // the chunk cached.
-                    self.memory.put(self.cache_key(chunk), plain.clone());
-                    self.mark_present(chunk);
-                    Ok(plain)
-                }
-                Err(error) => {
-                    self.stats
-                        .verification_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(layer = %self.name, chunk, %error, "chunk failed verification; refusing to serve it");
-                    Err(FetchError::Verification {
-                        layer: self.name.clone(),
-                        chunk,
-                        reason: error.to_string(),
-                    })
-                }
-            };
-            claim.complete(result);
-        }
-    }
-
-    /// A profile job ended: the profile has landed once every run has been handed out and
-    /// none is in flight.
-    fn profile_job_done(&self) {
-        let mut cursor = self.profile.lock().expect("profile lock");
-        cursor.in_flight -= 1;
-        if cursor.next == cursor.runs.len() && cursor.in_flight == 0 {
-            tracing::info!(layer = %self.name, chunks = self.layer.index().prefetch.len(),
-                ranges = cursor.runs.len(), elapsed = ?cursor.started.elapsed(), "startup profile fetched");
-            self.profile_landed.reach();
-        }
-    }
-}
-
-/// Runs of one layer for a pool worker, each claimed before it was queued.
-struct FetchJob {
-    state: Arc<LayerState>,
-    runs: Vec<(Range<u32>, Vec<Claim>)>,
-    purpose: Purpose,
-}
-
-impl Job for FetchJob {
-    fn owner(&self) -> u64 {
-        self.state.key
-    }
-
-    fn bytes(&self) -> u64 {
-        self.runs
-            .iter()
-            .map(|(run, _)| self.state.sealed_len(run.clone()))
-            .sum()
-    }
-
-    fn run(self: Box<Self>) {
-        let mut job = *self;
-        let state = job.state.clone();
-        let runs = std::mem::take(&mut job.runs);
-        *state.running.count.lock().expect("running lock") += 1;
-        for (chunks, claims) in runs {
-            state.fetch(chunks, claims, job.purpose);
-        }
-        if job.purpose == Purpose::Profile {
-            state.profile_job_done();
-        }
-        let mut running = state.running.count.lock().expect("running lock");
-        *running -= 1;
-        if *running == 0 {
-            state.running.idle.notify_all();
-        }
-    }
-}
-
-impl Drop for FetchJob {
-    fn drop(&mut self) {
-        // A profile job dropped unrun (cancelled) still ends its turn.
-        if self.purpose == Purpose::Profile && !self.runs.is_empty() {
-            self.state.profile_job_done();
-        }
-    }
-}
-
-/// A layer's work ahead of reads, as the pool asks for it: its startup profile (runs in list
-/// order, at most `profile_streams` in flight) or its background fetch (see
-/// [`prefetch::BackgroundOrder`]). Each run is claimed when a worker takes it, so chunks that
-/// reads fetched meanwhile are skipped.
-struct LayerFeed {
-    state: Arc<LayerState>,
-    purpose: Purpose,
-}
-
-impl Feed for LayerFeed {
-    fn owner(&self) -> u64 {
-        self.state.key
-    }
-
-    fn next(&self) -> Next {
-        if self.state.cancelled.load(Ordering::Relaxed) {
-            return Next::Done;
-        }
-        match self.purpose {
-            Purpose::Profile => self.state.next_profile_job(),
-            _ => self.state.next_background_job(),
-        }
-    }
-}
-
-impl LayerState {
-    fn next_profile_job(self: &Arc<Self>) -> Next {
-        let mut cursor = self.profile.lock().expect("profile lock");
-        while cursor.next < cursor.runs.len() {
-            if cursor.in_flight >= self.config.profile_streams.max(1) {
-                return Next::Later;
-            }
-            let run = cursor.runs[cursor.next].clone();
-            cursor.next += 1;
-            if let Some(job) = self.claim_job(run, Purpose::Profile) {
-                cursor.in_flight += 1;
-                return Next::Job(Box::new(job));
-            }
-            if cursor.next == cursor.runs.len() && cursor.in_flight == 0 {
-                self.profile_landed.reach();
-            }
-        }
-        Next::Done
-    }
-
-    fn next_background_job(self: &Arc<Self>) -> Next {
-        let mut order = self.background.lock().expect("background lock");
-        while let Some(run) =
-            order.next_run(&self.layer, self.config.merge_bytes, |c| self.is_present(c))
-        {
-            if let Some(job) = self.claim_job(run, Purpose::Background) {
-                return Next::Job(Box::new(job));
-            }
-        }
-        Next::Done
     }
 }
