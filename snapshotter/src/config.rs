@@ -143,7 +143,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             memory_mib: 512,
-            disk_per_layer_mib: 10 << 10,
+            disk_per_layer_mib: MountOptions::default().disk_cache_bytes >> 20,
         }
     }
 }
