@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -24,128 +23,13 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 /// "next_id" -> next directory id.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// What a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Kind {
-    /// Read-only view of a committed snapshot.
-    View,
-    /// Writable, not yet committed.
-    Active,
-    /// Immutable, may be a parent.
-    Committed,
-}
+mod types;
 
-/// A snapshot's public facts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Info {
-    /// Key (active, view) or name (committed).
-    pub name: String,
-    /// Parent's name.
-    pub parent: Option<String>,
-    /// Kind.
-    pub kind: Kind,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Creation time, Unix nanoseconds.
-    pub created_ns: u128,
-    /// Last update, Unix nanoseconds.
-    pub updated_ns: u128,
-}
+mod record;
 
-/// Where a remote snapshot's content comes from: text the store keeps for its owner (the
-/// service) without reading it.
-pub type RemoteSource = String;
-
-/// A snapshot in a parent chain: its directory id, and its remote source if it is remote.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ancestor {
-    /// Name.
-    pub name: String,
-    /// Directory id (`ROOT/snapshots/ID`).
-    pub id: u64,
-    /// Remote source of a remote snapshot.
-    pub remote: Option<RemoteSource>,
-}
-
-/// A mount, as containerd describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mount {
-    /// `bind` or `overlay`.
-    pub kind: String,
-    /// Source path (or `overlay`).
-    pub source: String,
-    /// Mount options.
-    pub options: Vec<String>,
-}
-
-/// Disk usage of a snapshot's own content.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Bytes.
-    pub size: u64,
-    /// Inodes.
-    pub inodes: u64,
-}
-
-/// Why a snapshot operation failed. The variants are containerd's error classes, which the
-/// gRPC layer maps to status codes.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    /// No such snapshot.
-    #[error("snapshot {0}: not found")]
-    NotFound(String),
-    /// The key or name is taken.
-    #[error("snapshot {0}: already exists")]
-    AlreadyExists(String),
-    /// The operation does not apply in the snapshot's state.
-    #[error("snapshot {name}: {reason}")]
-    FailedPrecondition {
-        /// The snapshot.
-        name: String,
-        /// Why.
-        reason: String,
-    },
-    /// The database or the file system failed.
-    #[error("snapshot store: {0}")]
-    Internal(String),
-}
-
-fn internal(error: impl std::fmt::Display) -> SnapshotError {
-    SnapshotError::Internal(error.to_string())
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct Record {
-    id: u64,
-    kind: Kind,
-    parent: Option<String>,
-    labels: BTreeMap<String, String>,
-    created_ns: u128,
-    updated_ns: u128,
-    /// Set for a remote snapshot: committed, its `fs` directory a mount point the service
-    /// fills from this source.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    remote: Option<RemoteSource>,
-}
-
-/// Reads `key`'s record from an open table.
-fn read_record(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-    key: &str,
-) -> Result<Record, SnapshotError> {
-    let bytes = table
-        .get(key)
-        .map_err(internal)?
-        .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-    serde_json::from_slice(bytes.value()).map_err(internal)
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
+use record::{now_ns, read_record, Record};
+use types::internal;
+pub use types::{Ancestor, Info, Kind, Mount, RemoteSource, SnapshotError, Usage};
 
 /// Creates directory `path` (its parent exists) with exactly `mode`, whatever the umask; an
 /// existing one is left as it is.
