@@ -8,9 +8,9 @@
 //!                                                      │ chunk numbers
 //!                                                      v
 //!                          fetcher::LayerFetcher::chunk
-//!                            1. cache::MemoryCache (plaintext, node-wide LRU)
-//!                            2. cache::DiskCache (ciphertext, authenticated on every hit)
-//!                            3. claim in the layer's in-flight table, queue an urgent job
+//!                            1. cache::Tiered: LayerMemory (plaintext, the node-wide LRU),
+//!                               then SealedDisk (ciphertext, authenticated on every hit)
+//!                            2. claim in the layer's in-flight table, queue an urgent job
 //!                               on fetcher::FetchPool (node-wide workers; profile and
 //!                               background feeds after urgent work, behind a gate)
 //!                                                      │ range reads

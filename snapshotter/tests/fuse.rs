@@ -18,7 +18,7 @@ use fsformat::LayerKey;
 use sealfs_e2e::{assert_same_tree, noise, snapshot_tree};
 use snapshotter::cache::{DiskCache, MemoryCache};
 use snapshotter::fetcher::{FetchConfig, FetchPool, LayerFetcher, PoolConfig};
-use snapshotter::fs::LayerFs;
+use snapshotter::fs::{FsError, LayerFs};
 use snapshotter::mount::{MountOptions, MountedLayer};
 use snapshotter::source::faulty::{Faults, FaultySource};
 use snapshotter::source::LocalBlob;
@@ -749,6 +749,129 @@ fn readdir_pages_through_a_large_directory_from_any_offset() {
     }
     assert!(layer.readdir(big, files + 2, 10).unwrap().is_empty());
     assert!(layer.readdir(big, files + 50, 10).unwrap().is_empty());
+}
+
+/// The fs core without a kernel: names resolve (or fail with the errno class FUSE answers),
+/// symlinks and xattrs read back, and reads at every offset around chunk edges, of every
+/// length, give the file's bytes, short at the end of the file and empty past it.
+#[test]
+fn the_fs_core_resolves_names_and_reads_across_chunk_edges() {
+    if !prerequisites() {
+        return;
+    }
+    let sealed = Sealed::new(rich_tree);
+    let layer = sealed.filesystem();
+    let root = snapshotter::fs::ROOT;
+    let bin = layer.lookup(root, b"bin").unwrap();
+    let big = layer.lookup(bin.ino, b"big").unwrap();
+    let want = noise(3, 5 * CHUNK as usize + 777);
+    assert_eq!(big.size, want.len() as u64);
+    assert_eq!(big.nlink, 2, "hard-linked");
+    assert_eq!(layer.lookup(bin.ino, b"big-hardlink").unwrap().ino, big.ino);
+    for edge in [CHUNK, 2 * CHUNK, 5 * CHUNK] {
+        for offset in [edge - 1, edge, edge + 1, edge - 4096] {
+            for size in [1u32, 4096, CHUNK as u32, 3 * CHUNK as u32] {
+                let got = layer.read(big.ino, offset, size).unwrap();
+                let end = (offset as usize + size as usize).min(want.len());
+                assert_eq!(
+                    got,
+                    want[offset as usize..end],
+                    "read of {size} at {offset}"
+                );
+            }
+        }
+    }
+    assert!(layer
+        .read(big.ino, want.len() as u64, 10)
+        .unwrap()
+        .is_empty());
+    assert!(layer
+        .read(big.ino, want.len() as u64 + 5, 10)
+        .unwrap()
+        .is_empty());
+
+    let link = layer.lookup(bin.ino, b"motd-link").unwrap();
+    assert_eq!(layer.readlink(link.ino).unwrap(), b"../etc/motd");
+    let etc = layer.lookup(root, b"etc").unwrap();
+    let motd = layer.lookup(etc.ino, b"motd").unwrap();
+    assert_eq!(layer.getxattr(motd.ino, b"user.origin").unwrap(), b"sealfs");
+    assert!(matches!(
+        layer.getxattr(motd.ino, b"user.none"),
+        Err(FsError::NoAttr)
+    ));
+    assert!(matches!(
+        layer.lookup(root, b"missing"),
+        Err(FsError::NotFound)
+    ));
+    assert!(matches!(layer.lookup(motd.ino, b"x"), Err(FsError::NotDir)));
+    assert!(matches!(layer.readlink(motd.ino), Err(FsError::NotSymlink)));
+    assert!(matches!(layer.read(etc.ino, 0, 10), Err(FsError::IsDir)));
+    assert!(matches!(
+        layer.getattr(snapshotter::fs::Ino(u64::MAX)),
+        Err(FsError::NotFound)
+    ));
+}
+
+/// The cache tiers of a layer, real ones on a real sealed layer: a chunk put in the stack is
+/// served from memory; a fresh memory tier misses and the disk tier (ciphertext on disk,
+/// authenticated) answers and fills it; a disk entry damaged on disk is refused, dropped, and
+/// then a miss.
+#[test]
+fn cache_tiers_serve_memory_then_authenticated_disk_and_drop_a_damaged_entry() {
+    if !prerequisites() {
+        return;
+    }
+    use snapshotter::cache::{
+        open_chunk, CacheError, ChunkCache, Fetched, Hit, LayerMemory, SealedDisk, Tiered,
+    };
+    let sealed = Sealed::new(rich_tree);
+    let layer = sealed.opened();
+    let blob = fs::read(&sealed.blob).unwrap();
+    let (start, len) = layer.chunk_range(0).unwrap();
+    let chunk_bytes = &blob[start as usize..start as usize + len as usize];
+    let plain = Arc::new(open_chunk(&layer, 0, &mut chunk_bytes.to_vec()).unwrap());
+    let disk_dir = tempfile::tempdir().unwrap();
+    let tiers = |memory: &Arc<MemoryCache>| Tiered {
+        upper: LayerMemory::new(memory.clone(), 7),
+        lower: Some(SealedDisk::new(
+            DiskCache::open(disk_dir.path(), 1 << 30).unwrap(),
+            layer.clone(),
+        )),
+    };
+
+    let memory = Arc::new(MemoryCache::new(64 << 20));
+    let cache = tiers(&memory);
+    assert!(cache.get(0).unwrap().is_none());
+    cache.put(
+        0,
+        Fetched {
+            sealed: Some(chunk_bytes),
+            plain: &plain,
+        },
+    );
+    assert!(cache.contains(0));
+    let (got, hit) = cache.get(0).unwrap().unwrap();
+    assert_eq!((got, hit), (plain.clone(), Hit::Upper));
+    // What the disk holds is the sealed chunk, not its plaintext.
+    let on_disk = fs::read(disk_dir.path().join("0")).unwrap();
+    assert_eq!(on_disk, chunk_bytes);
+
+    let fresh = Arc::new(MemoryCache::new(64 << 20));
+    let cache = tiers(&fresh);
+    let (got, hit) = cache.get(0).unwrap().unwrap();
+    assert_eq!((got, hit), (plain.clone(), Hit::Lower));
+    assert!(cache.upper.contains(0), "a disk hit fills memory");
+
+    let mut damaged = on_disk.clone();
+    damaged[len as usize / 2] ^= 1;
+    fs::write(disk_dir.path().join("0"), &damaged).unwrap();
+    let cache = tiers(&Arc::new(MemoryCache::new(64 << 20)));
+    assert!(matches!(
+        cache.get(0),
+        Err(CacheError::Corrupt { chunk: 0, .. })
+    ));
+    assert!(!cache.contains(0), "the damaged entry is dropped");
+    assert!(cache.get(0).unwrap().is_none());
 }
 
 /// A hostile descriptor or footer cannot make a node allocate or decompress an index beyond

@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cache::{self, Fetched};
+
 use super::inflight::Claim;
 use super::pool::{Feed, Job, Next};
 use super::{FetchError, LayerState, Purpose};
@@ -70,22 +72,23 @@ impl LayerState {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             let mut buf = sealed.to_vec();
-            let result = match self.open(chunk, &mut buf) {
+            let result = match cache::open_chunk(&self.layer, chunk, &mut buf) {
                 Ok(plain) => {
                     if self.cancelled.load(Ordering::Relaxed) {
                         // Unmounted meanwhile: its caches are going away.
                         claim.complete(Err(self.cancelled_error()));
                         continue;
                     }
-                    if let Some(disk) = &self.disk {
-                        if let Err(error) = disk.put(chunk, sealed) {
-                            tracing::warn!(layer = %self.name, chunk, %error, "could not write the disk cache");
-                        }
-                    }
                     let plain = Arc::new(plain);
                     // The cache first, then the claim: a reader that finds no claim finds
                     // the chunk cached.
-                    self.memory.put(self.cache_key(chunk), plain.clone());
+                    self.cache.put(
+                        chunk,
+                        Fetched {
+                            sealed: Some(sealed),
+                            plain: &plain,
+                        },
+                    );
                     self.mark_present(chunk);
                     Ok(plain)
                 }

@@ -31,16 +31,14 @@ pub mod pool;
 mod prefetch;
 mod stats;
 
-use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use fsformat::reader::{ChunkDecoder, SealedLayer};
-use fsformat::FormatError;
+use fsformat::reader::SealedLayer;
 
-use crate::cache::{ChunkKey, DiskCache, MemoryCache};
+use crate::cache::{ChunkCache, DiskCache, Hit, LayerMemory, MemoryCache, SealedDisk, Tiered};
 use crate::source::ChunkSource;
 pub use config::{ChunkResult, FetchConfig, FetchError};
 use inflight::{Claim, InFlight, Joined};
@@ -103,8 +101,8 @@ struct LayerState {
     key: u64,
     layer: Arc<SealedLayer>,
     source: Arc<dyn ChunkSource>,
-    memory: Arc<MemoryCache>,
-    disk: Option<DiskCache>,
+    /// Memory, then disk.
+    cache: Tiered<LayerMemory, Option<SealedDisk>>,
     config: FetchConfig,
     inflight: Arc<InFlight>,
     present: Vec<AtomicBool>,
@@ -127,10 +125,6 @@ pub struct LayerFetcher {
     shut_down: bool,
 }
 
-thread_local! {
-    static DECODER: RefCell<Option<ChunkDecoder>> = const { RefCell::new(None) };
-}
-
 impl LayerFetcher {
     /// Serves `layer` with the workers of `pool`, starting its profile and background fetch
     /// if configured. `key` tells this layer's chunks apart in the shared memory cache and in
@@ -147,15 +141,12 @@ impl LayerFetcher {
         config: FetchConfig,
     ) -> Self {
         let chunks = &layer.index().chunks;
-        let present: Vec<AtomicBool> = chunks
-            .iter()
-            .enumerate()
-            .map(|(chunk, info)| {
-                let cached = disk
-                    .as_ref()
-                    .is_some_and(|d| d.contains(chunk as u32, u64::from(info.sealed_len)));
-                AtomicBool::new(cached)
-            })
+        let cache = Tiered {
+            upper: LayerMemory::new(memory, key),
+            lower: disk.map(|disk| SealedDisk::new(disk, layer.clone())),
+        };
+        let present: Vec<AtomicBool> = (0..chunks.len() as u32)
+            .map(|chunk| AtomicBool::new(cache.lower.contains(chunk)))
             .collect();
         let already = present.iter().filter(|p| p.load(Ordering::Relaxed)).count();
         let profile_runs = if config.profile {
@@ -178,8 +169,7 @@ impl LayerFetcher {
             }),
             layer,
             source,
-            memory,
-            disk,
+            cache,
             stats: Arc::new(FetchStats::default()),
             cancelled: AtomicBool::new(false),
             profile_landed: Landmark::default(),
@@ -214,16 +204,11 @@ impl LayerFetcher {
     /// The plaintext of `chunk`, from a cache or fetched (waiting at most the timeout).
     pub fn chunk(&self, chunk: u32) -> ChunkResult {
         let state = &self.state;
-        if let Some(plain) = state.memory.get(state.cache_key(chunk)) {
-            state.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(plain);
-        }
-        if let Some(plain) = state.read_disk_cache(chunk) {
-            state.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(plain) = state.cached(chunk) {
             return Ok(plain);
         }
         let joined = state.inflight.join(chunk, || {
-            let plain = state.memory.get(state.cache_key(chunk))?;
+            let plain = state.cache.upper.get(chunk).ok()??;
             state.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             Some(Ok(plain))
         });
@@ -333,7 +318,7 @@ impl LayerFetcher {
             .idle
             .wait_while(running, |count| *count > 0)
             .expect("running lock");
-        state.memory.forget_layer(state.key);
+        state.cache.upper.forget();
     }
 }
 
@@ -344,13 +329,6 @@ impl Drop for LayerFetcher {
 }
 
 impl LayerState {
-    fn cache_key(&self, chunk: u32) -> ChunkKey {
-        ChunkKey {
-            layer: self.key,
-            chunk,
-        }
-    }
-
     fn cancelled_error(&self) -> FetchError {
         FetchError::Cancelled {
             layer: self.name.clone(),
@@ -365,34 +343,25 @@ impl LayerState {
             .sum()
     }
 
-    fn open(&self, chunk: u32, sealed: &mut [u8]) -> Result<Vec<u8>, FormatError> {
-        DECODER.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(ChunkDecoder::new()?);
-            }
-            let decoder = slot.as_mut().expect("just set");
-            self.layer.open_chunk(chunk, sealed, decoder)
-        })
-    }
-
-    fn read_disk_cache(&self, chunk: u32) -> Option<Arc<Vec<u8>>> {
-        let disk = self.disk.as_ref()?;
-        let sealed_len = self.layer.index().chunks.get(chunk as usize)?.sealed_len as usize;
-        let mut mapped = disk.get(chunk, sealed_len)?;
-        match self.open(chunk, &mut mapped) {
-            Ok(plain) => {
-                let plain = Arc::new(plain);
-                self.memory.put(self.cache_key(chunk), plain.clone());
+    /// The chunk from a cache tier, counted by tier. A corrupt disk entry (dropped by the
+    /// tier) is counted and logged here, and is a miss: the chunk is fetched again.
+    fn cached(&self, chunk: u32) -> Option<Arc<Vec<u8>>> {
+        match self.cache.get(chunk) {
+            Ok(Some((plain, hit))) => {
+                let counter = match hit {
+                    Hit::Upper => &self.stats.memory_hits,
+                    Hit::Lower => &self.stats.disk_hits,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 Some(plain)
             }
+            Ok(None) => None,
             Err(error) => {
                 self.stats
                     .verification_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(layer = %self.name, chunk, %error, dir = %disk.dir().display(),
-                    "cached chunk failed verification; dropping it and fetching again");
-                disk.remove(chunk);
+                tracing::warn!(layer = %self.name, error = %crate::error_chain(&error),
+                    "fetching the chunk again");
                 None
             }
         }
@@ -404,7 +373,7 @@ impl LayerState {
             .get(chunk as usize)
             .is_some_and(|p| p.load(Ordering::Relaxed))
             // Peek: a background scan must not make every chunk "recently used".
-            || self.memory.contains(self.cache_key(chunk))
+            || self.cache.upper.contains(chunk)
     }
 
     /// Records that a chunk is cached; logs the layer's progress every 10%.

@@ -1,12 +1,9 @@
-//! Chunk caches: plaintext in memory, ciphertext on disk.
-//!
-//! - [`MemoryCache`]: a bounded LRU of decrypted chunks, by bytes, shared by all layers of a
-//!   process. Plaintext never leaves memory.
-//! - [`DiskCache`]: sealed chunks as fetched, one file per chunk, bounded by bytes. It holds
-//!   ciphertext only, so the node's disk never sees file data or names in the clear; a read
-//!   from it is authenticated like a read from the registry, and a corrupt entry is detected by
-//!   its tag, dropped and fetched again. Entries are read back through a private copy-on-write
-//!   mapping (`memmap2`), so decrypting in place writes nothing to the file.
+//! The disk tier: sealed chunks as fetched, one file per chunk, bounded by bytes
+//! ([`DiskCache`]). It holds ciphertext only, so the node's disk never sees file data or names
+//! in the clear. [`SealedDisk`] makes it a tier of a layer's chunk cache: every hit is
+//! authenticated and decrypted as a chunk from the registry would be, and a corrupt entry is
+//! dropped (and so fetched again). Entries are read back through a private copy-on-write
+//! mapping (`memmap2`), so decrypting in place writes nothing to the file.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
@@ -14,104 +11,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Which chunk: a layer (a number the caller assigns per mounted layer) and a chunk number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ChunkKey {
-    /// The layer.
-    pub layer: u64,
-    /// The chunk number.
-    pub chunk: u32,
-}
+use fsformat::reader::SealedLayer;
 
-/// Bounded LRU of plaintext chunks, by total bytes.
-pub struct MemoryCache {
-    inner: Mutex<MemoryInner>,
-    limit_bytes: u64,
-}
-
-struct MemoryInner {
-    lru: lru::LruCache<ChunkKey, Arc<Vec<u8>>>,
-    bytes: u64,
-}
-
-impl MemoryCache {
-    /// A cache holding at most `limit_bytes` of plaintext.
-    pub fn new(limit_bytes: u64) -> Self {
-        MemoryCache {
-            inner: Mutex::new(MemoryInner {
-                lru: lru::LruCache::unbounded(),
-                bytes: 0,
-            }),
-            limit_bytes,
-        }
-    }
-
-    /// The chunk, if cached (and marks it recently used).
-    pub fn get(&self, key: ChunkKey) -> Option<Arc<Vec<u8>>> {
-        self.inner
-            .lock()
-            .expect("cache lock")
-            .lru
-            .get(&key)
-            .cloned()
-    }
-
-    /// Whether the chunk is cached, without marking it used.
-    pub fn contains(&self, key: ChunkKey) -> bool {
-        self.inner.lock().expect("cache lock").lru.contains(&key)
-    }
-
-    /// Caches a chunk, evicting the least recently used ones beyond the limit.
-    pub fn put(&self, key: ChunkKey, plain: Arc<Vec<u8>>) {
-        let mut inner = self.inner.lock().expect("cache lock");
-        let len = plain.len() as u64;
-        if len > self.limit_bytes {
-            return;
-        }
-        if let Some(old) = inner.lru.put(key, plain) {
-            inner.bytes -= old.len() as u64;
-        }
-        inner.bytes += len;
-        while inner.bytes > self.limit_bytes {
-            match inner.lru.pop_lru() {
-                Some((_, evicted)) => inner.bytes -= evicted.len() as u64,
-                None => break,
-            }
-        }
-    }
-
-    /// Drops every chunk of `layer` (on unmount).
-    pub fn forget_layer(&self, layer: u64) {
-        let mut inner = self.inner.lock().expect("cache lock");
-        let keys: Vec<ChunkKey> = inner
-            .lru
-            .iter()
-            .map(|(k, _)| *k)
-            .filter(|k| k.layer == layer)
-            .collect();
-        for key in keys {
-            if let Some(v) = inner.lru.pop(&key) {
-                inner.bytes -= v.len() as u64;
-            }
-        }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.inner.lock().expect("cache lock").bytes
-    }
-}
-
-impl std::fmt::Debug for MemoryCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "MemoryCache({} of {} bytes)",
-            self.bytes(),
-            self.limit_bytes
-        )
-    }
-}
+use super::{open_chunk, CacheError, ChunkCache, Fetched};
 
 /// Sealed chunks of one layer on disk, bounded by bytes (oldest first out).
 pub struct DiskCache {
@@ -255,25 +157,63 @@ impl DiskCache {
     }
 }
 
+/// A layer's disk cache as a tier of its chunk cache: the layer's index gives each chunk's
+/// length, its keys authenticate what comes back.
+pub struct SealedDisk {
+    cache: DiskCache,
+    layer: Arc<SealedLayer>,
+}
+
+impl SealedDisk {
+    /// `cache` holding chunks of `layer`.
+    pub fn new(cache: DiskCache, layer: Arc<SealedLayer>) -> Self {
+        SealedDisk { cache, layer }
+    }
+
+    fn sealed_len(&self, chunk: u32) -> Option<u32> {
+        Some(self.layer.index().chunks.get(chunk as usize)?.sealed_len)
+    }
+}
+
+impl ChunkCache for SealedDisk {
+    fn get(&self, chunk: u32) -> Result<Option<Arc<Vec<u8>>>, CacheError> {
+        let Some(sealed_len) = self.sealed_len(chunk) else {
+            return Ok(None);
+        };
+        let Some(mut mapped) = self.cache.get(chunk, sealed_len as usize) else {
+            return Ok(None);
+        };
+        match open_chunk(&self.layer, chunk, &mut mapped) {
+            Ok(plain) => Ok(Some(Arc::new(plain))),
+            Err(source) => {
+                self.cache.remove(chunk);
+                Err(CacheError::Corrupt {
+                    chunk,
+                    dir: self.cache.dir().to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn contains(&self, chunk: u32) -> bool {
+        self.sealed_len(chunk)
+            .is_some_and(|len| self.cache.contains(chunk, u64::from(len)))
+    }
+
+    fn put(&self, chunk: u32, fetched: Fetched<'_>) {
+        let Some(sealed) = fetched.sealed else {
+            return;
+        };
+        if let Err(error) = self.cache.put(chunk, sealed) {
+            tracing::warn!(dir = %self.cache.dir().display(), chunk, %error, "could not write the disk cache");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memory_cache_evicts_by_bytes() {
-        let cache = MemoryCache::new(100);
-        let key = |chunk| ChunkKey { layer: 1, chunk };
-        cache.put(key(1), Arc::new(vec![0; 60]));
-        cache.put(key(2), Arc::new(vec![0; 30]));
-        assert!(cache.get(key(1)).is_some());
-        cache.put(key(3), Arc::new(vec![0; 30]));
-        // 1 was used more recently than 2, so 2 goes.
-        assert!(cache.get(key(2)).is_none());
-        assert!(cache.get(key(1)).is_some() && cache.get(key(3)).is_some());
-        assert_eq!(cache.bytes(), 90);
-        cache.forget_layer(1);
-        assert_eq!(cache.bytes(), 0);
-    }
 
     #[test]
     fn disk_cache_round_trips_evicts_and_survives_reopen() {
