@@ -317,3 +317,115 @@ impl Node {
 fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
     labels.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A node over a real store in a temporary root, with remote layers that are never asked
+    /// for (no labels ask for a sealed layer), so nothing is mounted.
+    fn node() -> (tempfile::TempDir, Node, tokio::runtime::Runtime) {
+        let temp = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut config = crate::config::Config {
+            root: temp.path().to_path_buf(),
+            ..crate::config::Config::default()
+        }
+        .remote();
+        config.keeping = None;
+        let remote = RemoteLayers::new(
+            config,
+            runtime.handle().clone(),
+            Arc::new(crate::cache::MemoryCache::new(1 << 20)),
+        );
+        let store = SnapshotStore::open(temp.path()).unwrap();
+        (temp, Node::new(store, remote), runtime)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// containerd's snapshot verbs in the node's domain terms, without a kernel: the chain of
+    /// calls an unpack makes, the errors containerd maps back to errdefs, Walk's filters.
+    #[test]
+    fn plain_snapshots_go_through_prepare_commit_view_walk_and_remove() {
+        let (_temp, node, _runtime) = node();
+        // An unpack: Prepare an extract key, Commit it under the chain id; no labels ask for a
+        // sealed layer, so these are ordinary overlayfs snapshots.
+        node.prepare("ns/1/extract-a", None, HashMap::new())
+            .unwrap();
+        node.commit(
+            "ns/1/sha256:aaa",
+            "ns/1/extract-a",
+            labels(&[("containerd.io/gc.root", "x")]),
+        )
+        .unwrap();
+        let mounts = node
+            .prepare("ns/2/container", Some("ns/1/sha256:aaa"), HashMap::new())
+            .unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].kind, "overlay", "{mounts:?}");
+        assert_eq!(node.mounts("ns/2/container").unwrap(), mounts);
+        let view = node
+            .view("ns/3/view", Some("ns/1/sha256:aaa"), HashMap::new())
+            .unwrap();
+        // A view of one committed layer is that layer's directory, bound read-only.
+        assert_eq!(view[0].kind, "bind");
+        assert!(view[0].source.ends_with("snapshots/1/fs"), "{view:?}");
+        assert!(view[0].options.iter().any(|o| o == "ro"), "{view:?}");
+
+        // Errors keep their class: containerd maps them to errdefs.
+        assert!(matches!(
+            node.prepare("ns/2/container", None, HashMap::new()),
+            Err(NodeError::Snapshot(SnapshotError::AlreadyExists(_)))
+        ));
+        assert!(matches!(
+            node.stat("ns/9/missing"),
+            Err(NodeError::Snapshot(SnapshotError::NotFound(_)))
+        ));
+        assert!(matches!(
+            node.remove("ns/1/sha256:aaa"),
+            Err(NodeError::Snapshot(
+                SnapshotError::FailedPrecondition { .. }
+            ))
+        ));
+        assert!(matches!(
+            node.list(&["labels.\"unterminated".to_string()]),
+            Err(NodeError::InvalidArgument(_))
+        ));
+
+        // Walk with containerd's filter syntax.
+        let committed = node.list(&["kind==committed".to_string()]).unwrap();
+        assert_eq!(
+            committed
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>(),
+            ["ns/1/sha256:aaa"]
+        );
+        let rooted = node
+            .list(&["labels.\"containerd.io/gc.root\"".to_string()])
+            .unwrap();
+        assert_eq!(rooted.len(), 1);
+
+        // Children first, then the parent; Cleanup finds nothing left behind.
+        node.remove("ns/2/container").unwrap();
+        node.remove("ns/3/view").unwrap();
+        node.remove("ns/1/sha256:aaa").unwrap();
+        assert!(node.list(&[]).unwrap().is_empty());
+        node.cleanup().unwrap();
+        assert_eq!(
+            node.restore().unwrap(),
+            0,
+            "no remote snapshot to mount again"
+        );
+    }
+}
