@@ -40,6 +40,15 @@ pub enum FormatError {
         /// The digest of the bytes read.
         actual: String,
     },
+    /// The tail, or the index it decompresses to, is larger than the reader accepts; refused
+    /// before it was read or decompressed.
+    #[error("the index is {size} bytes, above the reader's limit of {limit} bytes")]
+    IndexTooLarge {
+        /// The size the descriptor or the footer gives.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The layer key does not match the footer's key commitment: a wrong key, not damage.
     #[error("the key does not open this layer (key commitment mismatch)")]
     WrongKey,

@@ -18,6 +18,14 @@ use crate::layout::{Entry, EntryKind, Footer, Index, FOOTER_AAD_LEN, FOOTER_LEN}
 pub trait BlobSource {
     /// Fills `buf` with the bytes at `offset`; an error if fewer are available.
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// The `len` bytes at `offset` in a buffer of their own. A source that receives its bytes
+    /// in a buffer anyway (a network read) hands that over instead of copying it.
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(offset, &mut buf)?;
+        Ok(buf)
+    }
 }
 
 impl BlobSource for std::fs::File {
@@ -46,6 +54,30 @@ impl BlobSource for Vec<u8> {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.as_slice().read_exact_at(offset, buf)
     }
+}
+
+/// The last `tail_size` bytes of a blob of `blob_size`, if `tail_size` is within `limit` and
+/// can be a tail at all.
+fn read_tail_bytes<S: BlobSource + ?Sized>(
+    source: &S,
+    blob_size: u64,
+    tail_size: u64,
+    limit: u64,
+) -> Result<Vec<u8>> {
+    if tail_size > limit {
+        return Err(FormatError::IndexTooLarge {
+            size: tail_size,
+            limit,
+        });
+    }
+    if tail_size > blob_size || tail_size < FOOTER_LEN as u64 {
+        return Err(FormatError::BadFooter(format!(
+            "tail size {tail_size} is out of range"
+        )));
+    }
+    source
+        .read_vec(blob_size - tail_size, tail_size as usize)
+        .map_err(|e| FormatError::io("reading the index", e))
 }
 
 /// Footer and sealed index as read from a blob, not yet trusted.
@@ -143,16 +175,32 @@ impl UnverifiedTail {
         blob_size: u64,
         tail_size: u64,
     ) -> Result<Self> {
-        if tail_size > blob_size || tail_size < FOOTER_LEN as u64 || tail_size > (2 << 30) {
-            return Err(FormatError::BadFooter(format!(
-                "tail size {tail_size} is out of range"
-            )));
-        }
-        let mut tail = vec![0u8; tail_size as usize];
-        source
-            .read_exact_at(blob_size - tail_size, &mut tail)
-            .map_err(|e| FormatError::io("reading the index", e))?;
+        // The footer's own bound: a sealed index of at most 4 GiB (a u32), plus the footer.
+        let tail = read_tail_bytes(source, blob_size, tail_size, u64::from(u32::MAX) + 96)?;
         Self::parse(blob_size, &tail)
+    }
+
+    /// Reads the tail a layer descriptor pins (`tail_size` = `sealfs.index.size`,
+    /// `expected_digest` = `sealfs.index.digest`) in one read, hashes it before parsing any of
+    /// it, and refuses a tail or an index decompressing to more than `max_index_bytes`
+    /// (before reading or decompressing it: memory spent on unauthenticated bytes).
+    pub fn read_pinned<S: BlobSource + ?Sized>(
+        source: &S,
+        blob_size: u64,
+        tail_size: u64,
+        expected_digest: &str,
+        max_index_bytes: u64,
+    ) -> Result<Self> {
+        let tail = read_tail_bytes(source, blob_size, tail_size, max_index_bytes)?;
+        let tail = Self::from_pinned(blob_size, tail, expected_digest)?;
+        let plain_len = u64::from(tail.footer.index_plain_len);
+        if plain_len > max_index_bytes {
+            return Err(FormatError::IndexTooLarge {
+                size: plain_len,
+                limit: max_index_bytes,
+            });
+        }
+        Ok(tail)
     }
 
     /// Bytes it holds (what it costs to keep).

@@ -20,7 +20,7 @@ use crate::fuse::session::{FuseSession, SessionConfig};
 use crate::mount_table;
 pub use crate::mount_table::MountRestrictions;
 use crate::oci_layout::{LayoutError, OciLayout};
-use crate::source::{ChunkSource, LocalBlob};
+use crate::source::{ChunkSource, LocalBlob, SourceError};
 
 /// Why a mount failed.
 #[derive(Debug, thiserror::Error)]
@@ -175,37 +175,40 @@ pub fn read_tail(
     max_index_bytes: u64,
 ) -> Result<UnverifiedTail, MountError> {
     let digest = descriptor.digest().to_string();
-    let layer_error = |source| MountError::Layer {
-        digest: digest.clone(),
+    UnverifiedTail::read_pinned(
         source,
-    };
-    let too_large = |size| MountError::IndexTooLarge {
-        digest: digest.clone(),
-        size,
-        limit: max_index_bytes,
-    };
-    let size = descriptor.size();
-    if facts.index_size > max_index_bytes {
-        return Err(too_large(facts.index_size));
-    }
-    if facts.index_size > size {
-        return Err(layer_error(FormatError::BadFooter(format!(
-            "index size {} is larger than the blob",
-            facts.index_size
-        ))));
-    }
-    let tail = source
-        .read_range(size - facts.index_size, facts.index_size as usize)
-        .map_err(|source| MountError::Source {
-            digest: digest.clone(),
-            source,
-        })?;
-    let tail = UnverifiedTail::from_pinned(size, tail, &facts.index_digest).map_err(layer_error)?;
-    let plain_len = u64::from(tail.footer().index_plain_len);
-    if plain_len > max_index_bytes {
-        return Err(too_large(plain_len));
-    }
-    Ok(tail)
+        descriptor.size(),
+        facts.index_size,
+        &facts.index_digest,
+        max_index_bytes,
+    )
+    .map_err(|error| match error {
+        FormatError::IndexTooLarge { size, limit } => MountError::IndexTooLarge {
+            digest,
+            size,
+            limit,
+        },
+        FormatError::Io { context, source } => {
+            match source
+                .into_inner()
+                .map(|inner| inner.downcast::<SourceError>())
+            {
+                Some(Ok(source)) => MountError::Source {
+                    digest,
+                    source: *source,
+                },
+                Some(Err(inner)) => MountError::Layer {
+                    digest,
+                    source: FormatError::io(context, io::Error::other(inner)),
+                },
+                None => MountError::Layer {
+                    digest,
+                    source: FormatError::io(context, io::Error::other("reading failed")),
+                },
+            }
+        }
+        source => MountError::Layer { digest, source },
+    })
 }
 
 /// Opens a sealed layer whose blob is read through `source` (a local file, a registry): unwraps

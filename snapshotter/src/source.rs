@@ -32,6 +32,21 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn read_range(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError>;
 }
 
+/// Any chunk source is a blob the format's reader can read (its tail, whole files), so one tail
+/// reader (`fsformat`'s) serves every source. A source error travels inside the `io::Error`,
+/// intact ([`std::io::Error::into_inner`]).
+impl fsformat::reader::BlobSource for dyn ChunkSource {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let bytes = self.read_vec(offset, buf.len())?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.read_range(offset, len).map_err(io::Error::other)
+    }
+}
+
 /// A sealed blob in a local file.
 #[derive(Debug)]
 pub struct LocalBlob {
