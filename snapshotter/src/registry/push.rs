@@ -1,4 +1,8 @@
 //! Pushing to a registry (what `sealctl` does with sealed images): blobs and manifests.
+//!
+//! Only `sealctl` pushes, yet this lives with the client the daemon uses: a push goes through
+//! the same endpoint routing (mirrors never take pushes, `hosts.toml` capabilities), credentials,
+//! deadlines and retries, which stay private to `registry`.
 
 use std::path::Path;
 
