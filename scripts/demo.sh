@@ -35,8 +35,10 @@ wait_for() { # wait_for WHAT COMMAND...: up to 30 s
 pids=()
 cleanup() {
   set +e
-  # containerd first (it holds container mounts), then the snapshotter (SIGTERM unmounts).
+  # containerd first (it holds container mounts), then the snapshotter. SIGTERM leaves the
+  # sealed layers mounted for a restart; `release` unmounts them and ends the session keeper.
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  [ -f "$work/sealfs.toml" ] && "$bin/containerd-sealfs-grpc" --config "$work/sealfs.toml" release >/dev/null 2>&1
   grep -o " $work/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
 }
 trap cleanup EXIT
