@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Component, Path};
 
-use sha2::{Digest, Sha256};
 
 use crate::compress::{Compressed, OrderedCompressor};
 use crate::crypto::{ChunkBinding, LayerId, LayerKey, LayerKeys, TAG_LEN};
@@ -266,9 +265,9 @@ struct Sealer<W: Write> {
     index: Index,
     /// Full path (no leading slash) -> entry number.
     paths: HashMap<Vec<u8>, u32>,
-    /// SHA-256 of a whole chunk's plaintext -> chunk number.
+    /// BLAKE3 of a whole chunk's plaintext -> chunk number.
     chunk_dedup: HashMap<[u8; 32], u32>,
-    /// SHA-256 of a packed piece -> where it is.
+    /// BLAKE3 of a packed piece -> where it is.
     piece_dedup: HashMap<[u8; 32], Extent>,
     /// The ordinary pack and the pack of prefetch-listed files.
     packs: [Pack; 2],
@@ -610,7 +609,7 @@ impl<W: Write> Sealer<W> {
     }
 
     fn store_whole_chunk(&mut self, plain: &[u8]) -> Result<Extent> {
-        let digest: [u8; 32] = Sha256::digest(plain).into();
+        let digest: [u8; 32] = blake3::hash(plain).into();
         let chunk = match self.chunk_dedup.get(&digest) {
             Some(&chunk) => chunk,
             None => {
@@ -627,7 +626,7 @@ impl<W: Write> Sealer<W> {
     }
 
     fn store_piece(&mut self, plain: &[u8], entry: u32, pack: usize) -> Result<Extent> {
-        let digest: [u8; 32] = Sha256::digest(plain).into();
+        let digest: [u8; 32] = blake3::hash(plain).into();
         if let Some(&extent) = self.piece_dedup.get(&digest) {
             if let Some(holder) = PENDING_PACK.iter().position(|&p| p == extent.chunk) {
                 self.packs[holder].entries.push(entry);
