@@ -412,6 +412,11 @@ impl MountedLayer {
     pub fn add(session: &Arc<FuseSession>, fs: LayerFs) -> Self {
         let fs = Arc::new(fs);
         let slot = session.table().insert(fs.clone());
+        Self::in_session(session, fs, slot)
+    }
+
+    /// The layer `fs`, already in `session`'s table at `slot`.
+    fn in_session(session: &Arc<FuseSession>, fs: Arc<LayerFs>, slot: Slot) -> Self {
         MountedLayer {
             fs,
             session: session.clone(),
@@ -440,14 +445,7 @@ impl MountedLayer {
                 what: format!("adding a layer for {}", target.display()),
                 source: io::Error::other(taken),
             })?;
-        let mut layer = MountedLayer {
-            fs,
-            session: session.clone(),
-            slot: Some(slot),
-            bound: None,
-            mountpoint: session.layer_dir(slot),
-            kept: false,
-        };
+        let mut layer = Self::in_session(session, fs, slot);
         if !(session.is_resumed() && mount_table::is_mounted(target)) {
             mount_table::detach_all(target);
             mount_table::bind(&layer.mountpoint, target).map_err(|source| MountError::Io {

@@ -156,6 +156,18 @@ impl Loop {
     }
 }
 
+/// Seals the app image for the node's key, pushes and pulls it lazily; its reference, its
+/// layer count, and a directory for the container to write to (`/out`).
+fn pull_app(node: &Node, work: &Path) -> (String, usize, PathBuf) {
+    let Sealed {
+        reference, layers, ..
+    } = push_sealed(work, &node.registry, "alice", "app");
+    node.pull_ok(&reference);
+    let out = work.join("out");
+    fs::create_dir_all(&out).unwrap();
+    (reference, layers, out)
+}
+
 /// `(chunks present in a cache, chunks)` summed over the mounted layers.
 fn background_progress(daemon: &SealfsDaemon) -> (u64, u64) {
     (
@@ -179,13 +191,7 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
         &work,
         "[fetch]\nbackground_mib_per_sec = 1\nbackground_after_mount_ms = 0\n",
     );
-    let Sealed {
-        reference, layers, ..
-    } = push_sealed(&work, &node.registry, "alice", "app");
-    node.pull_ok(&reference);
-
-    let out = work.join("out");
-    fs::create_dir_all(&out).unwrap();
+    let (reference, layers, out) = pull_app(&node, &work);
     fs::write(out.join("expected"), expected_checksums(&work)).unwrap();
     let checks = Loop { out: out.clone() };
     let container = run_detached(
@@ -288,12 +294,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
     };
     // No background fetch: the read below is the first of its chunks.
     let mut node = Node::start(&work, "[fetch]\nbackground = false\n");
-    let Sealed {
-        reference, layers, ..
-    } = push_sealed(&work, &node.registry, "alice", "app");
-    node.pull_ok(&reference);
-    let out = work.join("out");
-    fs::create_dir_all(&out).unwrap();
+    let (reference, layers, out) = pull_app(&node, &work);
     let container = run_detached(
         &node.containerd,
         &reference,
