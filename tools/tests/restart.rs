@@ -68,6 +68,9 @@ fn run_detached<'a>(
     args: &[&str],
 ) -> Detached<'a> {
     let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    // runc's state outlives a test's containerd: a name of this process's own cannot meet a
+    // container an aborted earlier run left.
+    let id = format!("{id}-{}", std::process::id());
     let mut all = vec![
         "run",
         "-d",
@@ -76,14 +79,11 @@ fn run_detached<'a>(
         "--mount",
         &mount,
         image,
-        id,
+        &id,
     ];
     all.extend_from_slice(args);
     containerd.ctr_ok(&all);
-    Detached {
-        containerd,
-        id: id.to_string(),
-    }
+    Detached { containerd, id }
 }
 
 /// Waits up to `timeout` for `check`, looking every 20 ms; fails the test with `what` and
@@ -308,7 +308,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
     container.exec("warm", &["/bin/busybox", "sha256sum", "/bin/busybox"]);
     node.registry.freeze();
     let mut reader = node.containerd.ctr_command();
-    reader.args(["task", "exec", "--exec-id", "stalled", "sleeper"]);
+    reader.args(["task", "exec", "--exec-id", "stalled", &container.id]);
     reader.args(["/bin/busybox", "sha256sum", "/data/blobs/blob-3"]);
     let reader = reader
         .stdout(std::process::Stdio::piped())
@@ -323,6 +323,11 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
     );
     // Restarted while the request hangs; the registry answers once the new daemon serves.
     node.daemon.signal("TERM");
+    assert!(
+        !node.daemon.log().contains("panicked"),
+        "a clean stop with a fetch in flight: {}",
+        node.daemon.log()
+    );
     node.daemon.restart(&node.containerd);
     node.registry.thaw();
     let read = reader.wait_with_output().unwrap();
