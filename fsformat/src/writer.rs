@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Component, Path};
 
-
 use crate::compress::{Compressed, OrderedCompressor};
 use crate::crypto::{ChunkBinding, LayerId, LayerKey, LayerKeys, TAG_LEN};
 use crate::digest::{digest_of, HashingReader, HashingWriter};

@@ -29,6 +29,10 @@ fn resume(node: &Node) -> std::io::Result<()> {
     node.remote().session().start_resumed()
 }
 
+/// How often the daemon checks that its session keeper still holds the node's FUSE session
+/// (one request on a unix socket); a keeper that died is replaced within this.
+const KEEPER_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -177,6 +181,17 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 }
             });
         }
+        let watched = node.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(KEEPER_CHECK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                let node = watched.clone();
+                let _ = tokio::task::spawn_blocking(move || node.remote().session().ensure_kept())
+                    .await;
+            }
+        });
         if !config.cri.image_proxy_socket.as_os_str().is_empty() {
             let socket = config.cri.image_proxy_socket.clone();
             let proxy =

@@ -153,6 +153,12 @@ impl Collector for NodeCollector {
         )?;
         gauge(
             &mut encoder,
+            "sealfs_fuse_session_kept",
+            "1 while the session keeper holds the node's FUSE session, so a restart of the daemon keeps running containers reading; 0 before the first sealed layer is mounted, or if the keeper is gone.",
+            i64::from(node.remote().session().kept_now()),
+        )?;
+        gauge(
+            &mut encoder,
             "sealfs_reads_waiting",
             "Reads waiting now for a chunk being fetched (from a registry, or a fetch in flight).",
             totals.reads_waiting as i64,

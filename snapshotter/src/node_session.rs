@@ -8,6 +8,7 @@
 //! `docs/semantics.md`, "Restarts".
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::fuse::session::FuseSession;
@@ -35,6 +36,8 @@ pub struct NodeSession {
     /// containers running on sealed layers).
     keeping: Option<SessionKeeping>,
     session: Mutex<Option<Arc<FuseSession>>>,
+    /// Whether the keeper held the session when last handed or checked.
+    kept: AtomicBool,
 }
 
 impl NodeSession {
@@ -46,6 +49,7 @@ impl NodeSession {
             mount,
             keeping,
             session: Mutex::new(None),
+            kept: AtomicBool::new(false),
         }
     }
 
@@ -88,6 +92,7 @@ impl NodeSession {
             }
             keeping.keeper.store(NODE_SESSION, session.device())
         })();
+        self.kept.store(kept.is_ok(), Ordering::Relaxed);
         match kept {
             Ok(()) => {
                 tracing::info!(keeper = %keeping.keeper.socket().display(), "FUSE session kept for restarts")
@@ -126,6 +131,8 @@ impl NodeSession {
         match FuseSession::resume(Arc::default(), device, dir, &config) {
             Ok(resumed) => {
                 tracing::info!(dir = %dir.display(), serving = ?resumed.serving(), "resuming the FUSE session the previous daemon left");
+                // The keeper still holds it: it handed over a copy.
+                self.kept.store(true, Ordering::Relaxed);
                 *self.session.lock().expect("session lock") = Some(Arc::new(resumed));
                 true
             }
@@ -160,6 +167,32 @@ impl NodeSession {
                 .keeper
                 .list()
                 .is_ok_and(|names| names.iter().any(|name| name == NODE_SESSION))
+    }
+
+    /// Whether the keeper held the session when last handed or checked (no I/O; see
+    /// [`NodeSession::ensure_kept`]).
+    pub fn kept_now(&self) -> bool {
+        self.kept.load(Ordering::Relaxed)
+    }
+
+    /// Checks that the keeper still holds the session: a keeper that died (killed, say)
+    /// would leave the next restart nothing to resume, so another is started and handed the
+    /// session. Whether the session is kept now; false before any is mounted.
+    pub fn ensure_kept(&self) -> bool {
+        let Some(session) = self.current() else {
+            return false;
+        };
+        if self.is_kept() {
+            self.kept.store(true, Ordering::Relaxed);
+            return true;
+        }
+        if self.keeping.is_some() {
+            tracing::warn!(
+                "the session keeper no longer holds the FUSE session (it died?); starting another"
+            );
+            self.keep(&session);
+        }
+        self.kept_now()
     }
 
     /// Leaves the session mounted and connected when this daemon exits.

@@ -259,6 +259,21 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
         },
     );
 
+    // The keeper killed: the daemon starts another and hands it the session, so the restart
+    // below still finds it.
+    assert_eq!(node.daemon.metric("sealfs_fuse_session_kept"), 1);
+    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
+    wait_until(
+        "another keeper holds the session",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || {
+            node.daemon.keeper_pid().is_some_and(|pid| pid != keeper)
+                && node.daemon.metric("sealfs_fuse_session_kept") == 1
+        },
+    );
+    let keeper = node.daemon.keeper_pid().unwrap();
+
     // An upgrade: the running binary is replaced on disk (deleted here), the new one started.
     node.daemon.signal("TERM");
     fs::remove_file(&old_binary).unwrap();
@@ -271,7 +286,7 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
         format!("{GREETING}\n")
     );
 
-    // One keeper all along, holding the one session; no mount left over or doubled.
+    // The same keeper since, holding the one session; no mount left over or doubled.
     assert_eq!(node.daemon.keeper_pid(), Some(keeper));
     assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
     assert_eq!(node.daemon.fuse_mounts().len(), layers);
