@@ -25,3 +25,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/fetch-debian-packages.sh" sid "$here/target/debian/containerd2" containerd
 bash "$here/scripts/fetch-debian-packages.sh" --closure '^golang-' sid "$here/target/debian/go2" \
   golang-1.27-go golang-github-containerd-containerd-dev
+# cosign, the peer of sealfs's image signatures (trixie's 2.5: key-based signatures in the
+# classic sha256-HEX.sig layout by default; Depends only on libc6).
+bash "$here/scripts/fetch-debian-packages.sh" trixie "$here/target/debian/cosign" cosign

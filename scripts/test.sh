@@ -11,6 +11,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 bash scripts/install-deps.sh
+# cosign (unpacked privately by install-deps.sh) for the signature tests.
+export PATH="$here/target/debian/cosign/usr/bin:$PATH"
 
 echo "==> cargo test --workspace (containerd $(containerd --version | awk '{print $3}'))"
 cargo test --workspace
@@ -20,7 +22,7 @@ cargo test --workspace
 # version-3 config with the snippet operators install.
 containerd2="$here/target/debian/containerd2/usr/bin"
 echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
-PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test cri
+PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test signatures --test cri
 
 # containerd's own snapshotter conformance suites against containerd-sealfs-grpc, through
 # containerd's proxy snapshotter client (Go in GOPATH mode on Debian's packaged sources, no

@@ -39,6 +39,45 @@ pub struct Config {
     pub registry: RegistrySection,
     /// The CRI image service proxy (imagePullSecrets).
     pub cri: CriSection,
+    /// Which images must be signed, by whom (cosign).
+    pub signatures: SignaturesSection,
+}
+
+/// `[signatures]`: the images whose sealed layers may be opened only if a trusted key signed
+/// their manifest (see docs/signatures.md).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignaturesSection {
+    /// For images no rule's scope matches.
+    pub default: SignatureRequirement,
+    /// Public key files (cosign's `cosign.pub`) for `default = "require"`.
+    pub keys: Vec<PathBuf>,
+    /// Requirements by repository scope, the most specific first.
+    pub rule: Vec<SignatureRule>,
+}
+
+/// Whether a signature is required.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureRequirement {
+    /// No check.
+    #[default]
+    Off,
+    /// A signature by one of the keys.
+    Require,
+}
+
+/// `[[signatures.rule]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureRule {
+    /// `HOST`, `HOST/NAMESPACE` or `HOST/REPO` (whole path components).
+    pub scope: String,
+    /// `require` or `off`.
+    pub policy: SignatureRequirement,
+    /// Public key files, at least one for `require`.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
 }
 
 /// `[cri]`: the CRI image service proxy that takes the credentials of the kubelet's pulls
@@ -135,6 +174,7 @@ impl Default for Config {
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
             cri: CriSection::default(),
+            signatures: SignaturesSection::default(),
         }
     }
 }
@@ -245,6 +285,41 @@ impl Config {
         Ok(config)
     }
 
+    /// The signature policy, its keys read: an unreadable key or a `require` without keys is
+    /// an error here, at start, rather than a refusal of every image later.
+    pub fn signature_policy(&self) -> Result<crate::signature::SignaturePolicy, String> {
+        use crate::signature::{load_key, Requirement, SignaturePolicy};
+        let requirement = |what: &str, kind: SignatureRequirement, keys: &[PathBuf]| match kind {
+            SignatureRequirement::Off => Ok(Requirement::Off),
+            SignatureRequirement::Require if keys.is_empty() => Err(format!(
+                "signatures: {what} requires a signature but names no keys"
+            )),
+            SignatureRequirement::Require => Ok(Requirement::Require(
+                keys.iter()
+                    .map(|path| load_key(path))
+                    .collect::<Result<_, _>>()
+                    .map_err(|error| format!("signatures: {what}: {error}"))?,
+            )),
+        };
+        let section = &self.signatures;
+        let mut rules = Vec::new();
+        for rule in &section.rule {
+            if rule.scope.is_empty() || rule.scope.contains(char::is_whitespace) {
+                return Err(format!(
+                    "signatures: rule scope {:?} must be HOST[/PATH]",
+                    rule.scope
+                ));
+            }
+            let what = format!("the rule for {}", rule.scope);
+            rules.push((
+                rule.scope.clone(),
+                requirement(&what, rule.policy, &rule.keys)?,
+            ));
+        }
+        let default = requirement("the default", section.default, &section.keys)?;
+        Ok(SignaturePolicy::new(rules, default))
+    }
+
     /// Where the node's FUSE session is mounted, every layer a directory in it.
     pub fn session_dir(&self) -> PathBuf {
         self.root.join("layers")
@@ -290,6 +365,8 @@ impl Config {
                 restrictions: crate::mount::MountRestrictions::default(),
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
+            // Set by the daemon from `signature_policy()`, which reads key files and can fail.
+            signatures: Default::default(),
             session_dir: self.session_dir(),
             keeping: Some(SessionKeeping {
                 keeper: crate::session_keeper::Keeper::in_root(&self.root),
@@ -316,6 +393,45 @@ mod tests {
     fn the_packaged_config_file_spells_out_the_defaults() {
         let packaged = Config::parse(include_str!("../packaging/config.toml")).unwrap();
         assert_eq!(packaged, Config::default());
+    }
+
+    #[test]
+    fn a_signature_policy_is_refused_at_start_if_it_cannot_be_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("team.pub");
+        std::fs::write(
+            &key,
+            "-----BEGIN PUBLIC KEY-----\n\
+             MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEv1U/Fj8y4g/NEsoEaKC32lYUc07p\n\
+             uGteCu0FUbqqS4zHSgxkx0CV6lr2T8TtGiPj9wx9zfTrOor/QCnIdwRerA==\n\
+             -----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let with = |text: String| Config::parse(&text).unwrap().signature_policy();
+        let policy = with(format!(
+            "[signatures]\n[[signatures.rule]]\nscope = \"reg.io/team\"\npolicy = \"require\"\n\
+             keys = [\"{}\"]\n",
+            key.display()
+        ))
+        .unwrap();
+        assert!(!policy.is_off());
+        assert_eq!(policy.for_repository("reg.io/team/app").0, "reg.io/team");
+        let error = with("[signatures]\ndefault = \"require\"\n".into()).unwrap_err();
+        assert!(error.contains("names no keys"), "{error}");
+        let error = with(format!(
+            "[signatures]\ndefault = \"require\"\nkeys = [\"{}\"]\n",
+            dir.path().join("missing.pub").display()
+        ))
+        .unwrap_err();
+        assert!(error.contains("missing.pub"), "{error}");
+        std::fs::write(&key, "not a key").unwrap();
+        let error = with(format!(
+            "[signatures]\ndefault = \"require\"\nkeys = [\"{}\"]\n",
+            key.display()
+        ))
+        .unwrap_err();
+        assert!(error.contains("team.pub"), "{error}");
+        assert!(Config::default().signature_policy().unwrap().is_off());
     }
 
     #[test]

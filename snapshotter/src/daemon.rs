@@ -57,6 +57,9 @@ pub enum DaemonError {
     /// Another daemon serves the socket.
     #[error("{0} is in use by a running snapshotter; stop it first")]
     SocketInUse(PathBuf),
+    /// The signature policy cannot be used (a key file unreadable, `require` without keys).
+    #[error("{0}")]
+    SignaturePolicy(String),
     /// The metrics address does not parse.
     #[error("metrics_address {0:?} is not HOST:PORT")]
     MetricsAddress(String),
@@ -151,6 +154,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // Credentials of CRI pulls (imagePullSecrets), filled by the CRI image proxy if it runs.
     let pull_credentials = Arc::new(crate::credentials::PullCredentials::default());
     let mut remote_config = config.remote();
+    remote_config.signatures = Arc::new(
+        config
+            .signature_policy()
+            .map_err(DaemonError::SignaturePolicy)?,
+    );
     remote_config.registry.pull_credentials = Some(pull_credentials.clone());
     let remote = RemoteLayers::new(remote_config, runtime.handle().clone(), memory);
     let node = Arc::new(Node::new(store, remote));

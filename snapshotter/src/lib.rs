@@ -31,7 +31,8 @@
 //! containerd's labels, mounted as directories of the node's session; their tails fetched
 //! ahead by [`tails_ahead`]), [`node_session`] (that one FUSE session, whose descriptor
 //! [`session_keeper`] holds so that a restarted daemon resumes it and running containers keep
-//! reading), [`node`] (containerd's snapshots model over the store and the
+//! reading), [`signature`] (cosign signatures a policy requires before a sealed layer's key
+//! is unwrapped), [`node`] (containerd's snapshots model over the store and the
 //! remote layers, with domain errors), [`grpc`] (the snapshots service: tonic only there),
 //! [`metrics`],
 //! [`cri_proxy`], [`config`] and [`daemon`] (`containerd-sealfs-grpc`).
@@ -61,6 +62,7 @@ pub mod oci_layout;
 pub mod registry;
 pub mod remote;
 pub mod session_keeper;
+pub mod signature;
 pub mod snapshot;
 pub mod source;
 pub mod tails_ahead;

@@ -163,6 +163,19 @@ impl Collector for NodeCollector {
             "Reads waiting now for a chunk being fetched (from a registry, or a fetch in flight).",
             totals.reads_waiting as i64,
         )?;
+        let signatures = &node.remote().signature_stats;
+        counter(
+            &mut encoder,
+            "sealfs_signatures_verified",
+            "Images whose signature verified against the signature policy (each check).",
+            signatures.verified.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_signature_refusals",
+            "Sealed layers refused by the signature policy (unsigned, unknown key, wrong digest, unreachable signature).",
+            signatures.refused.load(Ordering::Relaxed),
+        )?;
         counter(
             &mut encoder,
             "sealfs_remote_mount_failures",

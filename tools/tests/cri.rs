@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::node::DAEMON;
@@ -293,7 +294,19 @@ fn cri_case(pull: CriPull) {
     };
     let keys = node_keys(&work);
     let registry = DockerRegistry::start();
-    let daemon = SealfsDaemon::start(DAEMON, &work, &keys, "[fetch]\nbackground = false\n");
+    // One repository must be signed (by a key nobody here signs with): the rest of the
+    // images are not held to it.
+    run(Command::new("sh").current_dir(&work).args([
+        "-c",
+        "openssl ecparam -name prime256v1 -genkey -noout | openssl ec -pubout -out trusted.pub",
+    ]));
+    let policy = format!(
+        "[fetch]\nbackground = false\n[signatures]\n[[signatures.rule]]\n\
+         scope = \"{}/cri-must-sign\"\npolicy = \"require\"\nkeys = [\"{}\"]\n",
+        registry.host,
+        work.join("trusted.pub").display()
+    );
+    let daemon = SealfsDaemon::start(DAEMON, &work, &keys, &policy);
     let hosts = hosts_dir(&work, &registry);
     let containerd = Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts, pull);
     if sealfs_e2e::containerd::major_version() >= 2 {
@@ -364,6 +377,15 @@ fn cri_case(pull: CriPull) {
             && message.contains("layer sha256:")
             && message.contains(&key_id(&work, "alice"))
             && message.contains(&key_id(&work, "bob")),
+        "{message}"
+    );
+
+    // An unsigned image where the policy requires a signature: PullImage fails and says why.
+    let unsigned = push_sealed(&work, &registry, "alice", "cri-must-sign").reference;
+    let refused = client.pull(&unsigned, &pod).unwrap_err();
+    let message = refused.message();
+    assert!(
+        message.contains("refused by the signature policy") && message.contains("no signature"),
         "{message}"
     );
 

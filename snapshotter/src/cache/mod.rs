@@ -1,8 +1,8 @@
 //! A layer's chunk cache: tiers that hold a chunk closer than the registry does, each behind
 //! one small trait ([`ChunkCache`]) and stacked by [`Tiered`].
 //!
-//! - memory ([`memory`]): plaintext, a bounded LRU shared by every layer of the node;
-//! - disk ([`disk`]): ciphertext, per layer, authenticated on every hit.
+//! - memory ([`LayerMemory`], [`MemoryCache`]): plaintext, a bounded LRU shared by every layer of the node;
+//! - disk ([`SealedDisk`], [`DiskCache`]): ciphertext, per layer, authenticated on every hit.
 //!
 //! A read tries memory, then disk (a disk hit fills memory), then the fetcher goes to the
 //! source and stores what it fetched in both. A disk entry that fails authentication is a miss

@@ -86,6 +86,32 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// Whether the registry answered that the manifest, tag or repository does not exist (as
+    /// opposed to failing): an unsigned image has no signature manifest.
+    pub fn is_not_found(&self) -> bool {
+        use oci_client::errors::OciErrorCode;
+        match self {
+            RegistryError::Request { source, .. } => match source {
+                OciDistributionError::ImageManifestNotFoundError(_) => true,
+                OciDistributionError::ServerError { code, .. } => *code == 404,
+                OciDistributionError::RegistryError { envelope, .. } => {
+                    envelope.errors.iter().any(|error| {
+                        matches!(
+                            error.code,
+                            OciErrorCode::ManifestUnknown
+                                | OciErrorCode::NameUnknown
+                                | OciErrorCode::NotFound
+                        )
+                    })
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 /// How to talk to registries (defaults documented in docs/configuration.md).
 #[derive(Clone, Debug)]
 pub struct RegistryOptions {
@@ -347,11 +373,23 @@ impl Registry {
         digest: &str,
         size: u64,
     ) -> Result<Vec<u8>, RegistryError> {
+        self.read_small(reference, digest, size, 8 << 20)
+    }
+
+    /// Reads a blob of at most `limit` bytes whole (a config, a signature payload) and checks
+    /// its digest; a larger one is refused before it is read.
+    pub fn read_small(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+        limit: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
         let registry = reference.resolve_registry().to_string();
-        if size > 8 << 20 {
+        if size > limit {
             return Err(RegistryError::Invalid {
                 registry,
-                what: format!("blob {digest} is larger than 8 MiB; not a config"),
+                what: format!("blob {digest} has {size} bytes, more than the {limit} expected"),
             });
         }
         let blob = self.blob(reference, digest, size);

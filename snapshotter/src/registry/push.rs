@@ -80,6 +80,34 @@ impl Registry {
         )
     }
 
+    /// Pushes a small blob held in memory (a signature's payload or config), unless the
+    /// repository has it.
+    pub fn push_small_blob(
+        &self,
+        reference: &Reference,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(reference, digest)? {
+            return Ok(());
+        }
+        self.call(
+            Capability::Push,
+            RequestKind::Authenticating,
+            reference,
+            &format!("pushing blob {digest}"),
+            |client, auth, target| async move {
+                client
+                    .auth(&target, &auth, oci_client::RegistryOperation::Push)
+                    .await?;
+                client
+                    .push_blob(&target, bytes.to_vec(), digest)
+                    .await
+                    .map(|_| ())
+            },
+        )
+    }
+
     /// Pushes a manifest under `reference` (its tag); returns the manifest URL.
     pub fn push_manifest(
         &self,

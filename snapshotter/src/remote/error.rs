@@ -77,6 +77,19 @@ pub enum RemoteError {
         /// The layer.
         layer: String,
     },
+    /// The image fails the signature policy: nothing of it was unwrapped or mounted.
+    #[error("image {image} ({digest}) is refused by the signature policy (scope {scope})")]
+    Signature {
+        /// The image as asked for.
+        image: String,
+        /// Its manifest digest.
+        digest: String,
+        /// The policy scope that requires a signature.
+        scope: String,
+        /// Why.
+        #[source]
+        source: Box<crate::signature::SignatureError>,
+    },
     /// The node's keys could not be read.
     #[error("loading the node's keys")]
     Keys(#[from] KeyError),

@@ -24,6 +24,8 @@ use crate::keys;
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
 use crate::node_session::{NodeSession, SessionKeeping};
 use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteManifest};
+use crate::signature::cosign::FoundSignature;
+use crate::signature::{self, Requirement, SignatureError, SignaturePolicy};
 use crate::tails_ahead::{TailJob, TailKey, TailsAhead};
 
 mod error;
@@ -54,6 +56,21 @@ pub struct RemoteConfig {
     /// Where the node's FUSE session is kept across restarts; `None`: it is not (a restart
     /// breaks the containers running on sealed layers).
     pub keeping: Option<SessionKeeping>,
+    /// Which images must be signed, by whom.
+    pub signatures: Arc<SignaturePolicy>,
+}
+
+/// How long an image whose signature verified is taken as verified for its other layers and
+/// later pulls: a signature removed from the registry (revoked) stops counting within it.
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
+
+/// Counters of signature checks.
+#[derive(Debug, Default)]
+pub struct SignatureStats {
+    /// Images whose signature verified (each check; cached ones are not counted again).
+    pub verified: std::sync::atomic::AtomicU64,
+    /// Layers refused by the signature policy.
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 /// How long a manifest resolved by tag is reused for the other layers of the same pull.
@@ -74,6 +91,10 @@ pub struct RemoteLayers {
     manifests: Mutex<lru::LruCache<String, (Instant, RemoteManifest)>>,
     /// Tails of the layers after the one being prepared, fetched meanwhile.
     tails: Arc<TailsAhead>,
+    /// Images verified lately against the signature policy: `DIGEST SCOPE` -> when.
+    verified: Mutex<lru::LruCache<String, Instant>>,
+    /// Signature checks.
+    pub signature_stats: SignatureStats,
 }
 
 impl RemoteLayers {
@@ -103,6 +124,8 @@ impl RemoteLayers {
             registries: Mutex::new(HashMap::new()),
             manifests: Mutex::new(lru::LruCache::new(NonZeroUsize::new(64).expect("64"))),
             tails: Arc::default(),
+            verified: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).expect("256"))),
+            signature_stats: SignatureStats::default(),
         }
     }
 
@@ -166,7 +189,26 @@ impl RemoteLayers {
         }
         let reference = Registry::parse(&asked).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
-        let image = self.manifest(&registry, &asked).map_err(registry_error)?;
+        // When the client named the manifest digest (CRI, sealctl pull) and its image must be
+        // signed, its signatures are fetched beside the manifest rather than after it: the
+        // check then costs the pull one round trip (the payloads), not two.
+        let early = request
+            .manifest
+            .as_deref()
+            .filter(|digest| self.needs_signature_check(&reference, digest));
+        let (image, fetched) = std::thread::scope(|scope| {
+            let signatures = early.map(|digest| {
+                scope.spawn(|| signature::fetch_signatures(&registry, &reference, digest))
+            });
+            let image = self.manifest(&registry, &asked);
+            let fetched = signatures.map(|fetching| {
+                fetching
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (image, fetched)
+        });
+        let image = image.map_err(registry_error)?;
         let descriptor = image
             .manifest
             .layers()
@@ -211,11 +253,80 @@ impl RemoteLayers {
                 found,
             });
         }
+        self.check_signature(&registry, &image, request, fetched)?;
         self.fetch_tails_after(&registry, &image, &descriptor);
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
         }))
+    }
+
+    /// Whether the manifest `digest` of `reference`'s repository must be signed and has not
+    /// been verified lately.
+    fn needs_signature_check(&self, reference: &Reference, digest: &str) -> bool {
+        let repository = signature::repository_of(reference);
+        let (scope, requirement) = self.config.signatures.for_repository(&repository);
+        matches!(requirement, Requirement::Require(_)) && !self.verified_lately(digest, scope)
+    }
+
+    fn verified_lately(&self, digest: &str, scope: &str) -> bool {
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .get(&format!("{digest} {scope}"))
+            .is_some_and(|at| at.elapsed() < VERIFIED_TTL)
+    }
+
+    /// Checks `image` against the signature policy before anything of it is unwrapped or
+    /// mounted, with its signatures as `fetched` early if they were; a verified image is
+    /// remembered for [`VERIFIED_TTL`].
+    fn check_signature(
+        &self,
+        registry: &Registry,
+        image: &RemoteManifest,
+        request: &LayerRequest,
+        fetched: Option<Result<Vec<FoundSignature>, SignatureError>>,
+    ) -> Result<(), RemoteError> {
+        use std::sync::atomic::Ordering;
+        let repository = signature::repository_of(&image.reference);
+        let (scope, requirement) = self.config.signatures.for_repository(&repository);
+        let Requirement::Require(keys) = requirement else {
+            return Ok(());
+        };
+        let digest = image.descriptor.digest().to_string();
+        if self.verified_lately(&digest, scope) {
+            return Ok(());
+        }
+        // Fetched early only for the digest the client named, which `image` is pinned to.
+        let verified = fetched
+            .unwrap_or_else(|| signature::fetch_signatures(registry, &image.reference, &digest))
+            .and_then(|found| {
+                Ok(signature::cosign::check(&found, keys, &digest)?
+                    .name
+                    .clone())
+            });
+        match verified {
+            Ok(key) => {
+                self.signature_stats
+                    .verified
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(image = %request.image, %digest, scope, key, "image signature verified");
+                self.verified
+                    .lock()
+                    .expect("verified lock")
+                    .put(format!("{digest} {scope}"), Instant::now());
+                Ok(())
+            }
+            Err(source) => {
+                self.signature_stats.refused.fetch_add(1, Ordering::Relaxed);
+                Err(RemoteError::Signature {
+                    image: request.image.clone(),
+                    digest,
+                    scope: scope.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        }
     }
 
     /// Starts fetching the tails of the sealed layers that follow `current` in `image`:

@@ -82,6 +82,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.print_config {
+        // Keys named by the signature policy are read now, as the daemon would at start.
+        if let Err(error) = config.signature_policy() {
+            eprintln!("containerd-sealfs-grpc: {error}");
+            return ExitCode::from(2);
+        }
         println!(
             "# {}\n{config:#?}",
             cli.config

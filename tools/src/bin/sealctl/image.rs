@@ -211,6 +211,7 @@ pub fn seal(
     prefetch_list: Option<&std::path::Path>,
     source: &str,
     destination: &str,
+    sign: Option<&snapshotter::signature::cosign::SigningKey>,
 ) -> Result<()> {
     let recipients: Vec<PublicKey> = recipient_files
         .iter()
@@ -276,6 +277,13 @@ pub fn seal(
         recipients.len(),
         manifest.digest()
     );
+    if let Some(key) = sign {
+        let (registry, reference) = transport.remote(destination)?;
+        let digest = manifest.digest().to_string();
+        crate::sign::sign_digest(&registry, &reference, &digest, key)
+            .with_context(|| format!("signing {destination}@{digest}"))?;
+        eprintln!("signed {destination}@{digest}");
+    }
     Ok(())
 }
 

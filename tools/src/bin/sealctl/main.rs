@@ -4,6 +4,7 @@ mod image;
 mod keys;
 mod optimize;
 mod pull;
+mod sign;
 mod transport;
 
 use std::path::PathBuf;
@@ -74,10 +75,46 @@ enum Command {
         /// such a list by running the image.
         #[arg(long, value_name = "FILE")]
         prefetch_list: Option<PathBuf>,
+        /// Sign the sealed image's manifest with this cosign private key (`cosign
+        /// generate-key-pair`'s cosign.key) once it is pushed, as `sealctl sign` does; needs a
+        /// docker:// destination. The key's password comes from COSIGN_PASSWORD or
+        /// --password-file.
+        #[arg(long, value_name = "COSIGN_KEY")]
+        sign: Option<PathBuf>,
+        /// File whose first line is the password of the --sign key.
+        #[arg(long, value_name = "FILE", requires = "sign")]
+        password_file: Option<PathBuf>,
         /// Source image, e.g. oci:./busybox:latest.
         source: String,
         /// Destination image, e.g. oci:./busybox-sealed:latest (created if missing).
         destination: String,
+    },
+    /// Sign an image in a registry with a cosign key, as `cosign sign --key` does.
+    ///
+    /// The signature (over the manifest digest; a tag is resolved first) goes into the image's
+    /// repository as cosign's signature image (`sha256-HEX.sig`), next to any already there, so
+    /// `cosign verify --key cosign.pub` accepts it and nodes whose signature policy trusts the
+    /// key open the image. The key's password comes from COSIGN_PASSWORD or --password-file.
+    Sign {
+        /// cosign private key (`cosign generate-key-pair`'s cosign.key).
+        #[arg(long, short = 'k', value_name = "COSIGN_KEY")]
+        key: PathBuf,
+        /// File whose first line is the key's password.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// The image: docker://HOST/REPO[:TAG][@DIGEST].
+        image: String,
+    },
+    /// Check an image's cosign signature as a node's signature policy would.
+    ///
+    /// Passes if one of the keys signed the image's manifest digest (cosign's key-based
+    /// signatures, made by `cosign sign --key` or `sealctl sign`); says why not otherwise.
+    Verify {
+        /// Trusted public key (cosign.pub; repeat for several).
+        #[arg(long = "key", short = 'k', value_name = "COSIGN_PUB", required = true)]
+        keys: Vec<PathBuf>,
+        /// The image: docker://HOST/REPO[:TAG][@DIGEST].
+        image: String,
     },
     /// Record what a sealed image reads at start-up and write a copy that prefetches it.
     ///
@@ -219,9 +256,20 @@ fn main() -> ExitCode {
             pack_size,
             zstd_level,
             prefetch_list,
+            sign,
+            password_file,
             source,
             destination,
         } => image::seal_options(chunk_size, pack_size, zstd_level).and_then(|options| {
+            // Opened first: a wrong password must not cost a whole sealing run.
+            let signer = match &sign {
+                Some(key) if !destination.starts_with("docker://") => anyhow::bail!(
+                    "--sign {}: signatures live in a registry next to the image; seal into a                      docker:// destination (or sign later with sealctl sign)",
+                    key.display()
+                ),
+                Some(key) => Some(sign::signing_key(key, password_file.as_deref())?),
+                None => None,
+            };
             image::seal(
                 t,
                 &recipients,
@@ -229,8 +277,16 @@ fn main() -> ExitCode {
                 prefetch_list.as_deref(),
                 &source,
                 &destination,
+                signer.as_ref(),
             )
         }),
+        Command::Sign {
+            key,
+            password_file,
+            image,
+        } => sign::signing_key(&key, password_file.as_deref())
+            .and_then(|signer| sign::sign(t, &signer, &image)),
+        Command::Verify { keys, image } => sign::verify(t, &keys, &image),
         Command::Optimize {
             options,
             source,

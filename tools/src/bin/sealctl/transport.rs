@@ -103,7 +103,10 @@ impl Transport {
         Ok(registry)
     }
 
-    fn remote(&self, reference: &str) -> Result<(Registry, Reference)> {
+    /// The client for a registry image (`[docker://]HOST/REPO[:TAG][@DIGEST]`) and its parsed
+    /// reference.
+    pub fn remote(&self, reference: &str) -> Result<(Registry, Reference)> {
+        let reference = reference.strip_prefix("docker://").unwrap_or(reference);
         let parsed = Registry::parse(reference)?;
         let registry = self.registry(parsed.resolve_registry())?;
         Ok((registry, parsed))
