@@ -52,6 +52,9 @@ pub struct SignaturesSection {
     pub default: SignatureRequirement,
     /// Public key files (cosign's `cosign.pub`) for `default = "require"`.
     pub keys: Vec<PathBuf>,
+    /// Hold layers that are not sealed to the policy too, when their Prepare names the image
+    /// (CRI, `ctr-remote`, `sealctl pull`); a Prepare without labels cannot be checked.
+    pub unsealed: bool,
     /// Requirements by repository scope, the most specific first.
     pub rule: Vec<SignatureRule>,
 }
@@ -317,7 +320,9 @@ impl Config {
             ));
         }
         let default = requirement("the default", section.default, &section.keys)?;
-        Ok(SignaturePolicy::new(rules, default))
+        let mut policy = SignaturePolicy::new(rules, default);
+        policy.unsealed = section.unsealed;
+        Ok(policy)
     }
 
     /// Where the node's FUSE session is mounted, every layer a directory in it.

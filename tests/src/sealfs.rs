@@ -204,12 +204,23 @@ impl SealfsDaemon {
             "containerd did not reconnect: {}",
             self.log()
         );
-        let listed = containerd.ctr(&["snapshots", "--snapshotter", "sealfs", "ls"]);
-        assert!(
-            listed.status.success(),
-            "containerd reconnected but cannot list: {}",
-            String::from_utf8_lossy(&listed.stderr)
-        );
+        // containerd may need another redial before a call gets through (its first one can
+        // still be in backoff, or its handshake time out on a loaded machine): the restart is
+        // done when a call through containerd works.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = containerd.ctr(&["snapshots", "--snapshotter", "sealfs", "ls"]);
+            if listed.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd reconnected but cannot list: {}\n{}",
+                String::from_utf8_lossy(&listed.stderr),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {

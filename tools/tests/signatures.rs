@@ -101,7 +101,7 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
         &["generate-key-pair", "--output-key-prefix", "other"],
     );
     let policy = format!(
-        "[signatures]\ndefault = \"require\"\nkeys = [\"{}\"]\n",
+        "[signatures]\ndefault = \"require\"\nunsealed = true\nkeys = [\"{}\"]\n",
         work.join("cosign.pub").display()
     );
     let node = Node::start(&work, &policy);
@@ -254,6 +254,28 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
         )
         .unwrap();
     refused(&node, &tampered, "verifies with a trusted key");
+
+    // With `unsealed = true` an image that is not sealed is held to the policy too: refused
+    // unsigned, unpacked (downloaded, as by any snapshotter) and run once signed.
+    let plain = node.registry.push(&work.join("img"), "v1", "plain-app");
+    refused(&node, &plain, "no signature");
+    let out = sealctl_signing(
+        &work,
+        &["sign", "--key", "cosign.key", &format!("docker://{plain}")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.pull_ok(&plain);
+    assert!(node
+        .run(
+            &plain,
+            "plain-signed",
+            &["/bin/busybox", "cat", "/etc/motd"]
+        )
+        .contains("sealed with sealfs"),);
 
     // sealctl verify says what the node says.
     let out = sealctl(

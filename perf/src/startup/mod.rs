@@ -150,6 +150,9 @@ fn median_totals(trials: &[Trial]) -> BTreeMap<String, BTreeMap<String, f64>> {
         .collect()
 }
 
+/// The password of the benchmark's cosign key (made and used by the benchmark only).
+const COSIGN_PASSWORD: &str = "sealfs-perf";
+
 /// The Markdown table: per image and mode, medians with ranges and ratios.
 fn table(
     trials: &[Trial],
@@ -210,6 +213,24 @@ fn table(
                 "\nProfile gain on `{image}`: sealfs {plain:.2} s, sealfs+profile {profiled:.2} s \
                  ({:.2}x faster).",
                 plain / profiled
+            );
+        }
+        let median_pull = |mode: Mode| {
+            let mut pulls: Vec<f64> = trials
+                .iter()
+                .filter(|t| &t.image == image && t.mode == mode)
+                .map(|t| t.pull_s)
+                .collect();
+            (!pulls.is_empty()).then(|| median(&mut pulls))
+        };
+        if let (Some(plain), Some(signed)) =
+            (median_pull(Mode::Sealfs), median_pull(Mode::SealfsSigned))
+        {
+            out += &format!(
+                "\nSignature check on `{image}`: the pull takes {plain:.2} s on a node without a \
+                 signature policy, {signed:.2} s on one that requires the image's cosign \
+                 signature ({:+.0} ms).",
+                (signed - plain) * 1000.0
             );
         }
     }
@@ -277,6 +298,7 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
             Mode::Ocicrypt,
             Mode::Sealfs,
             Mode::SealfsProfile,
+            Mode::SealfsSigned,
         ]
     } else {
         args.modes.clone()
@@ -299,6 +321,9 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
     }
     if modes.contains(&Mode::Ocicrypt) {
         tools.extend(["podman", "openssl"]);
+    }
+    if modes.contains(&Mode::SealfsSigned) {
+        tools.push("cosign");
     }
     require_tools(&tools)?;
     let sealctl = sibling_binary("sealctl")?;
@@ -342,6 +367,22 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
             .arg(&ocicrypt_public))?;
     }
 
+    // A cosign key pair: sealctl signs the sealed images with it, and the `sealfs+signed`
+    // node's policy requires its signature.
+    let signed_policy = format!(
+        "[signatures]\ndefault = \"require\"\nkeys = [\"{}\"]\n",
+        work.join("cosign.pub").display()
+    );
+    if modes.contains(&Mode::SealfsSigned) {
+        for file in ["cosign.key", "cosign.pub"] {
+            let _ = std::fs::remove_file(work.join(file));
+        }
+        run(Command::new("cosign")
+            .current_dir(&work)
+            .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
+            .arg("generate-key-pair"))?;
+    }
+
     let mut probe = None;
     for image in &images {
         let (layout, _) = images::build(*image, scale, &work)?;
@@ -366,6 +407,13 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
             .arg(work.join("node.pub"))
             .arg(format!("oci:{}:latest", layout.display()))
             .arg(format!("docker://{direct}/{name}:sealed")))?;
+        if modes.contains(&Mode::SealfsSigned) {
+            run(Command::new(&sealctl)
+                .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
+                .args(["--insecure", "sign", "--key"])
+                .arg(work.join("cosign.key"))
+                .arg(format!("docker://{direct}/{name}:{}", Mode::Sealfs.tag())))?;
+        }
         if modes.contains(&Mode::SealfsProfile) {
             eprintln!("recording the start-up of {name} (sealctl optimize)");
             let containerd = sealfs_e2e::containerd::Containerd::start();
@@ -408,8 +456,12 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
         for mode in &modes {
             for number in 1..=trials {
                 let scratch = tempfile::tempdir()?;
+                let policy = match mode {
+                    Mode::SealfsSigned => signed_policy.as_str(),
+                    _ => "",
+                };
                 let (trial, _running) = bench
-                    .trial(name, *mode, scratch.path(), "")
+                    .trial(name, *mode, scratch.path(), policy)
                     .with_context(|| format!("{name} {} trial {number}", mode.name()))?;
                 eprintln!(
                     "{name} {} {number}/{trials}: pull {:.2} s, run {:.2} s, {:.1} MB",

@@ -28,6 +28,11 @@ pub enum Mode {
     #[value(name = "sealfs+profile")]
     #[serde(rename = "sealfs+profile")]
     SealfsProfile,
+    /// `sealfs` on a node whose signature policy requires a cosign signature of the image
+    /// (signed by `sealctl sign`): what the check costs a pull.
+    #[value(name = "sealfs+signed")]
+    #[serde(rename = "sealfs+signed")]
+    SealfsSigned,
 }
 
 impl Mode {
@@ -38,12 +43,16 @@ impl Mode {
             Mode::Ocicrypt => "ocicrypt",
             Mode::Sealfs => "sealfs",
             Mode::SealfsProfile => "sealfs+profile",
+            Mode::SealfsSigned => "sealfs+signed",
         }
     }
 
     /// Whether the mode runs the sealfs snapshotter.
     pub fn is_sealfs(self) -> bool {
-        matches!(self, Mode::Sealfs | Mode::SealfsProfile)
+        matches!(
+            self,
+            Mode::Sealfs | Mode::SealfsProfile | Mode::SealfsSigned
+        )
     }
 
     /// The tag of the image this mode runs.
@@ -51,7 +60,8 @@ impl Mode {
         match self {
             Mode::Overlayfs => "plain",
             Mode::Ocicrypt => "encrypted",
-            Mode::Sealfs => "sealed",
+            // The same image as `sealfs`: only the node's policy differs.
+            Mode::Sealfs | Mode::SealfsSigned => "sealed",
             Mode::SealfsProfile => "profiled",
         }
     }

@@ -15,7 +15,7 @@ use std::sync::{Mutex, RwLock};
 
 use crate::fetcher::FetchTotals;
 use crate::mount::MountedLayer;
-use crate::remote::{self, LayerRequest, RemoteError, RemoteLayerSource, RemoteLayers};
+use crate::remote::{self, ImageNamed, LayerRequest, RemoteError, RemoteLayerSource, RemoteLayers};
 use crate::snapshot::{Ancestor, Info, Mount, SnapshotError, SnapshotStore};
 
 mod remote_prepare;
@@ -181,6 +181,11 @@ impl Node {
                     return Err(NodeError::Remote(error));
                 }
             }
+        }
+        if let Some(named) = ImageNamed::from_labels(&labels) {
+            self.remote.check_unsealed(&named).inspect_err(|error| {
+                tracing::warn!(key, image = %named.image, error = %crate::error_chain(error), "layer refused");
+            })?;
         }
         self.ensure_chain_mounted(parent)?;
         Ok(self.store.prepare(key, parent, sorted(labels))?)

@@ -56,6 +56,41 @@ impl LayerRequest {
     }
 }
 
+/// The image a layer's Prepare labels name, sealed layer or not: its reference and, when the
+/// client sent it, its manifest digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageNamed {
+    /// The image reference (`HOST/REPO[:TAG][@DIGEST]`).
+    pub image: String,
+    /// The manifest digest (CRI and `sealctl pull` send it).
+    pub manifest: Option<String>,
+}
+
+impl ImageNamed {
+    /// Reads it from the labels of a layer's Prepare (one with a target); `None` when they
+    /// name no image (a plain `ctr image pull` sends no labels).
+    pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
+        let get = |key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
+        get(TARGET_LABEL)?;
+        Some(ImageNamed {
+            image: get(CRI_IMAGE_REF).or_else(|| get(STARGZ_REFERENCE))?,
+            manifest: get(CRI_MANIFEST_DIGEST),
+        })
+    }
+
+    /// The reference to resolve: pinned to the manifest digest when the client named it.
+    pub fn pinned(&self) -> String {
+        match &self.manifest {
+            // Pin to what the client resolved; drop a digest the reference already carried.
+            Some(manifest) => format!(
+                "{}@{manifest}",
+                self.image.split('@').next().unwrap_or_default()
+            ),
+            None => self.image.clone(),
+        }
+    }
+}
+
 /// Where a remote snapshot's content comes from: enough to mount it again.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RemoteLayerSource {

@@ -33,8 +33,8 @@ mod labels;
 
 pub use error::RemoteError;
 pub use labels::{
-    snapshot_labels, LayerRequest, RemoteLayerSource, REMOTE_LABEL, SEALED_MARKER_LABEL,
-    TARGET_LABEL,
+    snapshot_labels, ImageNamed, LayerRequest, RemoteLayerSource, REMOTE_LABEL,
+    SEALED_MARKER_LABEL, TARGET_LABEL,
 };
 
 /// Settings of remote layers.
@@ -181,12 +181,11 @@ impl RemoteLayers {
             layer: request.layer.clone(),
             source: Box::new(source),
         };
-        let mut asked = request.image.clone();
-        if let Some(manifest) = &request.manifest {
-            // Pin to what the client resolved; drop a digest the reference already carried.
-            let base = asked.split('@').next().unwrap_or_default().to_string();
-            asked = format!("{base}@{manifest}");
+        let asked = ImageNamed {
+            image: request.image.clone(),
+            manifest: request.manifest.clone(),
         }
+        .pinned();
         let reference = Registry::parse(&asked).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         // When the client named the manifest digest (CRI, sealctl pull) and its image must be
@@ -253,12 +252,35 @@ impl RemoteLayers {
                 found,
             });
         }
-        self.check_signature(&registry, &image, request, fetched)?;
+        self.check_signature(&registry, &image, &request.image, fetched)?;
         self.fetch_tails_after(&registry, &image, &descriptor);
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
         }))
+    }
+
+    /// Holds a layer that is not sealed to the signature policy, if the policy says so
+    /// (`unsealed`) and its Prepare named the image: refused unless the image is signed as
+    /// its scope requires.
+    pub fn check_unsealed(&self, named: &ImageNamed) -> Result<(), RemoteError> {
+        if !self.config.signatures.unsealed {
+            return Ok(());
+        }
+        let registry_error = |source| RemoteError::Registry {
+            image: named.image.clone(),
+            layer: "(not sealed)".to_string(),
+            source: Box::new(source),
+        };
+        let asked = named.pinned();
+        let reference = Registry::parse(&asked).map_err(registry_error)?;
+        let repository = signature::repository_of(&reference);
+        if let (_, Requirement::Off) = self.config.signatures.for_repository(&repository) {
+            return Ok(());
+        }
+        let registry = self.registry_for(&reference).map_err(registry_error)?;
+        let image = self.manifest(&registry, &asked).map_err(registry_error)?;
+        self.check_signature(&registry, &image, &named.image, None)
     }
 
     /// Whether the manifest `digest` of `reference`'s repository must be signed and has not
@@ -284,7 +306,7 @@ impl RemoteLayers {
         &self,
         registry: &Registry,
         image: &RemoteManifest,
-        request: &LayerRequest,
+        image_name: &str,
         fetched: Option<Result<Vec<FoundSignature>, SignatureError>>,
     ) -> Result<(), RemoteError> {
         use std::sync::atomic::Ordering;
@@ -310,7 +332,7 @@ impl RemoteLayers {
                 self.signature_stats
                     .verified
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(image = %request.image, %digest, scope, key, "image signature verified");
+                tracing::info!(image = image_name, %digest, scope, key, "image signature verified");
                 self.verified
                     .lock()
                     .expect("verified lock")
@@ -320,7 +342,7 @@ impl RemoteLayers {
             Err(source) => {
                 self.signature_stats.refused.fetch_add(1, Ordering::Relaxed);
                 Err(RemoteError::Signature {
-                    image: request.image.clone(),
+                    image: image_name.to_string(),
                     digest,
                     scope: scope.to_string(),
                     source: Box::new(source),

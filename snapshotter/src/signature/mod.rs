@@ -35,6 +35,9 @@ pub enum Requirement {
 pub struct SignaturePolicy {
     rules: Vec<(String, Requirement)>,
     default: Requirement,
+    /// Whether layers that are not sealed are held to it too (when their Prepare names the
+    /// image).
+    pub unsealed: bool,
 }
 
 impl SignaturePolicy {
@@ -45,7 +48,11 @@ impl SignaturePolicy {
         }
         // Most specific (longest) scope first; a scope matches whole path components only.
         rules.sort_by_key(|(scope, _)| std::cmp::Reverse(scope.len()));
-        SignaturePolicy { rules, default }
+        SignaturePolicy {
+            rules,
+            default,
+            unsealed: false,
+        }
     }
 
     /// Whether any image needs a signature.
