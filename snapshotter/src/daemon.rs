@@ -245,16 +245,24 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if !config.cri.image_proxy_socket.as_os_str().is_empty() {
         let _ = std::fs::remove_file(&config.cri.image_proxy_socket);
     }
-    if node.remote().session().is_kept() {
+    // Checked (and a keeper that died replaced) now, not trusted from the last check: a
+    // session nobody keeps would die with this process.
+    if node.remote().session().ensure_kept() {
         node.leave_mounted();
         tracing::info!(
             "layers stay mounted and their FUSE session kept for the next start; \
              `containerd-sealfs-grpc release` unmounts them (breaking the containers on them)"
         );
-    } else {
-        // Unmount on the blocking side: FUSE sessions join their threads.
-        node.unmount_all();
+        // The process ends now and the next daemon takes over: nothing here needs an orderly
+        // end. Shutting the runtime down under fetches still running (the background fetch,
+        // a read waiting on a slow registry) would make their timers panic, and waiting for
+        // them could take a request's whole deadline; the kernel ends their threads at exit.
+        std::mem::forget(node);
+        std::mem::forget(runtime);
+        return served;
     }
+    // Unmount on the blocking side: FUSE sessions join their threads.
+    node.unmount_all();
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     served
 }

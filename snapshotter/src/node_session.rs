@@ -38,6 +38,9 @@ pub struct NodeSession {
     session: Mutex<Option<Arc<FuseSession>>>,
     /// Whether the keeper held the session when last handed or checked.
     kept: AtomicBool,
+    /// Held while the keeper is checked or replaced: the periodic check and the check at
+    /// shutdown never start two keepers, and shutdown sees the outcome of a replacement.
+    checking: Mutex<()>,
 }
 
 impl NodeSession {
@@ -50,6 +53,7 @@ impl NodeSession {
             keeping,
             session: Mutex::new(None),
             kept: AtomicBool::new(false),
+            checking: Mutex::new(()),
         }
     }
 
@@ -179,6 +183,7 @@ impl NodeSession {
     /// would leave the next restart nothing to resume, so another is started and handed the
     /// session. Whether the session is kept now; false before any is mounted.
     pub fn ensure_kept(&self) -> bool {
+        let _checking = self.checking.lock().expect("checking lock");
         let Some(session) = self.current() else {
             return false;
         };
@@ -186,6 +191,7 @@ impl NodeSession {
             self.kept.store(true, Ordering::Relaxed);
             return true;
         }
+        self.kept.store(false, Ordering::Relaxed);
         if self.keeping.is_some() {
             tracing::warn!(
                 "the session keeper no longer holds the FUSE session (it died?); starting another"
