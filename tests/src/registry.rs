@@ -47,6 +47,13 @@ impl DockerRegistry {
         Self::start_with(tempfile::tempdir().expect("tempdir"), None, Some(auth))
     }
 
+    /// Starts a pull-through cache of the registry at `upstream` (`HOST:PORT`, plain HTTP):
+    /// distribution's proxy mode, as a fleet's mirror runs it.
+    pub fn start_pull_through(upstream: &str) -> Self {
+        let proxy = format!("proxy:\n  remoteurl: http://{upstream}\n");
+        Self::start_with(tempfile::tempdir().expect("tempdir"), None, Some(proxy))
+    }
+
     /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 issued by a test CA;
     /// returns it and the CA certificate (PEM) a client must trust.
     pub fn start_with_tls() -> (Self, PathBuf) {
@@ -62,8 +69,9 @@ impl DockerRegistry {
         (Self::start_with(dir, Some(tls), None), ca_path)
     }
 
-    /// `http` is extra YAML under `http:` (indented), `auth` a whole `auth:` section.
-    fn start_with(dir: tempfile::TempDir, http: Option<String>, auth: Option<String>) -> Self {
+    /// `http` is extra YAML under `http:` (indented), `section` a whole top-level section
+    /// (`auth:`, `proxy:`).
+    fn start_with(dir: tempfile::TempDir, http: Option<String>, section: Option<String>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -77,8 +85,8 @@ impl DockerRegistry {
             // Under `http:`, right after its `addr`.
             config = config.replace("\nlog:", &format!("\n{http}log:"));
         }
-        if let Some(auth) = auth {
-            config += &auth;
+        if let Some(section) = section {
+            config += &section;
         }
         std::fs::write(dir.path().join("config.yml"), config).expect("writing the registry config");
         let mut registry = DockerRegistry {
@@ -152,7 +160,12 @@ impl DockerRegistry {
         let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
         log.lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|entry| entry["msg"] == "response completed")
+            // "response completed with error" too: a client that stopped reading early.
+            .filter(|entry| {
+                entry["msg"]
+                    .as_str()
+                    .is_some_and(|msg| msg.starts_with("response completed"))
+            })
             .collect()
     }
 
@@ -178,6 +191,23 @@ impl DockerRegistry {
             .filter(|entry| {
                 entry["http.request.method"] == "GET"
                     && entry["http.request.uri"].as_str().is_some_and(&uri)
+            })
+            .count()
+    }
+
+    /// How many GETs of the blob `digest` this registry has answered with HTTP `status` so
+    /// far (206: a range; `None`: any, such as the 500 it logs for an answer the client
+    /// stopped reading).
+    pub fn blob_gets_answered(&self, digest: &str, status: Option<u64>) -> usize {
+        let path = format!("/blobs/{digest}");
+        self.answered()
+            .iter()
+            .filter(|entry| {
+                entry["http.request.method"] == "GET"
+                    && status.is_none_or(|status| entry["http.response.status"] == status)
+                    && entry["http.request.uri"]
+                        .as_str()
+                        .is_some_and(|uri| uri.ends_with(&path))
             })
             .count()
     }

@@ -7,7 +7,7 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
-use super::route::RequestKind;
+use super::route::{RangeIgnored, RequestKind};
 use oci_spec::image::Descriptor;
 
 use super::{Registry, RegistryError, RemoteImage};
@@ -60,9 +60,15 @@ impl RegistryBlob {
         };
         let what = format!("blob {} bytes {offset}+{len}", self.digest);
         let descriptor = &descriptor;
+        let size = self.size;
+        // The host asked last, which has nothing to fall back to.
+        let last_host = self.registry.last_host(&self.reference, Capability::Pull);
+        let last_host = last_host.as_deref();
         self.registry.call(
             Capability::Pull,
-            RequestKind::BlobRead,
+            RequestKind::BlobRead {
+                digest: &self.digest,
+            },
             &self.reference,
             &what,
             |client, auth, target| async move {
@@ -77,9 +83,15 @@ impl RegistryBlob {
                     .pull_blob_stream_partial(&target, descriptor, offset, Some(len as u64))
                     .await?;
                 // A registry that ignores Range sends the whole blob: skip to the offset and stop
-                // reading once the range is complete, instead of downloading the rest.
+                // reading once the range is complete, instead of downloading the rest. A mirror
+                // doing so is still fetching the blob: ask the next endpoint.
                 let (mut stream, mut skip) = match response {
                     BlobResponse::Partial(sized) => (sized.stream, 0u64),
+                    BlobResponse::Full(_)
+                        if len as u64 != size && Some(target.resolve_registry()) != last_host =>
+                    {
+                        return Err(RangeIgnored::error());
+                    }
                     BlobResponse::Full(sized) => (sized.stream, offset),
                 };
                 let mut out = Vec::with_capacity(len);

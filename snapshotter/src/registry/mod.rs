@@ -252,6 +252,9 @@ impl Registry {
                 auth_source,
                 endpoint,
                 down_until: std::sync::Mutex::new(None),
+                filling: std::sync::Mutex::new(lru::LruCache::new(
+                    std::num::NonZeroUsize::new(route::FILLING_BLOBS).expect("not zero"),
+                )),
             });
         }
         Ok(Registry {
@@ -265,6 +268,19 @@ impl Registry {
     /// The endpoints in the order they are tried.
     pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.routes.iter().map(|r| &r.endpoint)
+    }
+
+    /// The registry host of `reference` on the last endpoint that can do `capability`: the
+    /// one with no endpoint to fall back to.
+    fn last_host(&self, reference: &Reference, capability: Capability) -> Option<String> {
+        self.routes
+            .iter()
+            .rfind(|r| r.endpoint.can(capability))
+            .map(|r| {
+                route::retarget(reference, &r.endpoint.host)
+                    .resolve_registry()
+                    .to_string()
+            })
     }
 
     /// Parses `HOST/REPO[:TAG][@DIGEST]`.

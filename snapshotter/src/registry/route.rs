@@ -35,6 +35,56 @@ pub(super) struct Route {
     /// request to a registry that asks for none: a second round trip per range read. A client
     /// that holds none sends the request alone.
     pub(super) open_client: Client,
+    /// Blobs this mirror answered a range read of with the whole blob, and when to ask it for
+    /// them again (see [`RangeIgnored`]); bounded, least recently noted forgotten first.
+    pub(super) filling: std::sync::Mutex<lru::LruCache<String, Filling>>,
+}
+
+/// A blob a mirror does not serve by ranges yet.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Filling {
+    ask_again_at: std::time::Instant,
+    backoff: Duration,
+}
+
+/// How many blobs a mirror remembers as filling: more than a node reads at once.
+pub(super) const FILLING_BLOBS: usize = 1024;
+/// How long a mirror that answered a range read of a blob with the whole blob is first left
+/// alone for that blob, doubling while it goes on doing so, up to [`MIRROR_FILL_BACKOFF_MAX`].
+const MIRROR_FILL_BACKOFF: Duration = Duration::from_secs(1);
+const MIRROR_FILL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A mirror answered a range read with the whole blob. A pull-through cache does that while
+/// it does not hold the blob yet: distribution's proxy mode (`docker-registry` with `proxy:`)
+/// then fetches the whole blob from upstream once into its storage, and streams a second copy
+/// from upstream to the client. Reading through that stream to the range would carry the
+/// blob up to the range over the node's link (a layer's tail is at its end: all of it), and
+/// the origin would send it once more for every such read. So the read goes to the next
+/// endpoint instead, and the mirror is asked for the blob again after a backoff, by when it
+/// has it and answers with the range.
+#[derive(Debug)]
+pub(super) struct RangeIgnored;
+
+impl std::fmt::Display for RangeIgnored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the mirror answered a range read with the whole blob (it is still fetching it)",
+        )
+    }
+}
+
+impl std::error::Error for RangeIgnored {}
+
+impl RangeIgnored {
+    /// The error a request returns for it.
+    pub(super) fn error() -> OciDistributionError {
+        OciDistributionError::IoError(std::io::Error::other(RangeIgnored))
+    }
+
+    fn is(error: &OciDistributionError) -> bool {
+        matches!(error, OciDistributionError::IoError(io)
+            if io.get_ref().is_some_and(|inner| inner.is::<RangeIgnored>()))
+    }
 }
 
 /// What an endpoint asks of a client with no credentials.
@@ -50,12 +100,13 @@ pub(super) enum Access {
 
 /// What a request does with the client's credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum RequestKind {
+pub(super) enum RequestKind<'a> {
     /// Hands credentials to the client (manifests, pushes): oci-client stores them.
     Authenticating,
-    /// A blob read, which only uses what the client holds: on an open endpoint it may use a
-    /// client that holds nothing, and skip the probe.
-    BlobRead,
+    /// A range read of the blob with this digest, which only uses what the client holds: on an
+    /// open endpoint it may use a client that holds nothing, and skip the probe. A mirror may
+    /// answer it with [`RangeIgnored`].
+    BlobRead { digest: &'a str },
 }
 
 /// How a client for `endpoint` talks: plain HTTP or TLS (with its CA, maybe no verification),
@@ -153,6 +204,39 @@ impl Route {
         *self.access.lock().expect("route lock") = Access::Unknown;
     }
 
+    /// Whether this mirror is left alone for `digest` for now (see [`RangeIgnored`]).
+    fn is_filling(&self, digest: &str) -> bool {
+        let filling = self.filling.lock().expect("route lock");
+        filling
+            .peek(digest)
+            .is_some_and(|f| std::time::Instant::now() < f.ask_again_at)
+    }
+
+    /// The mirror answered a range read of `digest` with the whole blob: leave it alone for
+    /// that blob for a while, twice as long as last time.
+    fn note_filling(&self, digest: &str) {
+        let mut filling = self.filling.lock().expect("route lock");
+        let backoff = match filling.peek(digest) {
+            Some(last) => (last.backoff * 2).min(MIRROR_FILL_BACKOFF_MAX),
+            None => MIRROR_FILL_BACKOFF,
+        };
+        filling.put(
+            digest.to_string(),
+            Filling {
+                ask_again_at: std::time::Instant::now() + backoff,
+                backoff,
+            },
+        );
+    }
+
+    /// The mirror served a range of `digest`.
+    fn note_served(&self, digest: &str) {
+        let mut filling = self.filling.lock().expect("route lock");
+        if filling.peek(digest).is_some() {
+            filling.pop(digest);
+        }
+    }
+
     fn mark_down(&self) {
         *self.down_until.lock().expect("route lock") =
             Some(std::time::Instant::now() + MIRROR_BACKOFF);
@@ -167,7 +251,7 @@ impl Registry {
     pub(super) fn call<T, F, Fut>(
         &self,
         capability: Capability,
-        kind: RequestKind,
+        kind: RequestKind<'_>,
         reference: &Reference,
         what: &str,
         request: F,
@@ -181,13 +265,20 @@ impl Registry {
             .iter()
             .filter(|r| r.endpoint.can(capability))
             .collect();
+        let blob = match kind {
+            RequestKind::BlobRead { digest } => Some(digest),
+            RequestKind::Authenticating => None,
+        };
         // A mirror that could not be reached lately is skipped (a circuit breaker), so a dead
-        // mirror costs one timeout per 30 s instead of one per request; the last endpoint is
-        // always tried.
+        // mirror costs one timeout per 30 s instead of one per request; so is one still
+        // fetching the blob read (see `RangeIgnored`). The last endpoint is always tried.
         let routes: Vec<&Route> = capable
             .iter()
             .enumerate()
-            .filter(|(number, route)| number + 1 == capable.len() || !route.is_down())
+            .filter(|(number, route)| {
+                number + 1 == capable.len()
+                    || !(route.is_down() || blob.is_some_and(|digest| route.is_filling(digest)))
+            })
             .map(|(_, route)| *route)
             .collect();
         let mut last = None;
@@ -201,7 +292,20 @@ impl Registry {
                 self.options.retries.min(1)
             };
             match self.call_endpoint(route, kind, &target, what, retries, &request) {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    if let Some(digest) = blob {
+                        route.note_served(digest);
+                    }
+                    return Ok(value);
+                }
+                Err(RegistryError::Request { source, .. })
+                    if number + 1 < routes.len() && RangeIgnored::is(&source) =>
+                {
+                    if let Some(digest) = blob {
+                        route.note_filling(digest);
+                    }
+                    tracing::debug!(registry = %self.name, endpoint = %route.endpoint.host, what, "the mirror does not hold the blob yet; reading from the next endpoint");
+                }
                 Err(error) => {
                     if number + 1 < routes.len() {
                         if unreachable(&error) {
@@ -222,7 +326,7 @@ impl Registry {
     fn call_endpoint<T, F, Fut>(
         &self,
         route: &Route,
-        kind: RequestKind,
+        kind: RequestKind<'_>,
         target: &Reference,
         what: &str,
         retries: u32,
@@ -250,8 +354,8 @@ impl Registry {
                 ),
                 None => (route.client.clone(), route.auth.clone(), route.auth_source),
             };
-            let anonymous_read =
-                kind == RequestKind::BlobRead && matches!(auth, RegistryAuth::Anonymous);
+            let anonymous_read = matches!(kind, RequestKind::BlobRead { .. })
+                && matches!(auth, RegistryAuth::Anonymous);
             let outcome = self.runtime.block_on(async {
                 tokio::time::timeout(self.options.request_timeout, async {
                     let client = if anonymous_read {
@@ -327,6 +431,7 @@ fn unreachable(error: &RegistryError) -> bool {
 
 fn retryable(error: &OciDistributionError) -> bool {
     match error {
+        error if RangeIgnored::is(error) => false,
         OciDistributionError::RequestError(e) if is_certificate_error(e) => false,
         OciDistributionError::RequestError(e) => {
             e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
