@@ -163,6 +163,9 @@ pub struct RegistrySection {
     pub request_timeout_secs: u64,
     /// Retries of a failed request, with exponential backoff.
     pub retries: u32,
+    /// How long a range read waits for a pull-through mirror still fetching the blob before
+    /// it reads from the next endpoint (seconds; 0: at once).
+    pub mirror_fill_wait_secs: u64,
 }
 
 impl Default for Config {
@@ -222,6 +225,7 @@ impl Default for RegistrySection {
             insecure: Vec::new(),
             request_timeout_secs: registry.request_timeout.as_secs(),
             retries: registry.retries,
+            mirror_fill_wait_secs: registry.mirror_fill_wait.as_secs(),
         }
     }
 }
@@ -342,6 +346,7 @@ impl Config {
                 retries: self.registry.retries,
                 insecure: self.registry.insecure.clone(),
                 hosts_dir: Some(self.registry.hosts_dir.clone()),
+                mirror_fill_wait: Duration::from_secs(self.registry.mirror_fill_wait_secs),
                 // The daemon sets it when it runs the CRI image proxy.
                 pull_credentials: None,
                 ..RegistryOptions::default()

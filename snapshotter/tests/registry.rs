@@ -105,6 +105,21 @@ fn anonymous_client(
     Registry::connect(runtime.handle().clone(), host, options, &anonymous).unwrap()
 }
 
+/// A hosts directory under `dir` (containerd's `hosts.toml` layout) that sends pulls from
+/// `origin` (`HOST:PORT`) to the mirror at `mirror` first.
+fn mirror_hosts(dir: &Path, origin: &str, mirror: &str) -> std::path::PathBuf {
+    let hosts = dir.join("certs.d");
+    fs::create_dir_all(hosts.join(origin)).unwrap();
+    fs::write(
+        hosts.join(origin).join("hosts.toml"),
+        format!(
+            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    hosts
+}
+
 #[test]
 fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     if !prerequisites() {
@@ -219,13 +234,7 @@ fn a_mirror_that_does_not_answer_is_skipped_after_failing_once() {
             held.push(stream);
         }
     });
-    let hosts = work.path().join("certs.d");
-    fs::create_dir_all(hosts.join(&origin.host)).unwrap();
-    fs::write(
-        hosts.join(&origin.host).join("hosts.toml"),
-        format!("server = \"http://{}\"\n\n[host.\"http://{stalled}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", origin.host),
-    )
-    .unwrap();
+    let hosts = mirror_hosts(work.path(), &origin.host, &stalled);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let options = RegistryOptions {
@@ -255,6 +264,15 @@ fn a_mirror_that_does_not_answer_is_skipped_after_failing_once() {
     );
 }
 
+/// Waits (bounded) until `done` holds: for what a registry logs once it has answered.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
     if !prerequisites() {
@@ -262,103 +280,110 @@ fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
     }
     let work = tempfile::tempdir().unwrap();
     let key = PrivateKey::generate().unwrap();
-    sealed_layout(&work.path().join("layout"), &key);
     let origin = DockerRegistry::start();
-    let reference = origin.push(&work.path().join("layout"), "v1", "fleet");
+    // Two images (two layer blobs): one read by a node that does not wait for the mirror, one
+    // by a node that does (the default).
+    let references: Vec<String> = ["at-once", "waiting"]
+        .iter()
+        .map(|name| {
+            let layout = work.path().join(name);
+            sealed_layout(&layout, &key);
+            origin.push(&layout, "v1", name)
+        })
+        .collect();
     // distribution's proxy mode answers a range read of a blob it does not hold yet with the
     // whole blob, while it fetches the blob from the origin once for itself.
     let mirror = DockerRegistry::start_pull_through(&origin.host);
-    let hosts = work.path().join("certs.d");
-    fs::create_dir_all(hosts.join(&origin.host)).unwrap();
-    fs::write(
-        hosts.join(&origin.host).join("hosts.toml"),
-        format!(
-            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            origin.host, mirror.host
-        ),
-    )
-    .unwrap();
+    let hosts = mirror_hosts(work.path(), &origin.host, &mirror.host);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let through_mirror = anonymous_client(
-        &runtime,
-        &origin.host,
-        RegistryOptions {
-            hosts_dir: Some(hosts),
-            ..RegistryOptions::default()
-        },
-    );
     let direct = anonymous_client(&runtime, &origin.host, RegistryOptions::default());
-    let parsed = Registry::parse(&reference).unwrap();
-    let image = through_mirror.resolve(&parsed).unwrap();
-    let layer = &image.image.manifest.layers()[0];
-    let blob = through_mirror.layer(&image, layer);
-    let expected = direct.layer(&direct.resolve(&parsed).unwrap(), layer);
-    let size = layer.size();
-    let digest = layer.digest().as_ref();
-    let blob_path = format!("/blobs/{digest}");
-
-    // The tail, at the blob's end, while the mirror does not hold the blob: right bytes, from
-    // the origin, without reading the mirror's whole-blob answer up to the end.
-    let tail = (size - 4096, 4096);
-    let tail_bytes = blob.read(tail.0, tail.1).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while origin.blob_gets_answered(digest, Some(206)) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the tail was not read by range from the origin"
+    for (reference, wait) in references
+        .iter()
+        .zip([Duration::ZERO, Duration::from_secs(60)])
+    {
+        let through_mirror = anonymous_client(
+            &runtime,
+            &origin.host,
+            RegistryOptions {
+                hosts_dir: Some(hosts.clone()),
+                mirror_fill_wait: wait,
+                ..RegistryOptions::default()
+            },
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(tail_bytes, expected.read(tail.0, tail.1).unwrap());
-    // The mirror logs its whole-blob answer once it stops sending it (as a 500: the client
-    // hung up): wait for that.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while mirror.blob_gets_answered(digest, None) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the mirror was never asked"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(mirror.blob_gets_answered(digest, None), 1);
+        let parsed = Registry::parse(reference).unwrap();
+        let image = through_mirror.resolve(&parsed).unwrap();
+        let layer = &image.image.manifest.layers()[0];
+        let blob = through_mirror.layer(&image, layer);
+        let expected = direct.layer(&direct.resolve(&parsed).unwrap(), layer);
+        let (size, digest) = (layer.size(), layer.digest().as_ref());
+        let blob_path = format!("/blobs/{digest}");
 
-    // Once the mirror holds the blob (it answers by range: the event waited for), reads are
-    // the mirror's.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut offset = 0;
-    while mirror.blob_gets_answered(digest, Some(206)) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the mirror never served a range"
+        // The tail, at the blob's end, while the mirror does not hold the blob: never read
+        // through the mirror's whole-blob answer up to the end.
+        let tail = (size - 4096, 4096);
+        let tail_bytes = blob.read(tail.0, tail.1).unwrap();
+        if wait.is_zero() {
+            // Not waiting: the origin sends the range.
+            wait_until("the tail was not read by range from the origin", || {
+                origin.blob_gets_answered(digest, Some(206)) == 1
+            });
+            // The mirror logs its whole-blob answer once it stops sending it (as a 500: the
+            // client hung up).
+            wait_until("the mirror was never asked", || {
+                mirror.blob_gets_answered(digest, None) == 1
+            });
+        } else {
+            // Waiting: the mirror sends it, once it holds the blob.
+            wait_until("the mirror did not send the tail", || {
+                mirror.blob_gets_answered(digest, Some(206)) == 1
+            });
+            assert_eq!(
+                origin.blob_gets_answered(digest, Some(206)),
+                0,
+                "a waiting read reached the origin"
+            );
+        }
+        assert_eq!(tail_bytes, expected.read(tail.0, tail.1).unwrap());
+
+        // Once the mirror holds the blob (it answers by range: the event waited for), reads
+        // are the mirror's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut offset = 0;
+        while mirror.blob_gets_answered(digest, Some(206)) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mirror never served a range"
+            );
+            assert_eq!(
+                blob.read(offset, 1000).unwrap(),
+                expected.read(offset, 1000).unwrap()
+            );
+            offset = (offset + 7919) % (size - 1000);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let origin_reads = origin.gets(|uri| uri.ends_with(&blob_path));
+        let mirror_ranges = mirror.blob_gets_answered(digest, Some(206));
+        for i in 0..10u64 {
+            let at = i * (size / 10);
+            assert_eq!(blob.read(at, 512).unwrap(), expected.read(at, 512).unwrap());
+        }
+        // `expected` read each range from the origin once more; `blob` did not.
+        assert_eq!(
+            origin.gets(|uri| uri.ends_with(&blob_path)) - origin_reads,
+            10,
+            "reads through the mirror still reached the origin"
         );
         assert_eq!(
-            blob.read(offset, 1000).unwrap(),
-            expected.read(offset, 1000).unwrap()
+            mirror.blob_gets_answered(digest, Some(206)) - mirror_ranges,
+            10
         );
-        offset = (offset + 7919) % (size - 1000);
-        std::thread::sleep(Duration::from_millis(100));
+        // Before its first range, the mirror was asked once after each backoff at most.
+        assert!(
+            mirror.blob_gets_answered(digest, None) - mirror.blob_gets_answered(digest, Some(206))
+                <= 3,
+            "the mirror was asked again and again while it did not hold the blob"
+        );
     }
-    let origin_reads = origin.gets(|uri| uri.ends_with(&blob_path));
-    let mirror_ranges = mirror.blob_gets_answered(digest, Some(206));
-    for i in 0..10u64 {
-        let at = i * (size / 10);
-        assert_eq!(blob.read(at, 512).unwrap(), expected.read(at, 512).unwrap());
-    }
-    // `expected` read each range from the origin once more; `blob` did not.
-    assert_eq!(
-        origin.gets(|uri| uri.ends_with(&blob_path)) - origin_reads,
-        10,
-        "reads through the mirror still reached the origin"
-    );
-    assert_eq!(
-        mirror.blob_gets_answered(digest, Some(206)) - mirror_ranges,
-        10
-    );
-    // Before its first range, the mirror was asked once after each backoff at most.
-    assert!(
-        mirror.blob_gets_answered(digest, None) - mirror.blob_gets_answered(digest, Some(206)) <= 3,
-        "the mirror was asked again and again while it did not hold the blob"
-    );
 }
 
 /// `GET /v2/` requests and blob GETs a registry has answered.

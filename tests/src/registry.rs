@@ -186,13 +186,7 @@ impl DockerRegistry {
 
     /// How many GET requests for a path that `uri` accepts this registry has answered so far.
     pub fn gets(&self, uri: impl Fn(&str) -> bool) -> usize {
-        self.answered()
-            .iter()
-            .filter(|entry| {
-                entry["http.request.method"] == "GET"
-                    && entry["http.request.uri"].as_str().is_some_and(&uri)
-            })
-            .count()
+        self.gets_answered(uri, None)
     }
 
     /// How many GETs of the blob `digest` this registry has answered with HTTP `status` so
@@ -200,14 +194,16 @@ impl DockerRegistry {
     /// stopped reading).
     pub fn blob_gets_answered(&self, digest: &str, status: Option<u64>) -> usize {
         let path = format!("/blobs/{digest}");
+        self.gets_answered(|uri| uri.ends_with(&path), status)
+    }
+
+    fn gets_answered(&self, uri: impl Fn(&str) -> bool, status: Option<u64>) -> usize {
         self.answered()
             .iter()
             .filter(|entry| {
                 entry["http.request.method"] == "GET"
                     && status.is_none_or(|status| entry["http.response.status"] == status)
-                    && entry["http.request.uri"]
-                        .as_str()
-                        .is_some_and(|uri| uri.ends_with(&path))
+                    && entry["http.request.uri"].as_str().is_some_and(&uri)
             })
             .count()
     }

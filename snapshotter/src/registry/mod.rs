@@ -129,6 +129,9 @@ pub struct RegistryOptions {
     /// for a host they have, they come before the node's own, and are read at each request,
     /// so a newer pull's credentials apply to layers already mounted.
     pub pull_credentials: Option<std::sync::Arc<crate::credentials::PullCredentials>>,
+    /// How long a range read waits for a pull-through mirror that is still fetching the blob
+    /// (it answered with the whole blob) before it reads from the next endpoint.
+    pub mirror_fill_wait: Duration,
 }
 
 impl Default for RegistryOptions {
@@ -140,6 +143,7 @@ impl Default for RegistryOptions {
             insecure: Vec::new(),
             hosts_dir: None,
             pull_credentials: None,
+            mirror_fill_wait: Duration::from_secs(10),
         }
     }
 }
@@ -252,9 +256,7 @@ impl Registry {
                 auth_source,
                 endpoint,
                 down_until: std::sync::Mutex::new(None),
-                filling: std::sync::Mutex::new(lru::LruCache::new(
-                    std::num::NonZeroUsize::new(route::FILLING_BLOBS).expect("not zero"),
-                )),
+                blobs: route::MirrorBlobs::new(),
             });
         }
         Ok(Registry {
