@@ -67,6 +67,8 @@ cargo build --quiet -p perf -p sealfs-tools
 target/debug/perf startup --quick --work "$(mktemp -d /var/tmp/sealfs-perf-quick.XXXXXX)"
 echo "==> layer-scale benchmark smoke test (perf layers --quick)"
 target/debug/perf layers --quick --work "$(mktemp -d /var/tmp/sealfs-perf-layers.XXXXXX)"
+echo "==> fleet mirror benchmark smoke test (perf mirror --quick: 3 nodes, origin and pull-through mirror)"
+target/debug/perf mirror --quick --work "$(mktemp -d /var/tmp/sealfs-perf-mirror.XXXXXX)"
 
 echo "==> demo (the README's main job)"
 SEALFS_SKIP_DEPS=1 bash scripts/demo.sh "$(mktemp -d /tmp/sealfs-demo.XXXXXX)"

@@ -6,6 +6,7 @@ mod data;
 mod format;
 mod fuse;
 mod layers;
+mod mirror;
 mod startup;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,9 @@ enum Bench {
     /// What mounted layers cost the daemon: threads, fds and memory with 1 to 300 sealed layers
     /// mounted, and how long their pull takes.
     Layers(layers::LayersArgs),
+    /// A fleet of nodes starting one sealed image at once, from the origin registry and through
+    /// a pull-through mirror (distribution's proxy mode): origin bytes and start times.
+    Mirror(mirror::MirrorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Fuse(args) => fuse::run(&args),
         Bench::Startup(args) => startup::run_startup(&args),
         Bench::Layers(args) => layers::run_layers(&args),
+        Bench::Mirror(args) => mirror::run_mirror(&args),
     }
 }

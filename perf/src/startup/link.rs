@@ -53,6 +53,9 @@ struct Direction {
     delay: Duration,
     /// When the wire is free for the next chunk.
     link_free: Mutex<Instant>,
+    /// Bytes delivered to the other end: what crossed the link. Bytes read from a sender
+    /// whose receiver hung up before they were delivered are not.
+    delivered: std::sync::atomic::AtomicU64,
 }
 
 impl Direction {
@@ -70,9 +73,12 @@ impl Direction {
     }
 }
 
-/// Chunks in flight per connection and direction (with 16 KiB reads: up to 2 MiB, above the
-/// bandwidth-delay product of every profile).
-const QUEUE_CHUNKS: usize = 128;
+/// Chunks in flight per connection and direction (with 16 KiB reads: up to 512 KiB, above the
+/// bandwidth-delay product of every profile: `wan` is 100 Mbit/s x 25 ms = 312 KB). Not much
+/// more: a chunk takes its time on the wire when it is read, so what a connection has queued
+/// when its receiver hangs up delays the others without being delivered, as a real link
+/// would not.
+const QUEUE_CHUNKS: usize = 32;
 const CHUNK: usize = 16 << 10;
 
 async fn pump(
@@ -81,12 +87,16 @@ async fn pump(
     direction: Arc<Direction>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(QUEUE_CHUNKS);
+    let counted = direction.clone();
     let writer = tokio::spawn(async move {
         while let Some((at, data)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
             if to.write_all(&data).await.is_err() {
                 return;
             }
+            counted
+                .delivered
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         let _ = to.shutdown().await;
     });
@@ -111,6 +121,16 @@ pub struct Link {
     /// Where clients connect (`127.0.0.1:PORT`).
     pub address: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    down: Arc<Direction>,
+}
+
+impl Link {
+    /// Bytes the upstream has delivered over the link so far, to every client together.
+    pub fn delivered_down(&self) -> u64 {
+        self.down
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Drop for Link {
@@ -121,18 +141,29 @@ impl Drop for Link {
 
 /// Starts a link on a free loopback port to `upstream`, on the current tokio runtime.
 pub async fn start(profile: LinkProfile, upstream: SocketAddr) -> Result<Link> {
-    let listener = TcpListener::bind("127.0.0.1:0")
+    start_on(profile, "127.0.0.1:0".parse()?, upstream).await
+}
+
+/// Starts a link listening on `listen` to `upstream`, on the current tokio runtime.
+pub async fn start_on(
+    profile: LinkProfile,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<Link> {
+    let listener = TcpListener::bind(listen)
         .await
-        .context("binding the link's port")?;
+        .with_context(|| format!("binding the link's address {listen}"))?;
     let address = listener.local_addr()?;
     let direction = || {
         Arc::new(Direction {
             rate_bits: profile.rate_bits,
             delay: profile.rtt / 2,
             link_free: Mutex::new(Instant::now()),
+            delivered: std::sync::atomic::AtomicU64::new(0),
         })
     };
     let (up, down) = (direction(), direction());
+    let counted_down = down.clone();
     let task = tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let (up, down) = (up.clone(), down.clone());
@@ -152,5 +183,9 @@ pub async fn start(profile: LinkProfile, upstream: SocketAddr) -> Result<Link> {
             });
         }
     });
-    Ok(Link { address, task })
+    Ok(Link {
+        address,
+        task,
+        down: counted_down,
+    })
 }

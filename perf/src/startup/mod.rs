@@ -8,9 +8,9 @@
 
 mod chart;
 pub mod images;
-mod link;
-mod netns;
-mod trial;
+pub(crate) mod link;
+pub(crate) mod netns;
+pub(crate) mod trial;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -276,6 +276,19 @@ fn clean_up_on_interrupt(work: &Path) -> Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
+/// What every start-up benchmark runs: containerd and runc, a registry in a network namespace,
+/// and the tools that build and push the images.
+pub(crate) const CONTAINER_TOOLS: [&str; 8] = [
+    "containerd",
+    "ctr",
+    "runc",
+    "docker-registry",
+    "umoci",
+    "skopeo",
+    "busybox",
+    "ip",
+];
+
 /// Runs the benchmark.
 pub fn run_startup(args: &StartupArgs) -> Result<()> {
     let (profile_name, scale, trials) = if args.quick {
@@ -306,16 +319,7 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
     if which("containerd-stargz-grpc").is_none() {
         eprintln!("note: no containerd-stargz-grpc on PATH: the stargz mode is left out");
     }
-    let mut tools = vec![
-        "containerd",
-        "ctr",
-        "runc",
-        "docker-registry",
-        "umoci",
-        "skopeo",
-        "busybox",
-        "ip",
-    ];
+    let mut tools = CONTAINER_TOOLS.to_vec();
     if images.contains(&ImageKind::Python) {
         tools.push("debootstrap");
     }

@@ -16,7 +16,8 @@ const HOST_ADDRESS: &str = "10.231.0.1";
 /// The registry's address inside the namespace.
 pub const REGISTRY_ADDRESS: &str = "10.231.0.2";
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS`; an error with what it printed.
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -81,32 +82,48 @@ impl RegistryNamespace {
     /// Starts `docker-registry` in the namespace on port 5000 with storage in `dir`; waits
     /// until it answers.
     pub fn start_registry(&self, dir: &Path) -> Result<Registry> {
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {REGISTRY_ADDRESS}:5000\nlog:\n  level: warn\n",
-                dir.join("data").display()
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join("registry.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", NAMESPACE, "docker-registry", "serve"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting docker-registry in the namespace")?;
-        let registry = Registry { child };
-        let address = format!("{REGISTRY_ADDRESS}:5000");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&address).is_err() {
-            ensure!(Instant::now() < deadline, "the registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(registry)
+        start_registry_in(NAMESPACE, &format!("{REGISTRY_ADDRESS}:5000"), dir, "")
     }
+}
+
+/// Starts `docker-registry` in network namespace `namespace`, listening on `address`, with
+/// storage in `dir` and `extra` appended to its config (a `proxy:` section makes it a
+/// pull-through mirror); waits until it answers.
+pub(crate) fn start_registry_in(
+    namespace: &str,
+    address: &str,
+    dir: &Path,
+    extra: &str,
+) -> Result<Registry> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {address}\nlog:\n  level: warn\n{extra}",
+            dir.join("data").display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("registry.log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", namespace, "docker-registry", "serve"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting docker-registry in a network namespace")?;
+    let registry = Registry { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(address).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "the registry at {address} did not start (log: {})",
+            dir.join("registry.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(registry)
 }
 
 /// The registry process.

@@ -109,7 +109,7 @@ fn drop_page_cache() -> Result<()> {
 }
 
 /// `ctr run` of `reference` as container `id`.
-fn ctr_run(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Command {
+pub(crate) fn ctr_run(containerd: &Containerd, mode: Mode, reference: &str, id: &str) -> Command {
     let mut command = Command::new("ctr");
     command.arg("--address").arg(&containerd.socket).args([
         "--namespace",
@@ -158,7 +158,7 @@ fn podman_run(scratch: &Path, reference: &str) -> Command {
 
 /// Runs `command` (a container) and returns when it prints `ready`, and the seconds that took;
 /// waits for it to exit before returning.
-fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
+pub(crate) fn run_until_ready(mut command: Command, reference: &str) -> Result<f64> {
     let started = Instant::now();
     let mut child = command
         .stdout(Stdio::piped())
@@ -314,39 +314,55 @@ impl Bench {
         let bytes_before = self.namespace.bytes_from_registry()?;
         let (_, running) = self.trial(image, Mode::Sealfs, scratch, "")?;
         let daemon = running.daemon.expect("sealfs mode runs the daemon");
-        let deadline = Instant::now() + std::time::Duration::from_secs(1800);
-        loop {
-            let (present, total) = (
-                daemon.metric_sum("sealfs_layer_chunks_present"),
-                daemon.metric_sum("sealfs_layer_chunks"),
-            );
-            if total > 0 && present == total {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the background fetch of {image} did not finish in 30 minutes \
-                 ({present} of {total} chunks)"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
-        let manifest: serde_json::Value = serde_json::from_str(&crate::command::run(
-            Command::new("skopeo")
-                .args(["inspect", "--raw", "--tls-verify=false"])
-                .arg(format!("docker://{}", self.reference(image, Mode::Sealfs))),
-        )?)?;
-        let image_bytes = manifest["layers"]
-            .as_array()
-            .context("a manifest without layers")?
-            .iter()
-            .chain([&manifest["config"]])
-            .filter_map(|d| d["size"].as_u64())
-            .sum();
+        wait_until_whole(&daemon, image, std::time::Duration::from_secs(1800))?;
+        let image_bytes = image_bytes(&self.reference(image, Mode::Sealfs))?;
         Ok(Transfer {
             image_bytes,
             fetched_bytes: daemon.metric("sealfs_fetched_bytes_total"),
             link_bytes: self.namespace.bytes_from_registry()? - bytes_before,
         })
+    }
+}
+
+/// The bytes of an image in a registry (`HOST/NAME:TAG`, plain HTTP): its layers and config,
+/// as its manifest gives them.
+pub(crate) fn image_bytes(reference: &str) -> Result<u64> {
+    let manifest: serde_json::Value = serde_json::from_str(&crate::command::run(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{reference}")),
+    )?)?;
+    Ok(manifest["layers"]
+        .as_array()
+        .context("a manifest without layers")?
+        .iter()
+        .chain([&manifest["config"]])
+        .filter_map(|d| d["size"].as_u64())
+        .sum())
+}
+
+/// Waits until `daemon` holds every chunk of every layer it mounted (its background fetch is
+/// done), at most `limit`; `what` names it in the error.
+pub(crate) fn wait_until_whole(
+    daemon: &SealfsDaemon,
+    what: &str,
+    limit: std::time::Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (present, total) = (
+            daemon.metric_sum("sealfs_layer_chunks_present"),
+            daemon.metric_sum("sealfs_layer_chunks"),
+        );
+        if total > 0 && present == total {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: the background fetch did not finish in {} s ({present} of {total} chunks)",
+            limit.as_secs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 
