@@ -8,6 +8,9 @@
 //!   capabilities = ["pull", "resolve"]         # default: pull, resolve, push
 //!   ca = "/etc/containerd/certs.d/mirror.crt"  # extra CA for this host
 //!   skip_verify = false
+//!
+//! [host."https://harbor.example.com/v2/hub-proxy"]
+//!   override_path = true                       # repositories under hub-proxy/ on this host
 //! ```
 //!
 //! Hosts are tried in file order, then the origin. As docker does, a loopback registry
@@ -42,6 +45,10 @@ pub struct Endpoint {
     pub capabilities: Vec<Capability>,
     /// Whether this is a mirror rather than the registry itself.
     pub mirror: bool,
+    /// The repository namespace the registry's repositories are found under on this host:
+    /// `override_path` with a `/v2/NAMESPACE` URL (Harbor's proxy cache projects), so
+    /// `library/app` is asked for as `NAMESPACE/library/app`.
+    pub namespace: Option<String>,
 }
 
 impl Endpoint {
@@ -99,7 +106,19 @@ pub fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn parse_url(url: &str, fail: &dyn Fn(String) -> HostsError) -> Result<(String, bool), HostsError> {
+/// A host URL: its `host[:port]`, whether it is plain HTTP, and with `override_path` the
+/// repository namespace its `/v2/NAMESPACE` path names.
+struct HostUrl {
+    host: String,
+    plain_http: bool,
+    namespace: Option<String>,
+}
+
+fn parse_url(
+    url: &str,
+    override_path: bool,
+    fail: &dyn Fn(String) -> HostsError,
+) -> Result<HostUrl, HostsError> {
     let (plain, rest) = if let Some(rest) = url.strip_prefix("http://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("https://") {
@@ -107,11 +126,48 @@ fn parse_url(url: &str, fail: &dyn Fn(String) -> HostsError) -> Result<(String, 
     } else {
         (is_loopback(url), url)
     };
-    let host = rest.trim_end_matches('/');
-    if host.is_empty() || host.contains('/') {
+    let rest = rest.trim_end_matches('/');
+    let (host, path) = match rest.split_once('/') {
+        Some((host, path)) => (host, Some(path)),
+        None => (rest, None),
+    };
+    if host.is_empty() {
         return Err(fail(format!("{url:?} is not SCHEME://HOST[:PORT]")));
     }
-    Ok((host.to_string(), plain))
+    let namespace = match (path, override_path) {
+        (None, _) | (Some("v2"), true) => None,
+        (Some(path), true) => match path.strip_prefix("v2/") {
+            Some(namespace)
+                if !namespace.is_empty()
+                    && namespace.split('/').all(|part| {
+                        !part.is_empty()
+                            && part.bytes().all(|b| {
+                                b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
+                            })
+                    }) =>
+            {
+                Some(namespace.to_string())
+            }
+            _ => {
+                return Err(fail(format!(
+                    "{url:?}: with override_path, the path must be /v2/NAMESPACE (a repository \
+                     namespace on that registry, as a Harbor proxy cache project); other API \
+                     roots are not supported"
+                )))
+            }
+        },
+        (Some(_), false) => {
+            return Err(fail(format!(
+                "{url:?} is not SCHEME://HOST[:PORT]; a path needs override_path = true and \
+                 the form /v2/NAMESPACE"
+            )))
+        }
+    };
+    Ok(HostUrl {
+        host: host.to_string(),
+        plain_http: plain,
+        namespace,
+    })
 }
 
 fn capabilities(
@@ -152,6 +208,7 @@ pub fn endpoints(hosts_dir: Option<&Path>, registry: &str) -> Result<Vec<Endpoin
         skip_verify,
         capabilities: caps,
         mirror: false,
+        namespace: None,
     };
     let all = vec![Capability::Pull, Capability::Resolve, Capability::Push];
     let Some(path) = hosts_dir
@@ -182,23 +239,28 @@ pub fn endpoints(hosts_dir: Option<&Path>, registry: &str) -> Result<Vec<Endpoin
     let mut out = Vec::new();
     for url in order {
         let entry = &file.host[url];
-        if entry.override_path || !entry.header.is_empty() {
+        if !entry.header.is_empty() {
             return Err(fail(format!(
-                "host {url}: override_path and header are not supported"
+                "host {url}: header is not supported (give the host what it needs in its own \
+                 configuration)"
             )));
         }
-        let (host, plain_http) = parse_url(url, &fail)?;
+        let parsed = parse_url(url, entry.override_path, &fail)?;
         out.push(Endpoint {
-            host,
-            plain_http,
+            host: parsed.host,
+            plain_http: parsed.plain_http,
             ca: entry.ca.clone(),
             skip_verify: entry.skip_verify,
             capabilities: capabilities(&entry.capabilities, &fail)?,
             mirror: true,
+            namespace: parsed.namespace,
         });
     }
     let (host, plain_http) = match &file.server {
-        Some(server) => parse_url(server, &fail)?,
+        Some(server) => {
+            let parsed = parse_url(server, false, &fail)?;
+            (parsed.host, parsed.plain_http)
+        }
         None => (registry.to_string(), is_loopback(registry)),
     };
     let caps = capabilities(&file.capabilities, &fail)?;
@@ -251,6 +313,31 @@ mod tests {
         // No file: the origin alone; loopback is plain HTTP.
         assert!(endpoints(Some(dir.path()), "127.0.0.1:5000").unwrap()[0].plain_http);
         assert!(!endpoints(None, "other.example.com").unwrap()[0].plain_http);
+    }
+
+    #[test]
+    fn override_path_names_a_repository_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| {
+            std::fs::create_dir_all(dir.path().join("docker.io")).unwrap();
+            std::fs::write(dir.path().join("docker.io/hosts.toml"), text).unwrap();
+            endpoints(Some(dir.path()), "docker.io")
+        };
+        let got =
+            write("[host.\"https://harbor.example.com/v2/hub-proxy\"]\n  override_path = true\n")
+                .unwrap();
+        assert_eq!(got[0].host, "harbor.example.com");
+        assert_eq!(got[0].namespace.as_deref(), Some("hub-proxy"));
+        assert_eq!(got[1].namespace, None);
+        for refused in [
+            // A path without override_path, another API root, an empty namespace.
+            "[host.\"https://m.example.com/v2/p\"]\n",
+            "[host.\"https://m.example.com/api/v3\"]\n  override_path = true\n",
+            "[host.\"https://m.example.com/v2//x\"]\n  override_path = true\n",
+        ] {
+            let err = write(refused).unwrap_err().to_string();
+            assert!(err.contains("/v2/NAMESPACE"), "{refused}: {err}");
+        }
     }
 
     #[test]

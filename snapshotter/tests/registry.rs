@@ -106,18 +106,73 @@ fn anonymous_client(
 }
 
 /// A hosts directory under `dir` (containerd's `hosts.toml` layout) that sends pulls from
-/// `origin` (`HOST:PORT`) to the mirror at `mirror` first.
+/// `origin` (`HOST:PORT`) to the mirror at `mirror` (`HOST:PORT[/v2/NAMESPACE]`) first.
 fn mirror_hosts(dir: &Path, origin: &str, mirror: &str) -> std::path::PathBuf {
     let hosts = dir.join("certs.d");
     fs::create_dir_all(hosts.join(origin)).unwrap();
+    let override_path = if mirror.contains('/') {
+        "  override_path = true\n"
+    } else {
+        ""
+    };
     fs::write(
         hosts.join(origin).join("hosts.toml"),
         format!(
-            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{override_path}"
         ),
     )
     .unwrap();
     hosts
+}
+
+#[test]
+fn a_mirror_with_a_repository_namespace_serves_the_origins_images() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let key = PrivateKey::generate().unwrap();
+    let layout = work.path().join("layout");
+    sealed_layout(&layout, &key);
+    let origin = DockerRegistry::start();
+    let reference = origin.push(&layout, "v1", "team/app");
+    // The stand-in for a Harbor proxy cache project: a registry holding the origin's
+    // repositories under a namespace (the project), reached with override_path.
+    let project = DockerRegistry::start();
+    project.push(&layout, "v1", "hub-proxy/team/app");
+    let hosts = mirror_hosts(
+        work.path(),
+        &origin.host,
+        &format!("{}/v2/hub-proxy", project.host),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = anonymous_client(
+        &runtime,
+        &origin.host,
+        RegistryOptions {
+            hosts_dir: Some(hosts),
+            ..RegistryOptions::default()
+        },
+    );
+    let image = client
+        .resolve(&Registry::parse(&reference).unwrap())
+        .unwrap();
+    let layer = &image.image.manifest.layers()[0];
+    let blob = client.layer(&image, layer);
+    for offset in [0u64, 1000, 50_000] {
+        assert_eq!(blob.read(offset, 100).unwrap().len(), 100);
+    }
+    let in_project = |uri: &str| uri.starts_with("/v2/hub-proxy/team/app/");
+    assert!(project.gets(|uri| in_project(uri) && uri.contains("/manifests/")) >= 1);
+    // Logged as each answer completes: wait for the third.
+    wait_until("the project did not serve the three ranges", || {
+        project.blob_gets_answered(layer.digest().as_ref(), Some(206)) == 3
+    });
+    assert_eq!(
+        origin.gets(|uri| uri.contains("/manifests/") || uri.contains("/blobs/")),
+        0,
+        "the origin was asked although the project has the image"
+    );
 }
 
 #[test]

@@ -279,7 +279,7 @@ impl Registry {
             .iter()
             .rfind(|r| r.endpoint.can(capability))
             .map(|r| {
-                route::retarget(reference, &r.endpoint.host)
+                route::retarget(reference, &r.endpoint)
                     .resolve_registry()
                     .to_string()
             })

@@ -406,7 +406,7 @@ impl Registry {
                 number += 1;
                 continue;
             }
-            let target = retarget(reference, &route.endpoint.host);
+            let target = retarget(reference, &route.endpoint);
             // Only the last endpoint gets the full retry budget: a mirror that fails falls back
             // quickly instead of delaying every request by a whole backoff sequence.
             let retries = if number + 1 == routes.len() {
@@ -527,12 +527,17 @@ impl Registry {
     }
 }
 
-/// `reference` with its registry replaced by `host` (a mirror): same repository, tag, digest.
-pub(super) fn retarget(reference: &Reference, host: &str) -> Reference {
-    if reference.resolve_registry() == host {
+/// `reference` as `endpoint` (a mirror) has it: its host, the same repository (under the
+/// endpoint's namespace, if it has one), tag and digest.
+pub(super) fn retarget(reference: &Reference, endpoint: &Endpoint) -> Reference {
+    let host = endpoint.host.as_str();
+    if reference.resolve_registry() == host && endpoint.namespace.is_none() {
         return reference.clone();
     }
-    let repository = reference.repository().to_string();
+    let repository = match &endpoint.namespace {
+        Some(namespace) => format!("{namespace}/{}", reference.repository()),
+        None => reference.repository().to_string(),
+    };
     match (reference.digest(), reference.tag()) {
         (Some(digest), _) => {
             Reference::with_digest(host.to_string(), repository, digest.to_string())
@@ -670,14 +675,28 @@ mod tests {
 
     #[test]
     fn references_retarget_to_mirrors() {
+        let mirror = |host: &str, namespace: Option<&str>| Endpoint {
+            host: host.to_string(),
+            plain_http: false,
+            ca: None,
+            skip_verify: false,
+            capabilities: vec![Capability::Pull],
+            mirror: true,
+            namespace: namespace.map(str::to_string),
+        };
         let tagged = Registry::parse("registry.example.com/team/app:1.0").unwrap();
         assert_eq!(
-            retarget(&tagged, "mirror:5000").to_string(),
+            retarget(&tagged, &mirror("mirror:5000", None)).to_string(),
             "mirror:5000/team/app:1.0"
         );
         let pinned = Registry::parse("registry.example.com/app@sha256:0123456789012345678901234567890123456789012345678901234567890123").unwrap();
-        assert!(retarget(&pinned, "m")
+        assert!(retarget(&pinned, &mirror("m", None))
             .to_string()
             .starts_with("m/app@sha256:"));
+        // A Harbor proxy cache project: the repository under the project.
+        assert_eq!(
+            retarget(&tagged, &mirror("harbor.example.com", Some("hub-proxy"))).to_string(),
+            "harbor.example.com/hub-proxy/team/app:1.0"
+        );
     }
 }
