@@ -41,6 +41,9 @@ pub struct NodeSession {
     /// Held while the keeper is checked or replaced: the periodic check and the check at
     /// shutdown never start two keepers, and shutdown sees the outcome of a replacement.
     checking: Mutex<()>,
+    /// The keeper this daemon started, reaped when it is replaced after dying (else it stays
+    /// a zombie while this daemon runs). A keeper an earlier daemon started is not a child.
+    spawned: Mutex<Option<std::process::Child>>,
 }
 
 impl NodeSession {
@@ -54,6 +57,7 @@ impl NodeSession {
             session: Mutex::new(None),
             kept: AtomicBool::new(false),
             checking: Mutex::new(()),
+            spawned: Mutex::new(None),
         }
     }
 
@@ -92,7 +96,13 @@ impl NodeSession {
         };
         let kept = (|| {
             if !keeping.keeper.is_running() {
-                keeping.keeper.spawn(&keeping.program, &keeping.log)?;
+                let mut spawned = self.spawned.lock().expect("keeper lock");
+                if let Some(mut dead) = spawned.take() {
+                    // Reaped if it has exited; one that hangs is left to run (not killed: it
+                    // may still hold a session) and reaped by init after this daemon.
+                    let _ = dead.try_wait();
+                }
+                *spawned = Some(keeping.keeper.spawn(&keeping.program, &keeping.log)?);
             }
             keeping.keeper.store(NODE_SESSION, session.device())
         })();

@@ -138,8 +138,10 @@ impl Keeper {
     }
 
     /// Starts a keeper on this socket (the program at `program`, normally this daemon's own
-    /// binary) detached from the caller, logging to `log`, and returns once it answers.
-    pub fn spawn(&self, program: &Path, log: &Path) -> io::Result<()> {
+    /// binary) detached from the caller, logging to `log`, and returns once it answers. The
+    /// caller reaps the process if it dies first ([`std::process::Child::try_wait`]); dropping
+    /// the handle leaves it running, as it is meant to outlive the daemon.
+    pub fn spawn(&self, program: &Path, log: &Path) -> io::Result<std::process::Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -181,9 +183,7 @@ impl Keeper {
                 "the session keeper did not start ({status}); see its log"
             )));
         }
-        // Reaped by whoever outlives it: it runs on after this daemon on purpose.
-        std::mem::forget(child);
-        Ok(())
+        Ok(child)
     }
 }
 

@@ -277,6 +277,26 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
     );
     let keeper = node.daemon.keeper_pid().unwrap();
 
+    // Again, now that the keeper is this daemon's own child: the dead one is reaped when it
+    // is replaced, not left a zombie while the daemon runs.
+    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
+    wait_until(
+        "a third keeper holds the session",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || {
+            node.daemon
+                .keeper_pid()
+                .is_some_and(|pid| pid != keeper && SealfsDaemon::fuse_descriptors_of(pid) == 1)
+        },
+    );
+    let state = fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default();
+    assert!(
+        !state.contains(") Z "),
+        "the replaced keeper {keeper} is a zombie of the daemon: {state}"
+    );
+    let keeper = node.daemon.keeper_pid().unwrap();
+
     // An upgrade: the running binary is replaced on disk (deleted here), the new one started.
     // The keeper is killed again just before the stop: the stopping daemon itself must see
     // that and hand the session to another keeper, or the containers lose their files.
