@@ -7,7 +7,8 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
-use super::route::{RangeIgnored, RequestKind};
+use super::mirror_fill::RangeIgnored;
+use super::route::RequestKind;
 use oci_spec::image::Descriptor;
 
 use super::{Registry, RegistryError, RemoteImage};

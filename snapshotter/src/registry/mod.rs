@@ -27,6 +27,7 @@ use crate::hosts::{self, Capability, Endpoint};
 use crate::oci_layout::{host_platform, platform_manifest, ResolvedImage};
 
 mod blob;
+mod mirror_fill;
 mod push;
 mod route;
 
@@ -256,7 +257,7 @@ impl Registry {
                 auth_source,
                 endpoint,
                 down_until: std::sync::Mutex::new(None),
-                blobs: route::MirrorBlobs::new(),
+                blobs: mirror_fill::MirrorBlobs::new(),
             });
         }
         Ok(Registry {

@@ -10,6 +10,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use super::mirror_fill::{MirrorBlobs, RangeIgnored};
 use super::{Registry, RegistryError, RegistryOptions};
 use crate::hosts::{Capability, Endpoint};
 
@@ -39,69 +40,6 @@ pub(super) struct Route {
     pub(super) blobs: MirrorBlobs,
 }
 
-/// What a mirror is known to do with range reads of one blob.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum BlobState {
-    /// One read is asking it (since then). Other reads of the blob go to the next endpoint
-    /// meanwhile: a mirror still fetching the blob streams a whole copy from upstream for every
-    /// request, so it gets one per node at a time, not one per read in flight.
-    Asking {
-        since: std::time::Instant,
-        backoff: Duration,
-    },
-    /// It answered with the whole blob: left alone for this blob until then.
-    Filling {
-        ask_again_at: std::time::Instant,
-        backoff: Duration,
-    },
-    /// It served a range: every read of the blob goes to it.
-    Serving,
-}
-
-/// How many blobs a mirror's [`BlobState`]s are kept for: more than a node reads at once.
-const MIRROR_BLOBS: usize = 1024;
-/// How long a mirror that answered a range read of a blob with the whole blob is first left
-/// alone for that blob, doubling while it goes on doing so, up to [`MIRROR_FILL_BACKOFF_MAX`].
-/// Each ask costs the origin a little (the mirror opens a second stream of the blob from
-/// upstream for it, cut when the node hangs up); waiting reads wait this long between asks.
-const MIRROR_FILL_BACKOFF: Duration = Duration::from_secs(1);
-const MIRROR_FILL_BACKOFF_MAX: Duration = Duration::from_secs(4);
-/// A read asking a mirror for longer than this is taken as lost: the next read asks.
-const MIRROR_ASKING_STALE: Duration = Duration::from_secs(30);
-
-/// A mirror answered a range read with the whole blob. A pull-through cache does that while
-/// it does not hold the blob yet: distribution's proxy mode (`docker-registry` with `proxy:`)
-/// then fetches the whole blob from upstream once into its storage, and streams a second copy
-/// from upstream to the client. Reading through that stream to the range would carry the
-/// blob up to the range over the node's link (a layer's tail is at its end: all of it), and
-/// the origin would send it once more for every such read. So the read goes to the next
-/// endpoint instead, and the mirror is asked for the blob again after a backoff, by when it
-/// has it and answers with the range.
-#[derive(Debug)]
-pub(super) struct RangeIgnored;
-
-impl std::fmt::Display for RangeIgnored {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "the mirror answered a range read with the whole blob (it is still fetching it)",
-        )
-    }
-}
-
-impl std::error::Error for RangeIgnored {}
-
-impl RangeIgnored {
-    /// The error a request returns for it.
-    pub(super) fn error() -> OciDistributionError {
-        OciDistributionError::IoError(std::io::Error::other(RangeIgnored))
-    }
-
-    fn is(error: &OciDistributionError) -> bool {
-        matches!(error, OciDistributionError::IoError(io)
-            if io.get_ref().is_some_and(|inner| inner.is::<RangeIgnored>()))
-    }
-}
-
 /// What an endpoint asks of a client with no credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Access {
@@ -111,137 +49,6 @@ pub(super) enum Access {
     Open,
     /// It challenges; the client's token cache holds what it handed out.
     Guarded,
-}
-
-/// What a mirror does with range reads of the blobs read lately (see [`RangeIgnored`]);
-/// bounded, the least recently read forgotten first. Reads waiting for the mirror to hold a
-/// blob wait on `changed`.
-pub(super) struct MirrorBlobs {
-    states: std::sync::Mutex<lru::LruCache<String, BlobState>>,
-    changed: std::sync::Condvar,
-}
-
-/// Whether a read goes to the mirror now, or when to look again.
-enum Turn {
-    Now,
-    NotBefore(std::time::Instant),
-}
-
-impl MirrorBlobs {
-    pub(super) fn new() -> Self {
-        MirrorBlobs {
-            states: std::sync::Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(MIRROR_BLOBS).expect("not zero"),
-            )),
-            changed: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Whether a read of `digest` goes to this mirror at `now`. When what the mirror does with
-    /// the blob is not known, the read that gets [`Turn::Now`] is the one asking.
-    fn turn(
-        states: &mut lru::LruCache<String, BlobState>,
-        digest: &str,
-        now: std::time::Instant,
-    ) -> Turn {
-        let backoff = match states.get(digest).copied() {
-            Some(BlobState::Serving) => return Turn::Now,
-            Some(BlobState::Asking { since, .. }) if now < since + MIRROR_ASKING_STALE => {
-                return Turn::NotBefore(since + MIRROR_ASKING_STALE)
-            }
-            Some(BlobState::Filling { ask_again_at, .. }) if now < ask_again_at => {
-                return Turn::NotBefore(ask_again_at)
-            }
-            Some(BlobState::Asking { backoff, .. } | BlobState::Filling { backoff, .. }) => backoff,
-            None => Duration::ZERO,
-        };
-        states.put(
-            digest.to_string(),
-            BlobState::Asking {
-                since: now,
-                backoff,
-            },
-        );
-        Turn::Now
-    }
-
-    #[cfg(test)]
-    fn may_read(&self, digest: &str, now: std::time::Instant) -> bool {
-        let mut states = self.states.lock().expect("mirror blobs lock");
-        matches!(Self::turn(&mut states, digest, now), Turn::Now)
-    }
-
-    /// Whether a read of `digest` goes to this mirror: at once if the mirror serves it or is
-    /// to be asked (this read asks); while the mirror is fetching it, or another read is
-    /// asking, waits until that changes, or until `deadline`: then the read goes elsewhere.
-    fn wait_to_read(&self, digest: &str, deadline: std::time::Instant) -> bool {
-        let mut states = self.states.lock().expect("mirror blobs lock");
-        loop {
-            let now = std::time::Instant::now();
-            match Self::turn(&mut states, digest, now) {
-                Turn::Now => return true,
-                Turn::NotBefore(_) if now >= deadline => return false,
-                Turn::NotBefore(at) => {
-                    let until = at.min(deadline);
-                    states = self
-                        .changed
-                        .wait_timeout(states, until.saturating_duration_since(now))
-                        .expect("mirror blobs lock")
-                        .0;
-                }
-            }
-        }
-    }
-
-    fn set(&self, digest: &str, state: Option<BlobState>) {
-        let mut states = self.states.lock().expect("mirror blobs lock");
-        match state {
-            Some(state) => {
-                states.put(digest.to_string(), state);
-            }
-            None => {
-                states.pop(digest);
-            }
-        }
-        self.changed.notify_all();
-    }
-
-    /// The mirror answered a range read of `digest` with the whole blob: leave it alone for
-    /// that blob for a while, twice as long as last time.
-    fn note_filling(&self, digest: &str, now: std::time::Instant) {
-        let last = self
-            .states
-            .lock()
-            .expect("mirror blobs lock")
-            .peek(digest)
-            .copied();
-        let backoff = match last {
-            Some(BlobState::Asking { backoff, .. } | BlobState::Filling { backoff, .. })
-                if !backoff.is_zero() =>
-            {
-                (backoff * 2).min(MIRROR_FILL_BACKOFF_MAX)
-            }
-            _ => MIRROR_FILL_BACKOFF,
-        };
-        let ask_again_at = now + backoff;
-        self.set(
-            digest,
-            Some(BlobState::Filling {
-                ask_again_at,
-                backoff,
-            }),
-        );
-    }
-
-    /// The mirror served a range of `digest`.
-    fn note_served(&self, digest: &str) {
-        self.set(digest, Some(BlobState::Serving));
-    }
-
-    /// A read of `digest` failed otherwise: what the mirror does with the blob is not known.
-    fn forget(&self, digest: &str) {
-        self.set(digest, None);
-    }
 }
 
 /// What a request does with the client's credentials.
@@ -613,64 +420,6 @@ mod tests {
             ErrorKind::ConnectionRefused,
             "refused"
         ))));
-    }
-
-    #[test]
-    fn a_mirror_fetching_a_blob_is_asked_by_one_read_at_a_time_and_backed_off() {
-        let blobs = MirrorBlobs::new();
-        let start = std::time::Instant::now();
-        let at = |seconds: f64| start + Duration::from_secs_f64(seconds);
-        // Not known: the first read asks, the others go elsewhere until it has an answer.
-        assert!(blobs.may_read("a", at(0.0)));
-        assert!(!blobs.may_read("a", at(0.1)));
-        assert!(
-            blobs.may_read("b", at(0.1)),
-            "another blob is asked on its own"
-        );
-        // A whole-blob answer: left alone for 1 s, then one read asks again.
-        blobs.note_filling("a", at(0.2));
-        assert!(!blobs.may_read("a", at(1.1)));
-        assert!(blobs.may_read("a", at(1.3)));
-        assert!(!blobs.may_read("a", at(1.4)));
-        // Again a whole blob: twice as long.
-        blobs.note_filling("a", at(1.5));
-        assert!(!blobs.may_read("a", at(3.4)));
-        assert!(blobs.may_read("a", at(3.6)));
-        // A range: every read goes to the mirror from then on.
-        blobs.note_served("a");
-        assert!(blobs.may_read("a", at(3.7)));
-        assert!(blobs.may_read("a", at(3.7)));
-        // An asking read that never came back is replaced after 30 s.
-        assert!(!blobs.may_read("b", at(20.0)));
-        assert!(blobs.may_read("b", at(30.2)));
-        // Another failure: not known again, so the next read asks.
-        blobs.forget("b");
-        assert!(blobs.may_read("b", at(30.3)));
-    }
-
-    #[test]
-    fn a_read_waits_for_the_asking_read_and_not_longer_than_told() {
-        let blobs = std::sync::Arc::new(MirrorBlobs::new());
-        let after = |wait: Duration| std::time::Instant::now() + wait;
-        assert!(
-            blobs.wait_to_read("a", after(Duration::ZERO)),
-            "the first read asks"
-        );
-        assert!(
-            !blobs.wait_to_read("a", after(Duration::ZERO)),
-            "no wait: another endpoint"
-        );
-        let waiting = {
-            let blobs = blobs.clone();
-            std::thread::spawn(move || blobs.wait_to_read("a", after(Duration::from_secs(60))))
-        };
-        // The asking read's answer wakes the waiting one (the event; not its 60 s).
-        blobs.note_served("a");
-        assert!(waiting.join().unwrap());
-        // A mirror that keeps answering with the whole blob: a read gives up after its wait.
-        assert!(blobs.wait_to_read("b", after(Duration::ZERO)));
-        blobs.note_filling("b", after(Duration::from_secs(600)));
-        assert!(!blobs.wait_to_read("b", after(Duration::from_millis(20))));
     }
 
     #[test]
