@@ -12,8 +12,10 @@
 //! tokio runtime through its `Handle`, never from a runtime thread.
 //!
 //! Here: the client, its options and errors, resolving references. `route`: how a request
-//! reaches an endpoint (retries, deadlines, mirrors, credentials, the auth probe). `blob`:
-//! range reads of one blob. `push`: what `sealctl` pushes.
+//! reaches an endpoint (retries, deadlines, mirrors, credentials, the auth probe).
+//! `mirror_fill`: pull-through mirrors that do not hold a blob yet (one read asks, the others
+//! wait for it or go to the next endpoint). `blob`: range reads of one blob. `push`: what
+//! `sealctl` pushes.
 
 use std::time::Duration;
 
