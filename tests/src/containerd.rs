@@ -35,6 +35,19 @@ impl Containerd {
         Self::start_with(&sealfs_snippet(socket))
     }
 
+    /// Like [`Self::start_with_sealfs`], with containerd's garbage collector not run by itself:
+    /// for tests that make snapshots with no image, container or lease holding them (`ctr
+    /// snapshots prepare`), which any collection removes. containerd collects once shortly
+    /// after it starts, late on a busy machine; collections a test asks for (`rm --sync`)
+    /// still run.
+    pub fn start_with_sealfs_without_gc(socket: &Path) -> Self {
+        Self::start_with(&format!(
+            "{}[plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"24h\"\n  \
+             mutation_threshold = 1000000\n",
+            sealfs_snippet(socket)
+        ))
+    }
+
     /// Like [`Self::start_with_sealfs`], with containerd's CRI plugin set up as a Kubernetes
     /// node with sealfs needs it (`docs/kubernetes.md`): sealfs as the CRI snapshotter,
     /// `sandbox_image` (a local image), registry hosts from `hosts_dir` (containerd's

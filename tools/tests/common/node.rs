@@ -28,13 +28,30 @@ impl Node {
         Self::start_from(Path::new(DAEMON), work, extra_config)
     }
 
-    /// [`Node::start`] with the daemon run from `binary`.
-    pub fn start_from(binary: &Path, work: &Path, extra_config: &str) -> Self {
+    /// A node whose containerd does not collect garbage by itself (see
+    /// [`Containerd::start_with_sealfs_without_gc`]), for snapshots made by hand.
+    pub fn start_without_gc(work: &Path, extra_config: &str) -> Self {
+        let (keys, registry) = Self::keys_and_registry(work);
+        let daemon = SealfsDaemon::start(DAEMON, work, &keys, extra_config);
+        let containerd = Containerd::start_with_sealfs_without_gc(&daemon.socket);
+        Node {
+            containerd,
+            daemon,
+            registry,
+        }
+    }
+
+    fn keys_and_registry(work: &Path) -> (std::path::PathBuf, DockerRegistry) {
         let keys = work.join("node-keys");
         fs::create_dir_all(&keys).unwrap();
         fs::copy(work.join("alice.priv"), keys.join("alice.key")).unwrap();
         fs::set_permissions(keys.join("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
-        let registry = DockerRegistry::start();
+        (keys, DockerRegistry::start())
+    }
+
+    /// [`Node::start`] with the daemon run from `binary`.
+    pub fn start_from(binary: &Path, work: &Path, extra_config: &str) -> Self {
+        let (keys, registry) = Self::keys_and_registry(work);
         let daemon = SealfsDaemon::start(binary, work, &keys, extra_config);
         let containerd = Containerd::start_with_sealfs(&daemon.socket);
         Node {
