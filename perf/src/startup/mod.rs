@@ -48,6 +48,10 @@ pub struct StartupArgs {
     /// Smoke test: a small bigdata image, one trial, lan; checks the harness, not the speed.
     #[arg(long)]
     quick: bool,
+    /// An argument for `sealctl seal` of the sealed images (repeatable), to compare layout
+    /// settings: `--seal-arg=--chunk-size=262144`.
+    #[arg(long = "seal-arg", allow_hyphen_values = true)]
+    seal_args: Vec<String>,
 }
 
 /// One HTTP/1.1 request on `stream`; returns the response body length (headers skipped).
@@ -407,7 +411,9 @@ pub fn run_startup(args: &StartupArgs) -> Result<()> {
                 .arg(format!("docker://{direct}/{name}:{}", Mode::Ocicrypt.tag())))?;
         }
         run(Command::new(&sealctl)
-            .args(["--insecure", "seal", "--recipient"])
+            .args(["--insecure", "seal"])
+            .args(&args.seal_args)
+            .arg("--recipient")
             .arg(work.join("node.pub"))
             .arg(format!("oci:{}:latest", layout.display()))
             .arg(format!("docker://{direct}/{name}:sealed")))?;
