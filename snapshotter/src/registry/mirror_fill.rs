@@ -74,6 +74,22 @@ impl RangeIgnored {
 pub(super) struct MirrorBlobs {
     states: std::sync::Mutex<lru::LruCache<String, BlobState>>,
     changed: std::sync::Condvar,
+    /// Reads waiting for this mirror now (changed under `states`' lock).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// At most this many reads wait for one mirror at a time; more go to the next endpoint at
+/// once. A waiting read holds one of the node's fetch threads (8 by default): the others stay
+/// free for layers the mirror does not hold up.
+const MIRROR_WAITERS: usize = 4;
+
+/// Counts a read among a mirror's waiting reads while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Whether a read goes to the mirror now, or when to look again.
@@ -89,6 +105,7 @@ impl MirrorBlobs {
                 std::num::NonZeroUsize::new(MIRROR_BLOBS).expect("not zero"),
             )),
             changed: std::sync::Condvar::new(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -129,14 +146,25 @@ impl MirrorBlobs {
     /// Whether a read of `digest` goes to this mirror: at once if the mirror serves it or is
     /// to be asked (this read asks); while the mirror is fetching it, or another read is
     /// asking, waits until that changes, or until `deadline`: then the read goes elsewhere.
+    /// So does a read that would wait while [`MIRROR_WAITERS`] others already do.
     pub(super) fn wait_to_read(&self, digest: &str, deadline: std::time::Instant) -> bool {
+        use std::sync::atomic::Ordering;
         let mut states = self.states.lock().expect("mirror blobs lock");
+        let mut counted = None;
         loop {
             let now = std::time::Instant::now();
             match Self::turn(&mut states, digest, now) {
                 Turn::Now => return true,
                 Turn::NotBefore(_) if now >= deadline => return false,
                 Turn::NotBefore(at) => {
+                    if counted.is_none() {
+                        // Checked and counted under the lock: no two reads take the last place.
+                        if self.waiting.load(Ordering::Relaxed) >= MIRROR_WAITERS {
+                            return false;
+                        }
+                        self.waiting.fetch_add(1, Ordering::Relaxed);
+                        counted = Some(Waiting(&self.waiting));
+                    }
                     let until = at.min(deadline);
                     states = self
                         .changed
@@ -234,6 +262,36 @@ mod tests {
         // Another failure: not known again, so the next read asks.
         blobs.forget("b");
         assert!(blobs.may_read("b", at(30.3)));
+    }
+
+    #[test]
+    fn at_most_four_reads_wait_for_one_mirror() {
+        let blobs = std::sync::Arc::new(MirrorBlobs::new());
+        let now = std::time::Instant::now();
+        assert!(blobs.wait_to_read("a", now), "the first read asks");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiters: Vec<_> = (0..MIRROR_WAITERS)
+            .map(|_| {
+                let (blobs, tx) = (blobs.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let read = blobs.wait_to_read("a", now + Duration::from_secs(60));
+                    tx.send(()).unwrap();
+                    read
+                })
+            })
+            .collect();
+        // Once four wait (the event: the count, taken under the lock they wait on), a fifth
+        // read goes elsewhere at once.
+        while blobs.waiting.load(std::sync::atomic::Ordering::Relaxed) < MIRROR_WAITERS {
+            std::thread::yield_now();
+        }
+        assert!(!blobs.wait_to_read("a", now + Duration::from_secs(60)));
+        assert!(rx.try_recv().is_err(), "a waiting read returned early");
+        blobs.note_served("a");
+        for waiter in waiters {
+            assert!(waiter.join().unwrap());
+        }
+        assert_eq!(blobs.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]
