@@ -13,15 +13,42 @@ enum BlobState {
     /// request, so it gets one per node at a time, not one per read in flight.
     Asking {
         since: std::time::Instant,
-        backoff: Duration,
+        history: History,
     },
     /// It answered with the whole blob: left alone for this blob until then.
     Filling {
         ask_again_at: std::time::Instant,
-        backoff: Duration,
+        history: History,
+    },
+    /// It has answered with the whole blob for longer than any fetch should take (a mirror
+    /// that never serves ranges), and a read waited its whole `mirror_fill_wait` again: reads
+    /// of the blob go elsewhere at once until then, without waiting; then one asks again.
+    GivenUp {
+        until: std::time::Instant,
+        history: History,
     },
     /// It served a range: every read of the blob goes to it.
     Serving,
+}
+
+/// The whole-blob answers a mirror gave for one blob.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct History {
+    /// The wait before asking again after the next whole-blob answer (zero: none yet).
+    backoff: Duration,
+    /// When it first answered with the whole blob.
+    whole_since: Option<std::time::Instant>,
+}
+
+impl BlobState {
+    fn history(self) -> History {
+        match self {
+            BlobState::Asking { history, .. }
+            | BlobState::Filling { history, .. }
+            | BlobState::GivenUp { history, .. } => history,
+            BlobState::Serving => History::default(),
+        }
+    }
 }
 
 /// How many blobs a mirror's [`BlobState`]s are kept for: more than a node reads at once.
@@ -34,6 +61,11 @@ const MIRROR_FILL_BACKOFF: Duration = Duration::from_secs(1);
 const MIRROR_FILL_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// A read asking a mirror for longer than this is taken as lost: the next read asks.
 const MIRROR_ASKING_STALE: Duration = Duration::from_secs(30);
+/// How long a mirror may answer a blob with the whole blob before reads stop waiting for it:
+/// longer than a pull-through cache takes to fetch a big layer.
+const MIRROR_GIVE_UP_AFTER: Duration = Duration::from_secs(120);
+/// How long reads of such a blob then go elsewhere without waiting.
+const MIRROR_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// A mirror answered a range read with the whole blob. A pull-through cache does that while
 /// it does not hold the blob yet: distribution's proxy mode (`docker-registry` with `proxy:`)
@@ -92,10 +124,11 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Whether a read goes to the mirror now, or when to look again.
+/// Whether a read goes to the mirror now, or when to look again, or elsewhere at once.
 enum Turn {
     Now,
     NotBefore(std::time::Instant),
+    Elsewhere,
 }
 
 impl MirrorBlobs {
@@ -116,7 +149,7 @@ impl MirrorBlobs {
         digest: &str,
         now: std::time::Instant,
     ) -> Turn {
-        let backoff = match states.get(digest).copied() {
+        let history = match states.get(digest).copied() {
             Some(BlobState::Serving) => return Turn::Now,
             Some(BlobState::Asking { since, .. }) if now < since + MIRROR_ASKING_STALE => {
                 return Turn::NotBefore(since + MIRROR_ASKING_STALE)
@@ -124,14 +157,15 @@ impl MirrorBlobs {
             Some(BlobState::Filling { ask_again_at, .. }) if now < ask_again_at => {
                 return Turn::NotBefore(ask_again_at)
             }
-            Some(BlobState::Asking { backoff, .. } | BlobState::Filling { backoff, .. }) => backoff,
-            None => Duration::ZERO,
+            Some(BlobState::GivenUp { until, .. }) if now < until => return Turn::Elsewhere,
+            Some(state) => state.history(),
+            None => History::default(),
         };
         states.put(
             digest.to_string(),
             BlobState::Asking {
                 since: now,
-                backoff,
+                history,
             },
         );
         Turn::Now
@@ -141,6 +175,12 @@ impl MirrorBlobs {
     fn may_read(&self, digest: &str, now: std::time::Instant) -> bool {
         let mut states = self.states.lock().expect("mirror blobs lock");
         matches!(Self::turn(&mut states, digest, now), Turn::Now)
+    }
+
+    #[cfg(test)]
+    fn given_up(&self, digest: &str) -> bool {
+        let states = self.states.lock().expect("mirror blobs lock");
+        matches!(states.peek(digest), Some(BlobState::GivenUp { .. }))
     }
 
     /// Whether a read of `digest` goes to this mirror: at once if the mirror serves it or is
@@ -155,7 +195,28 @@ impl MirrorBlobs {
             let now = std::time::Instant::now();
             match Self::turn(&mut states, digest, now) {
                 Turn::Now => return true,
-                Turn::NotBefore(_) if now >= deadline => return false,
+                Turn::Elsewhere => return false,
+                Turn::NotBefore(_) if now >= deadline => {
+                    let history = states.peek(digest).map(|state| state.history());
+                    let for_too_long = history.is_some_and(|history| {
+                        history
+                            .whole_since
+                            .is_some_and(|since| now.duration_since(since) >= MIRROR_GIVE_UP_AFTER)
+                    });
+                    if let (Some(_), true, Some(history)) = (&counted, for_too_long, history) {
+                        // Waited the whole time, on a mirror that has not served this blob
+                        // for minutes: the reads after this one do not wait.
+                        states.put(
+                            digest.to_string(),
+                            BlobState::GivenUp {
+                                until: now + MIRROR_GIVE_UP,
+                                history,
+                            },
+                        );
+                        self.changed.notify_all();
+                    }
+                    return false;
+                }
                 Turn::NotBefore(at) => {
                     if counted.is_none() {
                         // Checked and counted under the lock: no two reads take the last place.
@@ -198,20 +259,19 @@ impl MirrorBlobs {
             .expect("mirror blobs lock")
             .peek(digest)
             .copied();
-        let backoff = match last {
-            Some(BlobState::Asking { backoff, .. } | BlobState::Filling { backoff, .. })
-                if !backoff.is_zero() =>
-            {
-                (backoff * 2).min(MIRROR_FILL_BACKOFF_MAX)
-            }
+        let history = last.map(BlobState::history).unwrap_or_default();
+        let backoff = match history.backoff {
+            backoff if !backoff.is_zero() => (backoff * 2).min(MIRROR_FILL_BACKOFF_MAX),
             _ => MIRROR_FILL_BACKOFF,
         };
-        let ask_again_at = now + backoff;
         self.set(
             digest,
             Some(BlobState::Filling {
-                ask_again_at,
-                backoff,
+                ask_again_at: now + backoff,
+                history: History {
+                    backoff,
+                    whole_since: history.whole_since.or(Some(now)),
+                },
             }),
         );
     }
@@ -313,9 +373,28 @@ mod tests {
         // The asking read's answer wakes the waiting one (the event; not its 60 s).
         blobs.note_served("a");
         assert!(waiting.join().unwrap());
-        // A mirror that keeps answering with the whole blob: a read gives up after its wait.
+        // A mirror fetching a blob: a read gives up after its wait, the next one waits again.
         assert!(blobs.wait_to_read("b", after(Duration::ZERO)));
         blobs.note_filling("b", after(Duration::from_secs(600)));
         assert!(!blobs.wait_to_read("b", after(Duration::from_millis(20))));
+        assert!(!blobs.given_up("b"));
+        // One that has answered with the whole blob for minutes: after a read waited its whole
+        // time, the reads after it go elsewhere without waiting, for a minute.
+        let long_ago = std::time::Instant::now()
+            .checked_sub(MIRROR_GIVE_UP_AFTER + Duration::from_secs(1))
+            .expect("the clock has run for minutes");
+        blobs.forget("b");
+        blobs.note_filling("b", long_ago);
+        assert!(blobs.may_read("b", after(Duration::ZERO)), "asked again");
+        blobs.note_filling("b", after(Duration::from_secs(600)));
+        assert!(!blobs.wait_to_read("b", after(Duration::from_millis(20))));
+        assert!(blobs.given_up("b"));
+        assert!(!blobs.wait_to_read("b", after(Duration::from_secs(3600))));
+        assert!(blobs.may_read("b", after(MIRROR_GIVE_UP + Duration::from_secs(1))));
+        // Not waiting at all (mirror_fill_wait_secs = 0) gives nothing up: the mirror is asked
+        // again after the backoff.
+        blobs.note_filling("c", after(Duration::ZERO));
+        assert!(!blobs.wait_to_read("c", after(Duration::ZERO)));
+        assert!(!blobs.given_up("c"));
     }
 }
