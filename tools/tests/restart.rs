@@ -169,6 +169,25 @@ fn pull_app(node: &Node, work: &Path) -> (String, usize, PathBuf) {
 }
 
 /// `(chunks present in a cache, chunks)` summed over the mounted layers.
+/// Kills the session keeper `keeper` and waits until the daemon has started another that holds
+/// the session; returns the new keeper.
+fn kill_and_replace_keeper(node: &Node, keeper: u32) -> u32 {
+    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
+    wait_until(
+        "another keeper holds the session",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || {
+            // Holding it: the new keeper has the connection's descriptor.
+            node.daemon
+                .keeper_pid()
+                .is_some_and(|pid| pid != keeper && SealfsDaemon::fuse_descriptors_of(pid) == 1)
+                && node.daemon.metric("sealfs_fuse_session_kept") == 1
+        },
+    );
+    node.daemon.keeper_pid().expect("a keeper runs")
+}
+
 fn background_progress(daemon: &SealfsDaemon) -> (u64, u64) {
     (
         daemon.metric_sum("sealfs_layer_chunks_present"),
@@ -262,34 +281,11 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
     // The keeper killed: the daemon starts another and hands it the session, so the restart
     // below still finds it.
     assert_eq!(node.daemon.metric("sealfs_fuse_session_kept"), 1);
-    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
-    wait_until(
-        "another keeper holds the session",
-        Duration::from_secs(60),
-        || node.daemon.log(),
-        || {
-            // Holding it: the new keeper has the connection's descriptor.
-            node.daemon
-                .keeper_pid()
-                .is_some_and(|pid| pid != keeper && SealfsDaemon::fuse_descriptors_of(pid) == 1)
-                && node.daemon.metric("sealfs_fuse_session_kept") == 1
-        },
-    );
-    let keeper = node.daemon.keeper_pid().unwrap();
+    let keeper = kill_and_replace_keeper(&node, keeper);
 
     // Again, now that the keeper is this daemon's own child: the dead one is reaped when it
     // is replaced, not left a zombie while the daemon runs.
-    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
-    wait_until(
-        "a third keeper holds the session",
-        Duration::from_secs(60),
-        || node.daemon.log(),
-        || {
-            node.daemon
-                .keeper_pid()
-                .is_some_and(|pid| pid != keeper && SealfsDaemon::fuse_descriptors_of(pid) == 1)
-        },
-    );
+    kill_and_replace_keeper(&node, keeper);
     let state = fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default();
     assert!(
         !state.contains(") Z "),

@@ -31,14 +31,12 @@ impl Node {
     /// A node whose containerd does not collect garbage by itself (see
     /// [`Containerd::start_with_sealfs_without_gc`]), for snapshots made by hand.
     pub fn start_without_gc(work: &Path, extra_config: &str) -> Self {
-        let (keys, registry) = Self::keys_and_registry(work);
-        let daemon = SealfsDaemon::start(DAEMON, work, &keys, extra_config);
-        let containerd = Containerd::start_with_sealfs_without_gc(&daemon.socket);
-        Node {
-            containerd,
-            daemon,
-            registry,
-        }
+        Self::start_with(
+            Path::new(DAEMON),
+            work,
+            extra_config,
+            Containerd::start_with_sealfs_without_gc,
+        )
     }
 
     fn keys_and_registry(work: &Path) -> (std::path::PathBuf, DockerRegistry) {
@@ -51,9 +49,18 @@ impl Node {
 
     /// [`Node::start`] with the daemon run from `binary`.
     pub fn start_from(binary: &Path, work: &Path, extra_config: &str) -> Self {
+        Self::start_with(binary, work, extra_config, Containerd::start_with_sealfs)
+    }
+
+    fn start_with(
+        binary: &Path,
+        work: &Path,
+        extra_config: &str,
+        containerd: fn(&Path) -> Containerd,
+    ) -> Self {
         let (keys, registry) = Self::keys_and_registry(work);
         let daemon = SealfsDaemon::start(binary, work, &keys, extra_config);
-        let containerd = Containerd::start_with_sealfs(&daemon.socket);
+        let containerd = containerd(&daemon.socket);
         Node {
             containerd,
             daemon,
