@@ -176,6 +176,19 @@ impl Collector for NodeCollector {
             "Sealed layers refused by the signature policy (unsigned, unknown key, wrong digest, unreachable signature).",
             signatures.refused.load(Ordering::Relaxed),
         )?;
+        let mirrors = node.remote().mirror_stats();
+        counter(
+            &mut encoder,
+            "sealfs_mirror_whole_blob_answers",
+            "Range reads a pull-through mirror answered with the whole blob: it did not hold the blob yet (docs/configuration.md, pull-through mirrors).",
+            mirrors.whole_blob_answers.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "sealfs_mirror_reads_passed_on",
+            "Range reads that went past a mirror still fetching their blob to the next host (the registry itself): after waiting [registry] mirror_fill_wait_secs, or at once.",
+            mirrors.reads_passed_on.load(Ordering::Relaxed),
+        )?;
         counter(
             &mut encoder,
             "sealfs_remote_mount_failures",

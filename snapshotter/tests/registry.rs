@@ -356,15 +356,20 @@ fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
         .iter()
         .zip([Duration::ZERO, Duration::from_secs(60)])
     {
+        let stats = std::sync::Arc::new(snapshotter::registry::MirrorStats::default());
         let through_mirror = anonymous_client(
             &runtime,
             &origin.host,
             RegistryOptions {
                 hosts_dir: Some(hosts.clone()),
                 mirror_fill_wait: wait,
+                mirror_stats: stats.clone(),
                 ..RegistryOptions::default()
             },
         );
+        let counted = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
         let parsed = Registry::parse(reference).unwrap();
         let image = through_mirror.resolve(&parsed).unwrap();
         let layer = &image.image.manifest.layers()[0];
@@ -387,6 +392,9 @@ fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
             wait_until("the mirror was never asked", || {
                 mirror.blob_gets_answered(digest, None) == 1
             });
+            // What the node's metrics say.
+            assert_eq!(counted(&stats.whole_blob_answers), 1);
+            assert_eq!(counted(&stats.reads_passed_on), 1);
         } else {
             // Waiting: the mirror sends it, once it holds the blob.
             wait_until("the mirror did not send the tail", || {
@@ -397,6 +405,8 @@ fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
                 0,
                 "a waiting read reached the origin"
             );
+            assert!(counted(&stats.whole_blob_answers) >= 1);
+            assert_eq!(counted(&stats.reads_passed_on), 0);
         }
         assert_eq!(tail_bytes, expected.read(tail.0, tail.1).unwrap());
 

@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use oci_client::errors::OciDistributionError;
 
+/// What pull-through mirrors did to a node's range reads, for its metrics.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Range reads a mirror answered with the whole blob (it did not hold the blob yet).
+    pub whole_blob_answers: std::sync::atomic::AtomicU64,
+    /// Range reads that went past a mirror still fetching their blob to the next host: after
+    /// waiting `mirror_fill_wait`, at once when 4 reads already waited for that mirror, or
+    /// after it had not served the blob for minutes.
+    pub reads_passed_on: std::sync::atomic::AtomicU64,
+}
+
 /// What a mirror is known to do with range reads of one blob.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum BlobState {
@@ -251,8 +262,9 @@ impl MirrorBlobs {
     }
 
     /// The mirror answered a range read of `digest` with the whole blob: leave it alone for
-    /// that blob for a while, twice as long as last time.
-    pub(super) fn note_filling(&self, digest: &str, now: std::time::Instant) {
+    /// that blob for a while, twice as long as last time. Whether it was the first such answer
+    /// for the blob.
+    pub(super) fn note_filling(&self, digest: &str, now: std::time::Instant) -> bool {
         let last = self
             .states
             .lock()
@@ -274,6 +286,7 @@ impl MirrorBlobs {
                 },
             }),
         );
+        history.whole_since.is_none()
     }
 
     /// The mirror served a range of `digest`.

@@ -34,6 +34,7 @@ mod push;
 mod route;
 
 pub use blob::RegistryBlob;
+pub use mirror_fill::MirrorStats;
 use route::{client_config, Access, RequestKind, Route, NODE_CREDENTIALS, NO_CREDENTIALS};
 
 /// Manifest media types we ask for.
@@ -135,6 +136,9 @@ pub struct RegistryOptions {
     /// How long a range read waits for a pull-through mirror that is still fetching the blob
     /// (it answered with the whole blob) before it reads from the next endpoint.
     pub mirror_fill_wait: Duration,
+    /// What pull-through mirrors did to range reads: shared by every client made from these
+    /// options.
+    pub mirror_stats: std::sync::Arc<MirrorStats>,
 }
 
 impl Default for RegistryOptions {
@@ -147,6 +151,7 @@ impl Default for RegistryOptions {
             hosts_dir: None,
             pull_credentials: None,
             mirror_fill_wait: Duration::from_secs(10),
+            mirror_stats: std::sync::Arc::default(),
         }
     }
 }

@@ -210,6 +210,10 @@ impl Registry {
                 && blob
                     .is_some_and(|digest| !route.blobs.wait_to_read(digest, wait_for_mirrors_until))
             {
+                self.options
+                    .mirror_stats
+                    .reads_passed_on
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 number += 1;
                 continue;
             }
@@ -231,11 +235,18 @@ impl Registry {
                 Err(RegistryError::Request { source, .. })
                     if fallback && RangeIgnored::is(&source) =>
                 {
-                    if let Some(digest) = blob {
-                        route.blobs.note_filling(digest, std::time::Instant::now());
+                    self.options
+                        .mirror_stats
+                        .whole_blob_answers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let first = blob.is_some_and(|digest| {
+                        route.blobs.note_filling(digest, std::time::Instant::now())
+                    });
+                    if first {
+                        tracing::info!(registry = %self.name, endpoint = %route.endpoint.host, what, wait = ?self.options.mirror_fill_wait,
+                            "the mirror does not hold this blob yet (a pull-through cache fetching it): reads of it wait for it, then go to the next host");
                     }
                     // The same mirror again, once it may hold the blob or the wait is over.
-                    tracing::debug!(registry = %self.name, endpoint = %route.endpoint.host, what, "the mirror does not hold the blob yet");
                     continue;
                 }
                 Err(error) => {

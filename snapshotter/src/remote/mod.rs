@@ -98,6 +98,11 @@ pub struct RemoteLayers {
 }
 
 impl RemoteLayers {
+    /// What pull-through mirrors did to the node's range reads.
+    pub fn mirror_stats(&self) -> &crate::registry::MirrorStats {
+        &self.config.registry.mirror_stats
+    }
+
     /// How long Prepare waits for a mounted layer's startup profile.
     pub fn profile_wait(&self) -> Duration {
         self.config.profile_wait
