@@ -410,22 +410,22 @@ fn a_pull_through_mirror_is_read_by_range_once_it_holds_the_blob() {
         }
         assert_eq!(tail_bytes, expected.read(tail.0, tail.1).unwrap());
 
-        // Once the mirror holds the blob (it answers by range: the event waited for), reads
-        // are the mirror's.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut offset = 0;
-        while mirror.blob_gets_answered(digest, Some(206)) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the mirror never served a range"
-            );
+        // Once the mirror holds the blob (the event waited for: its storage has it), the
+        // client asks it again (a waiting one at once, one that does not after its backoff,
+        // reading from the origin meanwhile) and from then on reads are the mirror's.
+        wait_until("the mirror never stored the blob", || {
+            mirror.holds_blob(digest)
+        });
+        let offset = std::cell::Cell::new(0);
+        wait_until("the mirror never served a range", || {
+            let at = offset.get();
             assert_eq!(
-                blob.read(offset, 1000).unwrap(),
-                expected.read(offset, 1000).unwrap()
+                blob.read(at, 1000).unwrap(),
+                expected.read(at, 1000).unwrap()
             );
-            offset = (offset + 7919) % (size - 1000);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            offset.set((at + 7919) % (size - 1000));
+            mirror.blob_gets_answered(digest, Some(206)) > 0
+        });
         let origin_reads = origin.gets(|uri| uri.ends_with(&blob_path));
         let mirror_ranges = mirror.blob_gets_answered(digest, Some(206));
         for i in 0..10u64 {

@@ -184,6 +184,21 @@ impl DockerRegistry {
             .sum()
     }
 
+    /// Whether this registry's storage holds the blob `digest` (`sha256:HEX`), committed: a
+    /// pull-through cache holds it once it has fetched all of it from upstream.
+    pub fn holds_blob(&self, digest: &str) -> bool {
+        let hex = digest.trim_start_matches("sha256:");
+        hex.len() > 2
+            && self
+                .dir
+                .path()
+                .join("data/docker/registry/v2/blobs/sha256")
+                .join(&hex[..2])
+                .join(hex)
+                .join("data")
+                .is_file()
+    }
+
     /// How many GET requests for a path that `uri` accepts this registry has answered so far.
     pub fn gets(&self, uri: impl Fn(&str) -> bool) -> usize {
         self.gets_answered(uri, None)

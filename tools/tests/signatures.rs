@@ -15,33 +15,21 @@ use snapshotter::registry::{Registry, RegistryOptions};
 /// The password of the test's cosign keys.
 const PASSWORD: &str = "sealfs-test";
 
-fn cosign(work: &Path, args: &[&str]) -> Output {
-    Command::new("cosign")
+/// Runs `program` in `work` with the cosign keys' password in its environment, and fails the
+/// test with its output if it fails.
+fn run_with_password(program: &str, work: &Path, args: &[&str]) -> Output {
+    run(Command::new(program)
         .current_dir(work)
         .env("COSIGN_PASSWORD", PASSWORD)
-        .args(args)
-        .output()
-        .expect("running cosign")
+        .args(args))
 }
 
-fn cosign_ok(work: &Path, args: &[&str]) -> String {
-    let out = cosign(work, args);
-    assert!(
-        out.status.success(),
-        "cosign {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn cosign_ok(work: &Path, args: &[&str]) {
+    run_with_password("cosign", work, args);
 }
 
-fn sealctl_signing(work: &Path, args: &[&str]) -> Output {
-    Command::new(SEALCTL)
-        .current_dir(work)
-        .env("COSIGN_PASSWORD", PASSWORD)
-        .args(args)
-        .output()
-        .unwrap()
+fn sealctl_signing_ok(work: &Path, args: &[&str]) {
+    run_with_password(SEALCTL, work, args);
 }
 
 /// The manifest digest of `reference` in the registry.
@@ -110,7 +98,7 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
     // Sealed and signed in one step by sealctl: it pulls lazily and runs, and the real
     // cosign accepts the signature.
     let signed = format!("{host}/sealctl-signed:v1");
-    let out = sealctl_signing(
+    sealctl_signing_ok(
         &work,
         &[
             "seal",
@@ -121,11 +109,6 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
             "oci:img:v1",
             &format!("docker://{signed}"),
         ],
-    );
-    assert!(
-        out.status.success(),
-        "sealctl seal --sign: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let digest = digest_of(&signed);
     cosign_ok(
@@ -176,7 +159,7 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
 
     // Signed, by a key the node does not trust.
     let (stranger, _) = sealed(&work, &node, "stranger");
-    let out = sealctl_signing(
+    sealctl_signing_ok(
         &work,
         &[
             "sign",
@@ -184,11 +167,6 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
             "other.key",
             &format!("docker://{stranger}"),
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     refused(&node, &stranger, "verifies with a trusted key");
 
@@ -259,14 +237,9 @@ fn a_signature_policy_opens_images_signed_by_trusted_keys_and_refuses_the_rest()
     // unsigned, unpacked (downloaded, as by any snapshotter) and run once signed.
     let plain = node.registry.push(&work.join("img"), "v1", "plain-app");
     refused(&node, &plain, "no signature");
-    let out = sealctl_signing(
+    sealctl_signing_ok(
         &work,
         &["sign", "--key", "cosign.key", &format!("docker://{plain}")],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     node.pull_ok(&plain);
     assert!(node

@@ -23,6 +23,7 @@ impl Registry {
             reference: reference.clone(),
             digest: digest.to_string(),
             size,
+            last_host: self.last_host(reference, Capability::Pull),
         }
     }
 
@@ -39,6 +40,9 @@ pub struct RegistryBlob {
     reference: Reference,
     digest: String,
     size: u64,
+    /// The host asked last, which has nothing to fall back to (a whole-blob answer from it is
+    /// read through); worked out once, not per read.
+    last_host: Option<String>,
 }
 
 impl RegistryBlob {
@@ -62,9 +66,7 @@ impl RegistryBlob {
         let what = format!("blob {} bytes {offset}+{len}", self.digest);
         let descriptor = &descriptor;
         let size = self.size;
-        // The host asked last, which has nothing to fall back to.
-        let last_host = self.registry.last_host(&self.reference, Capability::Pull);
-        let last_host = last_host.as_deref();
+        let last_host = self.last_host.as_deref();
         self.registry.call(
             Capability::Pull,
             RequestKind::BlobRead {
