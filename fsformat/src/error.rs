@@ -75,7 +75,7 @@ pub enum FormatError {
     /// No identity could unwrap the layer key.
     #[error("no key opens this layer: tried key ids [{tried}] against recipients [{recipients}]")]
     NoMatchingKey {
-        /// Key ids of the identities that were tried, comma-separated.
+        /// Key ids (or `provider:NAME`) of the identities that were tried, comma-separated.
         tried: String,
         /// Key ids the layer was sealed for, comma-separated.
         recipients: String,
@@ -86,6 +86,14 @@ pub enum FormatError {
         /// Which kind of thing (public key, private key, stanza, share).
         what: &'static str,
         /// Why.
+        reason: String,
+    },
+    /// A keyprovider (ocicrypt's protocol: a KMS, an attestation agent) did not unwrap a key.
+    #[error("keyprovider {provider}: {reason}")]
+    KeyProvider {
+        /// The provider's name.
+        provider: String,
+        /// What went wrong or what it said (never key material).
         reason: String,
     },
     /// A key share failed its check, or the shares do not combine.

@@ -15,6 +15,18 @@
 //! wrapped  = AES-256-GCM(wrap_key, nonce = 0^12, aad = "sealfs/v1 x25519" || key_id, layer_key)
 //! key_id   = SHA-256("sealfs/v1 key id" || recipient_public)[0..8]
 //! ```
+//!
+//! Keyprovider stanza (ocicrypt's keyprovider protocol: a KMS or an attestation agent wraps the
+//! key; sealfs only carries what it answered):
+//!
+//! ```text
+//! version (1) || type 0x02 (1) || key_id (8) || name_len (1) || name || provider_wrapped
+//! key_id = SHA-256("sealfs/v1 keyprovider" || name)[0..8]
+//! ```
+//!
+//! `name` is the provider's name in `OCICRYPT_KEYPROVIDER_CONFIG` (1 to 64 of `[A-Za-z0-9._-]`);
+//! `provider_wrapped` (1 to [`MAX_PROVIDER_WRAPPED`] bytes) is the keyprovider's `annotation`,
+//! opaque to sealfs. The provider unwraps it back into the 32-byte layer key (its `optsdata`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,7 +45,12 @@ const PUBLIC_PREFIX: &str = "sealfs-x25519-pub:";
 const PRIVATE_PREFIX: &str = "SEALFS-X25519-PRIV:";
 const STANZA_VERSION: u8 = 1;
 const STANZA_X25519: u8 = 1;
+const STANZA_KEYPROVIDER: u8 = 2;
 const STANZA_LEN: usize = 2 + 8 + 32 + KEY_LEN + TAG_LEN;
+/// Longest keyprovider answer a stanza carries: a KMS ciphertext or a JWE is a few hundred
+/// bytes; containerd refuses a label (where a stanza travels) over 4 KiB anyway.
+pub const MAX_PROVIDER_WRAPPED: usize = 2800;
+const MAX_PROVIDER_NAME: usize = 64;
 
 /// The short id of a public key: 8 bytes, shown as 16 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,6 +255,46 @@ impl Stanza {
         STANDARD.encode(bytes)
     }
 
+    /// A stanza holding what keyprovider `name` answered when asked to wrap a layer key.
+    pub fn for_provider(name: &str, provider_wrapped: &[u8]) -> Result<Self> {
+        check_provider_name(name)?;
+        if provider_wrapped.is_empty() || provider_wrapped.len() > MAX_PROVIDER_WRAPPED {
+            return Err(FormatError::BadKeyMaterial {
+                what: "wrapped key",
+                reason: format!(
+                    "keyprovider {name} answered {} bytes; a stanza holds 1 to {MAX_PROVIDER_WRAPPED}",
+                    provider_wrapped.len()
+                ),
+            });
+        }
+        let mut body = vec![name.len() as u8];
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(provider_wrapped);
+        Ok(Stanza {
+            kind: STANZA_KEYPROVIDER,
+            key_id: provider_key_id(name),
+            body,
+        })
+    }
+
+    /// For a keyprovider stanza, the provider's name and what it answered when wrapping.
+    pub fn provider(&self) -> Option<(&str, &[u8])> {
+        if self.kind != STANZA_KEYPROVIDER {
+            return None;
+        }
+        let (&len, rest) = self.body.split_first()?;
+        let name = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?;
+        Some((name, &rest[usize::from(len)..]))
+    }
+
+    /// Whom the stanza is for, as an operator names it: a key id, or `provider:NAME`.
+    pub fn recipient_label(&self) -> String {
+        match self.provider() {
+            Some((name, _)) => format!("provider:{name}"),
+            None => self.key_id.to_string(),
+        }
+    }
+
     /// Parses an annotation value.
     pub fn decode(text: &str) -> Result<Self> {
         let bad = |reason: &str| FormatError::BadKeyMaterial {
@@ -253,10 +310,55 @@ impl Stanza {
         if bytes[1] == STANZA_X25519 && bytes.len() != STANZA_LEN {
             return Err(bad("X25519 stanza has the wrong length"));
         }
-        Ok(Stanza {
+        let stanza = Stanza {
             kind: bytes[1],
             key_id: KeyId(bytes[2..10].try_into().unwrap()),
             body: bytes[10..].to_vec(),
+        };
+        if stanza.kind == STANZA_KEYPROVIDER {
+            let (name, wrapped) = stanza
+                .provider()
+                .ok_or_else(|| bad("keyprovider stanza is truncated"))?;
+            check_provider_name(name)?;
+            if wrapped.is_empty() || wrapped.len() > MAX_PROVIDER_WRAPPED {
+                return Err(bad("keyprovider stanza holds no or too much wrapped key"));
+            }
+            if stanza.key_id != provider_key_id(name) {
+                return Err(bad(
+                    "keyprovider stanza's key id does not match its provider",
+                ));
+            }
+        }
+        Ok(stanza)
+    }
+}
+
+/// The key id of keyprovider `name`'s stanzas.
+pub fn provider_key_id(name: &str) -> KeyId {
+    let digest = Sha256::new()
+        .chain_update(b"sealfs/v1 keyprovider")
+        .chain_update(name.as_bytes())
+        .finalize();
+    KeyId(digest[..8].try_into().expect("8 of 32 bytes"))
+}
+
+/// A keyprovider name as ocicrypt's configuration names one, short and printable (it shows in
+/// errors and annotations).
+pub fn check_provider_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_PROVIDER_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FormatError::BadKeyMaterial {
+            what: "keyprovider name",
+            reason: format!(
+                "{:?} is not 1 to {MAX_PROVIDER_NAME} of A-Z a-z 0-9 . _ -",
+                name.chars().take(80).collect::<String>()
+            ),
         })
     }
 }
@@ -372,11 +474,19 @@ impl Identity for PrivateKey {
 /// Unwraps the layer key with the first identity that has a stanza, or says which key ids were
 /// tried against which recipients.
 pub fn unwrap_layer_key(identities: &[&dyn Identity], stanzas: &[Stanza]) -> Result<LayerKey> {
+    unwrap_layer_key_by(identities, stanzas).map(|(key, _)| key)
+}
+
+/// Like [`unwrap_layer_key`], also naming the identity that opened it (its [`Identity::label`]).
+pub fn unwrap_layer_key_by(
+    identities: &[&dyn Identity],
+    stanzas: &[Stanza],
+) -> Result<(LayerKey, String)> {
     let mut last_error = None;
     for identity in identities {
         for stanza in stanzas {
             match identity.unwrap(stanza) {
-                Some(Ok(key)) => return Ok(key),
+                Some(Ok(key)) => return Ok((key, identity.label())),
                 Some(Err(e)) => last_error = Some(e),
                 None => {}
             }
@@ -388,7 +498,7 @@ pub fn unwrap_layer_key(identities: &[&dyn Identity], stanzas: &[Stanza]) -> Res
     let join = |ids: Vec<String>| ids.join(", ");
     Err(FormatError::NoMatchingKey {
         tried: join(identities.iter().map(|i| i.label()).collect()),
-        recipients: join(stanzas.iter().map(|s| s.key_id.to_string()).collect()),
+        recipients: join(stanzas.iter().map(Stanza::recipient_label).collect()),
     })
 }
 
@@ -428,5 +538,36 @@ mod tests {
         assert_eq!(public, alice.public());
         assert!(text.parse::<PublicKey>().is_err());
         assert!(!format!("{alice:?}").contains(&text[text.find("PRIV:").unwrap() + 5..]));
+    }
+
+    #[test]
+    fn keyprovider_stanzas_carry_the_provider_and_its_answer() {
+        let stanza = Stanza::for_provider("kms-1", b"opaque answer").unwrap();
+        let decoded = Stanza::decode(&stanza.encode()).unwrap();
+        assert_eq!(decoded, stanza);
+        assert_eq!(decoded.provider(), Some(("kms-1", &b"opaque answer"[..])));
+        assert_eq!(decoded.key_id, provider_key_id("kms-1"));
+        assert_eq!(decoded.recipient_label(), "provider:kms-1");
+
+        // An X25519 identity has nothing to say about it, and the error names the provider.
+        let alice = PrivateKey::generate().unwrap();
+        let err = unwrap_layer_key(&[&alice], &[decoded])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("provider:kms-1"), "{err}");
+
+        for name in ["", "a/b", "x y", &"n".repeat(65)] {
+            assert!(Stanza::for_provider(name, b"x").is_err(), "{name:?}");
+        }
+        assert!(Stanza::for_provider("kms", b"").is_err());
+        assert!(Stanza::for_provider("kms", &vec![7; MAX_PROVIDER_WRAPPED + 1]).is_err());
+
+        // Damaged encodings: a name longer than the body, a key id of another provider.
+        let mut truncated = stanza.clone();
+        truncated.body[0] = 200;
+        assert!(Stanza::decode(&truncated.encode()).is_err());
+        let mut other = stanza.clone();
+        other.key_id = provider_key_id("kms-2");
+        assert!(Stanza::decode(&other.encode()).is_err());
     }
 }
