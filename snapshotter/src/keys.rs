@@ -8,9 +8,45 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fsformat::shares::{self, KeyShare};
-use fsformat::PrivateKey;
+use fsformat::{Identity, PrivateKey};
+
+use crate::keyprovider::Provider;
+
+/// What layer keys can be unwrapped with: private keys first (no call leaves the machine),
+/// then keyproviders, each asked only for a stanza that names it.
+#[derive(Clone, Default)]
+pub struct Identities {
+    /// Private keys.
+    pub keys: Vec<PrivateKey>,
+    /// Keyproviders (a KMS, an attestation agent).
+    pub providers: Vec<Arc<Provider>>,
+}
+
+impl Identities {
+    /// All of them, in the order they are tried.
+    pub fn as_dyn(&self) -> Vec<&dyn Identity> {
+        let keys = self.keys.iter().map(|k| k as &dyn Identity);
+        keys.chain(self.providers.iter().map(|p| &**p as &dyn Identity))
+            .collect()
+    }
+
+    /// Whether there is nothing to unwrap with.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.providers.is_empty()
+    }
+}
+
+impl From<Vec<PrivateKey>> for Identities {
+    fn from(keys: Vec<PrivateKey>) -> Self {
+        Identities {
+            keys,
+            providers: Vec::new(),
+        }
+    }
+}
 
 /// Why the node's keys could not be loaded.
 #[derive(Debug, thiserror::Error)]

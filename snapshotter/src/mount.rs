@@ -6,10 +6,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fsformat::keywrap::unwrap_layer_key;
+use fsformat::keywrap::unwrap_layer_key_by;
 use fsformat::oci::{SealedLayerAnnotations, MEDIA_TYPE_SEALED_LAYER};
 use fsformat::reader::{SealedLayer, UnverifiedTail};
-use fsformat::{FormatError, Identity, LayerKey, PrivateKey};
+use fsformat::{FormatError, LayerKey};
 use oci_spec::image::Descriptor;
 
 use crate::cache::{DiskCache, MemoryCache};
@@ -17,6 +17,7 @@ use crate::fetcher::{FetchConfig, FetchPool, LayerFetcher, PoolConfig};
 use crate::fs::table::{LayerTable, Slot};
 use crate::fs::LayerFs;
 use crate::fuse::session::{FuseSession, SessionConfig};
+use crate::keys::Identities;
 use crate::mount_table;
 pub use crate::mount_table::MountRestrictions;
 use crate::oci_layout::{LayoutError, OciLayout};
@@ -119,13 +120,15 @@ pub struct OpenedLayer {
     pub layer: Arc<SealedLayer>,
     /// Where its chunks come from.
     pub source: Arc<dyn ChunkSource>,
+    /// What unwrapped its key: a key id, or `provider:NAME`.
+    pub opened_by: String,
 }
 
 /// Opens the sealed layer `descriptor` of `layout` with the first identity that can.
 pub fn open_layer(
     layout: &OciLayout,
     descriptor: &Descriptor,
-    identities: &[PrivateKey],
+    identities: &Identities,
 ) -> Result<OpenedLayer, MountError> {
     let path = layout.blob_path(descriptor.digest().as_ref())?;
     let source = LocalBlob::open(&path).map_err(|source| MountError::Io {
@@ -144,8 +147,16 @@ pub fn open_layer(
 /// opening a layer, with no I/O.
 pub fn unwrap_layer(
     descriptor: &Descriptor,
-    identities: &[PrivateKey],
+    identities: &Identities,
 ) -> Result<(SealedLayerAnnotations, LayerKey), MountError> {
+    unwrap_layer_by(descriptor, identities).map(|(facts, key, _)| (facts, key))
+}
+
+/// Like [`unwrap_layer`], also naming what unwrapped the key (a key id or `provider:NAME`).
+pub fn unwrap_layer_by(
+    descriptor: &Descriptor,
+    identities: &Identities,
+) -> Result<(SealedLayerAnnotations, LayerKey, String), MountError> {
     let digest = descriptor.digest().to_string();
     if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
         return Err(MountError::NotSealed {
@@ -159,9 +170,9 @@ pub fn unwrap_layer(
     };
     let annotations = descriptor.annotations().clone().unwrap_or_default();
     let facts = SealedLayerAnnotations::read_from(&annotations).map_err(layer_error)?;
-    let ids: Vec<&dyn Identity> = identities.iter().map(|k| k as &dyn Identity).collect();
-    let key = unwrap_layer_key(&ids, &facts.stanzas).map_err(layer_error)?;
-    Ok((facts, key))
+    let (key, opened_by) =
+        unwrap_layer_key_by(&identities.as_dyn(), &facts.stanzas).map_err(layer_error)?;
+    Ok((facts, key, opened_by))
 }
 
 /// Fetches a sealed layer's tail (index and footer) with one range read and checks it against
@@ -217,7 +228,7 @@ pub fn read_tail(
 pub fn open_sealed_layer(
     descriptor: &Descriptor,
     source: Arc<dyn ChunkSource>,
-    identities: &[PrivateKey],
+    identities: &Identities,
     max_index_bytes: u64,
 ) -> Result<OpenedLayer, MountError> {
     open_sealed_layer_with_tail(descriptor, source, identities, max_index_bytes, None)
@@ -228,11 +239,11 @@ pub fn open_sealed_layer(
 pub fn open_sealed_layer_with_tail(
     descriptor: &Descriptor,
     source: Arc<dyn ChunkSource>,
-    identities: &[PrivateKey],
+    identities: &Identities,
     max_index_bytes: u64,
     fetched: Option<UnverifiedTail>,
 ) -> Result<OpenedLayer, MountError> {
-    let (facts, key) = unwrap_layer(descriptor, identities)?;
+    let (facts, key, opened_by) = unwrap_layer_by(descriptor, identities)?;
     let tail = match fetched {
         Some(tail) => tail,
         None => read_tail(descriptor, &facts, &*source, max_index_bytes)?,
@@ -248,6 +259,7 @@ pub fn open_sealed_layer_with_tail(
         digest,
         layer: Arc::new(layer),
         source,
+        opened_by,
     })
 }
 

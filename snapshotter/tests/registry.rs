@@ -201,7 +201,7 @@ fn layers_mount_lazily_from_a_registry_and_survive_it_going_away() {
     let opened = mount::open_sealed_layer(
         layer,
         Arc::new(client.layer(&image, layer)),
-        std::slice::from_ref(&key),
+        &snapshotter::keys::Identities::from(vec![key.clone()]),
         mount::DEFAULT_MAX_INDEX_BYTES,
     )
     .unwrap();

@@ -62,3 +62,69 @@ pub fn combine_share_dir(dir: &Path) -> Result<PrivateKey> {
     }
     shares::combine(&shares).with_context(|| format!("combining the shares in {}", dir.display()))
 }
+
+/// A recipient of sealed layers: a public key, or a keyprovider.
+pub type AnyRecipient = Box<dyn fsformat::Recipient + Send + Sync>;
+
+const PROVIDER_PREFIX: &str = "provider:";
+
+/// The keyproviders of `$OCICRYPT_KEYPROVIDER_CONFIG`, read once and only if a spec names one.
+fn providers() -> Result<snapshotter::keyprovider::KeyProviders> {
+    use snapshotter::keyprovider::{CallLimits, KeyProviders, CONFIG_ENV};
+    if std::env::var_os(CONFIG_ENV).is_none_or(|v| v.is_empty()) {
+        bail!(
+            "provider: recipients and keys are configured as ocicrypt configures them: set {CONFIG_ENV} to a keyprovider config file ({{\"key-providers\": {{\"NAME\": {{\"cmd\": {{\"path\": ...}}}} | {{\"grpc\": \"HOST:PORT\"}}}}}})"
+        );
+    }
+    Ok(KeyProviders::from_env(CallLimits::default())?)
+}
+
+/// Recipients from `--recipient` values: public key files, or `provider:NAME[:ARGS]` (a
+/// keyprovider of `$OCICRYPT_KEYPROVIDER_CONFIG`, wrapping as ocicrypt's `provider:` does).
+pub fn load_recipients(specs: &[String]) -> Result<Vec<AnyRecipient>> {
+    let mut configured = None;
+    specs
+        .iter()
+        .map(|spec| match spec.strip_prefix(PROVIDER_PREFIX) {
+            Some(provider) => {
+                if configured.is_none() {
+                    configured = Some(providers()?);
+                }
+                let providers = configured.as_ref().expect("loaded above");
+                Ok(Box::new(providers.recipient(provider)?) as AnyRecipient)
+            }
+            None => Ok(Box::new(load_public(Path::new(spec))?) as AnyRecipient),
+        })
+        .collect()
+}
+
+/// What to unwrap layer keys with, from `--key` values: private key files, or `provider:NAME`
+/// (a keyprovider of `$OCICRYPT_KEYPROVIDER_CONFIG`).
+pub fn load_identities(specs: &[String]) -> Result<snapshotter::keys::Identities> {
+    let mut identities = snapshotter::keys::Identities::default();
+    let mut configured = None;
+    for spec in specs {
+        match spec.strip_prefix(PROVIDER_PREFIX) {
+            Some(name) => {
+                if configured.is_none() {
+                    configured = Some(providers()?);
+                }
+                let providers = configured.as_ref().expect("loaded above");
+                identities.providers.push(providers.get(name)?);
+            }
+            None => identities.keys.push(load_private(Path::new(spec))?),
+        }
+    }
+    Ok(identities)
+}
+
+/// How `--recipient` values read to a person: a key id or `provider:NAME`.
+pub fn recipient_label(spec: &str) -> Result<String> {
+    match spec.strip_prefix(PROVIDER_PREFIX) {
+        Some(provider) => Ok(format!(
+            "provider:{}",
+            provider.split(':').next().unwrap_or_default()
+        )),
+        None => Ok(load_public(Path::new(spec))?.key_id().to_string()),
+    }
+}

@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use fsformat::PrivateKey;
 use oci_spec::image::Descriptor;
 use sealfs_tools::image_ref::ImageRef;
 use snapshotter::cache::MemoryCache;
 use snapshotter::credentials;
 use snapshotter::fetcher::FetchConfig;
 use snapshotter::fetcher::FetchPool;
+use snapshotter::keys::Identities;
 use snapshotter::mount::{self, MountOptions, MountRestrictions, MountedLayer, OpenedLayer};
 use snapshotter::mount_table;
 use snapshotter::oci_layout::OciLayout;
@@ -202,12 +202,12 @@ fn parse_source(text: &str) -> Result<Source> {
     })
 }
 
-fn identities(options: &Options) -> Result<Vec<PrivateKey>> {
+fn identities(options: &Options) -> Result<Identities> {
     let mut keys = sealfs_tools::keyfiles::load_privates(&options.keys)?;
     if let Some(dir) = &options.shares {
         keys.push(sealfs_tools::keyfiles::combine_share_dir(dir)?);
     }
-    Ok(keys)
+    Ok(Identities::from(keys))
 }
 
 /// The layers chosen from a manifest, bottom first.
@@ -235,7 +235,7 @@ fn chosen_layers<'a>(
 /// runtime its requests run on, which must live as long as the mount.
 fn open_layers(
     text: &str,
-    identities: &[PrivateKey],
+    identities: &Identities,
     options: &Options,
 ) -> Result<(Vec<OpenedLayer>, Option<tokio::runtime::Runtime>)> {
     let source = parse_source(text)?;

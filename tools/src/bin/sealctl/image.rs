@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,9 +13,11 @@ use fsformat::oci::{
 };
 use fsformat::reader::{BlobSource, SealedLayer};
 use fsformat::writer::{seal_layer, SealOptions};
-use fsformat::{KeyId, LayerKey, PrivateKey, PublicKey, Recipient};
+use fsformat::{KeyId, LayerKey, Stanza};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{Descriptor, ImageManifest, MediaType};
+use sealfs_tools::keyfiles::AnyRecipient;
+use snapshotter::keys::Identities;
 use snapshotter::oci_layout::{descriptor, OciLayout};
 
 use crate::transport::{source_tag, Transport};
@@ -206,17 +207,14 @@ pub fn seal_options(
 
 pub fn seal(
     transport: &Transport,
-    recipient_files: &[PathBuf],
+    recipient_specs: &[String],
     mut options: SealOptions,
     prefetch_list: Option<&std::path::Path>,
     source: &str,
     destination: &str,
     sign: Option<&snapshotter::signature::cosign::SigningKey>,
 ) -> Result<()> {
-    let recipients: Vec<PublicKey> = recipient_files
-        .iter()
-        .map(|p| sealfs_tools::keyfiles::load_public(p))
-        .collect::<Result<_>>()?;
+    let recipients = sealfs_tools::keyfiles::load_recipients(recipient_specs)?;
     if let Some(list) = prefetch_list {
         let text = std::fs::read(list)
             .with_context(|| format!("reading the prefetch list {}", list.display()))?;
@@ -347,7 +345,7 @@ pub(crate) fn seal_one(
     source_layer: &Descriptor,
     input: impl io::Read,
     options: &SealOptions,
-    recipients: &[PublicKey],
+    recipients: &[AnyRecipient],
     which: &str,
 ) -> Result<(Descriptor, fsformat::writer::SealSummary)> {
     let mut output = dst.blob_writer()?;
@@ -357,7 +355,11 @@ pub(crate) fn seal_one(
     let (blob_digest, blob_size) = output.commit()?;
     let mut stanzas = Vec::new();
     for recipient in recipients {
-        stanzas.extend(recipient.wrap(&layer_key)?);
+        stanzas.extend(
+            recipient
+                .wrap(&layer_key)
+                .with_context(|| format!("{which}: wrapping its key"))?,
+        );
     }
     let facts = SealedLayerAnnotations {
         index_digest: summary.tail_digest.clone(),
@@ -418,7 +420,7 @@ fn print_profile(layer: &SealedLayer) {
 /// Unwraps a sealed layer's key with the given identities.
 fn layer_key_for(
     layer: &Descriptor,
-    identities: &[PrivateKey],
+    identities: &Identities,
     which: &str,
 ) -> Result<(SealedLayerAnnotations, LayerKey)> {
     snapshotter::mount::unwrap_layer(layer, identities)
@@ -429,7 +431,7 @@ fn layer_key_for(
 fn open_layer(
     layout: &OciLayout,
     layer: &Descriptor,
-    identities: &[PrivateKey],
+    identities: &Identities,
     which: &str,
 ) -> Result<Arc<SealedLayer>> {
     let opened = snapshotter::mount::open_layer(layout, layer, identities)
@@ -453,11 +455,11 @@ impl BlobSource for ProgressSource<'_> {
 
 pub fn unseal(
     transport: &Transport,
-    key_files: &[PathBuf],
+    key_specs: &[String],
     source: &str,
     destination: &str,
 ) -> Result<()> {
-    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
+    let identities = sealfs_tools::keyfiles::load_identities(key_specs)?;
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
     let destination_layout = transport.open_destination(destination, source_tag(source))?;
@@ -527,8 +529,8 @@ pub fn unseal(
     Ok(())
 }
 
-pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Result<()> {
-    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
+pub fn inspect(transport: &Transport, key_specs: &[String], source: &str) -> Result<()> {
+    let identities = sealfs_tools::keyfiles::load_identities(key_specs)?;
     // Only the index regions are read: a registry image is not pulled.
     let (image, layer_source) = transport.open_for_inspection(source)?;
     let sealed_image = image
@@ -591,7 +593,7 @@ pub fn inspect(transport: &Transport, key_files: &[PathBuf], source: &str) -> Re
             human(layer.size()),
             footer.data_bytes as f64 / layer.size().max(1) as f64
         );
-        let recipients: Vec<String> = facts.stanzas.iter().map(|s| s.key_id.to_string()).collect();
+        let recipients: Vec<String> = facts.stanzas.iter().map(Stanza::recipient_label).collect();
         println!("  recipients   {}", recipients.join(", "));
         if identities.is_empty() {
             continue;
@@ -668,21 +670,27 @@ fn human(bytes: u64) -> String {
 
 pub fn rewrap(
     transport: &Transport,
-    key_files: &[PathBuf],
-    add_files: &[PathBuf],
+    key_specs: &[String],
+    add_specs: &[String],
     remove: &[String],
     source: &str,
     destination: &str,
 ) -> Result<()> {
-    let identities = sealfs_tools::keyfiles::load_privates(key_files)?;
-    let added: Vec<PublicKey> = add_files
+    let identities = sealfs_tools::keyfiles::load_identities(key_specs)?;
+    let added = sealfs_tools::keyfiles::load_recipients(add_specs)?;
+    let added_labels: Vec<String> = add_specs
         .iter()
-        .map(|p| sealfs_tools::keyfiles::load_public(p))
+        .map(|spec| sealfs_tools::keyfiles::recipient_label(spec))
         .collect::<Result<_>>()?;
-    let removed: Vec<KeyId> = remove
+    // Recipients are compared as `sealctl inspect` shows them: key ids, provider:NAME.
+    let removed: Vec<String> = remove
         .iter()
         .map(|id| {
-            id.parse()
+            if id.starts_with("provider:") {
+                return Ok(id.clone());
+            }
+            id.parse::<KeyId>()
+                .map(|id| id.to_string())
                 .with_context(|| format!("--remove-recipient {id}"))
         })
         .collect::<Result<_>>()?;
@@ -707,17 +715,23 @@ pub fn rewrap(
         let (mut facts, layer_key) = layer_key_for(layer, &identities, &which)?;
         // Prove the unwrapped key really opens this layer before handing it to anyone.
         open_layer(src, layer, &identities, &which)?;
-        let present: Vec<KeyId> = facts.stanzas.iter().map(|s| s.key_id).collect();
+        let present: Vec<String> = facts.stanzas.iter().map(Stanza::recipient_label).collect();
         if let Some(missing) = removed.iter().find(|id| !present.contains(id)) {
             bail!(
-                "{which}: key id {missing} is not a recipient (recipients: {})",
+                "{which}: {missing} is not a recipient (recipients: {})",
                 list(&present)
             );
         }
-        facts.stanzas.retain(|s| !removed.contains(&s.key_id));
-        for recipient in &added {
-            if !facts.stanzas.iter().any(|s| s.key_id == recipient.key_id()) {
-                facts.stanzas.extend(recipient.wrap(&layer_key)?);
+        facts
+            .stanzas
+            .retain(|s| !removed.contains(&s.recipient_label()));
+        for (recipient, label) in added.iter().zip(&added_labels) {
+            if !facts.stanzas.iter().any(|s| &s.recipient_label() == label) {
+                facts.stanzas.extend(
+                    recipient
+                        .wrap(&layer_key)
+                        .with_context(|| format!("{which}: wrapping its key for {label}"))?,
+                );
             }
         }
         ensure!(
@@ -738,14 +752,14 @@ pub fn rewrap(
     destination_layout.finish(&manifest)?;
     eprintln!(
         "rewrapped {source} into {destination}: added [{}], removed [{}] (manifest {}; blobs unchanged)",
-        list(&added.iter().map(PublicKey::key_id).collect::<Vec<_>>()),
+        list(&added_labels),
         list(&removed),
         manifest.digest()
     );
     Ok(())
 }
 
-fn list(ids: &[KeyId]) -> String {
+fn list(ids: &[String]) -> String {
     ids.iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()

@@ -55,9 +55,17 @@ enum Command {
     /// Each layer gets a fresh random key, wrapped for every recipient in the layer
     /// descriptor's annotations. The source image is not modified.
     Seal {
-        /// Public key file of a recipient (repeat for several).
-        #[arg(long = "recipient", short = 'r', value_name = "PUB", required = true)]
-        recipients: Vec<PathBuf>,
+        /// A recipient (repeat for several): a public key file, or provider:NAME[:ARGS] for a
+        /// keyprovider (a KMS, an attestation service) of the ocicrypt keyprovider config
+        /// that OCICRYPT_KEYPROVIDER_CONFIG names; ARGS go to the provider as ocicrypt's
+        /// `provider:` recipients pass them.
+        #[arg(
+            long = "recipient",
+            short = 'r',
+            value_name = "PUB|provider:NAME",
+            required = true
+        )]
+        recipients: Vec<String>,
         /// Chunk size in bytes: a power of two from 65536 to 16777216 (suffixes K and M work).
         #[arg(long, value_name = "N", default_value = "1M", value_parser = image::parse_size)]
         chunk_size: u64,
@@ -135,9 +143,15 @@ enum Command {
     },
     /// Turn a sealed image back into a plain OCI image with the same file trees.
     Unseal {
-        /// Private key file that is a recipient of the image (repeat to try several).
-        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
-        keys: Vec<PathBuf>,
+        /// Private key file that is a recipient of the image, or provider:NAME (repeat to try
+        /// several).
+        #[arg(
+            long = "key",
+            short = 'k',
+            value_name = "PRIV|provider:NAME",
+            required = true
+        )]
+        keys: Vec<String>,
         /// Sealed source image.
         source: String,
         /// Plain destination image.
@@ -145,9 +159,10 @@ enum Command {
     },
     /// Show an image's layers, sizes, chunking and recipients; with a key, its files.
     Inspect {
-        /// Private key file; lists each sealed layer's files and checks the key opens it.
-        #[arg(long = "key", short = 'k', value_name = "PRIV")]
-        keys: Vec<PathBuf>,
+        /// Private key file or provider:NAME; lists each sealed layer's files and checks the
+        /// key opens it.
+        #[arg(long = "key", short = 'k', value_name = "PRIV|provider:NAME")]
+        keys: Vec<String>,
         /// The image to inspect.
         source: String,
     },
@@ -157,14 +172,21 @@ enum Command {
     /// recipient that already had the old manifest could unwrap the layer keys then. To revoke
     /// access for real, seal the image again.
     Rewrap {
-        /// A private key that is a current recipient, to unwrap the layer keys.
-        #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
-        keys: Vec<PathBuf>,
-        /// Public key file to add as a recipient (repeatable).
-        #[arg(long = "add-recipient", value_name = "PUB")]
-        add: Vec<PathBuf>,
-        /// Key id (16 hex digits, as `sealctl inspect` shows) to remove (repeatable).
-        #[arg(long = "remove-recipient", value_name = "KEYID")]
+        /// A current recipient that can unwrap the layer keys: a private key file or
+        /// provider:NAME.
+        #[arg(
+            long = "key",
+            short = 'k',
+            value_name = "PRIV|provider:NAME",
+            required = true
+        )]
+        keys: Vec<String>,
+        /// A recipient to add (repeatable): a public key file or provider:NAME[:ARGS].
+        #[arg(long = "add-recipient", value_name = "PUB|provider:NAME")]
+        add: Vec<String>,
+        /// A recipient to remove (repeatable): its key id (16 hex digits, as `sealctl inspect`
+        /// shows) or provider:NAME.
+        #[arg(long = "remove-recipient", value_name = "KEYID|provider:NAME")]
         remove: Vec<String>,
         /// Source image.
         source: String,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use fsformat::writer::SealOptions;
-use fsformat::PublicKey;
+use sealfs_tools::keyfiles::AnyRecipient;
 use snapshotter::cache::MemoryCache;
 use snapshotter::fetcher::{FetchConfig, FetchPool};
 use snapshotter::mount::{self, MountOptions, MountedLayer, OpenedLayer};
@@ -28,13 +28,19 @@ use crate::transport::{source_tag, Transport};
 /// What `sealctl optimize` was asked, besides SRC and DST.
 #[derive(clap::Args)]
 pub struct OptimizeOptions {
-    /// Private key file that is a recipient of SRC (repeat to try several).
-    #[arg(long = "key", short = 'k', value_name = "PRIV", required = true)]
-    pub keys: Vec<PathBuf>,
-    /// Public key file of a recipient of DST (repeatable) [default: the public key of the
-    /// first --key].
-    #[arg(long = "recipient", short = 'r', value_name = "PUB")]
-    pub recipients: Vec<PathBuf>,
+    /// A recipient of SRC that opens it: a private key file or provider:NAME (repeat to try
+    /// several).
+    #[arg(
+        long = "key",
+        short = 'k',
+        value_name = "PRIV|provider:NAME",
+        required = true
+    )]
+    pub keys: Vec<String>,
+    /// A recipient of DST (repeatable): a public key file or provider:NAME[:ARGS] [default:
+    /// the first --key's public key, or its provider].
+    #[arg(long = "recipient", short = 'r', value_name = "PUB|provider:NAME")]
+    pub recipients: Vec<String>,
     /// Stop recording after this long (the container is killed), e.g. 30s, 2m.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -274,16 +280,18 @@ pub fn optimize(
     source: &str,
     destination: &str,
 ) -> Result<()> {
-    let identities = sealfs_tools::keyfiles::load_privates(&options.keys)?;
-    let recipients: Vec<PublicKey> = if options.recipients.is_empty() {
-        eprintln!("no --recipient: sealing for the public key of the first --key");
-        vec![identities[0].public()]
+    let identities = sealfs_tools::keyfiles::load_identities(&options.keys)?;
+    let recipients: Vec<AnyRecipient> = if options.recipients.is_empty() {
+        let first = &options.keys[0];
+        if first.starts_with("provider:") {
+            eprintln!("no --recipient: sealing for {first}, the first --key");
+            sealfs_tools::keyfiles::load_recipients(std::slice::from_ref(first))?
+        } else {
+            eprintln!("no --recipient: sealing for the public key of the first --key");
+            vec![Box::new(identities.keys[0].public())]
+        }
     } else {
-        options
-            .recipients
-            .iter()
-            .map(|p| sealfs_tools::keyfiles::load_public(p))
-            .collect::<Result<_>>()?
+        sealfs_tools::keyfiles::load_recipients(&options.recipients)?
     };
     let source_image = transport.open_source(source)?;
     let (src, image) = (&source_image.layout, &source_image.image);
@@ -363,7 +371,7 @@ fn reseal(
     opened: &OpenedLayer,
     layer: &oci_spec::image::Descriptor,
     options: &SealOptions,
-    recipients: &[PublicKey],
+    recipients: &[AnyRecipient],
     which: &str,
 ) -> Result<(oci_spec::image::Descriptor, fsformat::writer::SealSummary)> {
     let blob = src.open_blob(layer.digest().as_ref())?;
