@@ -41,6 +41,48 @@ pub struct Config {
     pub cri: CriSection,
     /// Which images must be signed, by whom (cosign).
     pub signatures: SignaturesSection,
+    /// Keyproviders (ocicrypt's protocol: a KMS, an attestation agent) that unwrap layer keys.
+    pub keyproviders: KeyProvidersSection,
+    /// Which workloads (containerd namespace, image scope) each key may open layers for.
+    pub key_access: Vec<KeyAccessEntry>,
+}
+
+/// `[keyproviders]`: unwrapping layer keys through ocicrypt's keyprovider protocol when no
+/// private key in `keys_dir` fits (see docs/kubernetes.md).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyProvidersSection {
+    /// ocicrypt's keyprovider configuration (JSON, `{"key-providers": {...}}`); empty:
+    /// `$OCICRYPT_KEYPROVIDER_CONFIG` if set, else no providers.
+    pub config: PathBuf,
+    /// Deadline of one provider call, its retries included (seconds).
+    pub timeout_secs: u64,
+    /// Further attempts when a gRPC provider cannot be reached.
+    pub retries: u32,
+}
+
+impl Default for KeyProvidersSection {
+    fn default() -> Self {
+        let limits = crate::keyprovider::CallLimits::default();
+        KeyProvidersSection {
+            config: PathBuf::new(),
+            timeout_secs: limits.timeout.as_secs(),
+            retries: limits.retries,
+        }
+    }
+}
+
+/// `[[key_access]]`: a key that opens layers only for some workloads.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyAccessEntry {
+    /// A private key's id (16 hex digits) or `provider:NAME`.
+    pub key: String,
+    /// containerd namespaces (`"*"`: any).
+    pub namespaces: Vec<String>,
+    /// Image scopes (`HOST`, `HOST/NAMESPACE`, `HOST/REPO`); empty: any image.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// `[signatures]`: the images whose sealed layers may be opened only if a trusted key signed
@@ -181,6 +223,8 @@ impl Default for Config {
             registry: RegistrySection::default(),
             cri: CriSection::default(),
             signatures: SignaturesSection::default(),
+            keyproviders: KeyProvidersSection::default(),
+            key_access: Vec::new(),
         }
     }
 }
@@ -282,6 +326,10 @@ impl Config {
                 config.registry.request_timeout_secs,
             ),
             ("cache.memory_mib", config.cache.memory_mib),
+            (
+                "keyproviders.timeout_secs",
+                config.keyproviders.timeout_secs,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be at least 1"));
@@ -327,6 +375,37 @@ impl Config {
         let mut policy = SignaturePolicy::new(rules, default);
         policy.unsealed = section.unsealed;
         Ok(policy)
+    }
+
+    /// The keyproviders: the configured file (or `$OCICRYPT_KEYPROVIDER_CONFIG`) read and
+    /// checked at start.
+    pub fn keyproviders(&self) -> Result<crate::keyprovider::KeyProviders, String> {
+        use crate::keyprovider::{CallLimits, KeyProviders};
+        let section = &self.keyproviders;
+        let limits = CallLimits {
+            timeout: Duration::from_secs(section.timeout_secs),
+            retries: section.retries,
+        };
+        let loaded = if section.config.as_os_str().is_empty() {
+            KeyProviders::from_env(limits)
+        } else {
+            KeyProviders::load(&section.config, limits)
+        };
+        loaded.map_err(|e| format!("keyproviders: {e}"))
+    }
+
+    /// The key access rules, checked.
+    pub fn key_access(&self) -> Result<crate::key_access::KeyAccess, String> {
+        crate::key_access::KeyAccess::new(
+            self.key_access
+                .iter()
+                .map(|entry| crate::key_access::AccessRule {
+                    key: entry.key.clone(),
+                    namespaces: entry.namespaces.clone(),
+                    images: entry.images.clone(),
+                })
+                .collect(),
+        )
     }
 
     /// Where the node's FUSE session is mounted, every layer a directory in it.
@@ -375,8 +454,11 @@ impl Config {
                 restrictions: crate::mount::MountRestrictions::default(),
             },
             profile_wait: Duration::from_millis(fetch.profile_wait_ms),
-            // Set by the daemon from `signature_policy()`, which reads key files and can fail.
+            // Set by the daemon from `signature_policy()`, `keyproviders()` and `key_access()`,
+            // which read files and can fail.
             signatures: Default::default(),
+            providers: Default::default(),
+            key_access: Default::default(),
             session_dir: self.session_dir(),
             keeping: Some(SessionKeeping {
                 keeper: crate::session_keeper::Keeper::in_root(&self.root),
@@ -466,5 +548,36 @@ mod tests {
         );
         let error = Config::parse("socket = \"relative.sock\"\n").unwrap_err();
         assert!(error.contains("absolute"), "{error}");
+    }
+
+    #[test]
+    fn keyproviders_and_key_access_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let providers = dir.path().join("providers.json");
+        std::fs::write(
+            &providers,
+            r#"{"key-providers": {"kms": {"grpc": "127.0.0.1:50000"}}}"#,
+        )
+        .unwrap();
+        let config = Config::parse(&format!(
+            "[keyproviders]\nconfig = \"{}\"\ntimeout_secs = 5\n\n\
+             [[key_access]]\nkey = \"provider:kms\"\nnamespaces = [\"k8s.io\"]\n",
+            providers.display()
+        ))
+        .unwrap();
+        assert_eq!(config.keyproviders().unwrap().names(), ["kms"]);
+        assert!(config.key_access().unwrap().restricts("provider:kms"));
+
+        let missing = Config::parse("[keyproviders]\nconfig = \"/nonexistent/p.json\"\n").unwrap();
+        let error = missing.keyproviders().unwrap_err();
+        assert!(error.contains("/nonexistent/p.json"), "{error}");
+        let bad_rule =
+            Config::parse("[[key_access]]\nkey = \"kms\"\nnamespaces = [\"a\"]\n").unwrap();
+        let error = bad_rule.key_access().unwrap_err();
+        assert!(error.contains("provider:NAME"), "{error}");
+        let error = Config::parse("[[key_access]]\nkey = \"provider:kms\"\n").unwrap_err();
+        assert!(error.contains("namespaces"), "{error}");
+        let error = Config::parse("[keyproviders]\ntimeout_secs = 0\n").unwrap_err();
+        assert!(error.contains("keyproviders.timeout_secs"), "{error}");
     }
 }

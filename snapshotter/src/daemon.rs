@@ -60,6 +60,12 @@ pub enum DaemonError {
     /// The signature policy cannot be used (a key file unreadable, `require` without keys).
     #[error("{0}")]
     SignaturePolicy(String),
+    /// The keyprovider configuration cannot be read or is not ocicrypt's.
+    #[error("{0}")]
+    KeyProviders(String),
+    /// A `[[key_access]]` rule cannot be meant.
+    #[error("{0}")]
+    KeyAccess(String),
     /// The metrics address does not parse.
     #[error("metrics_address {0:?} is not HOST:PORT")]
     MetricsAddress(String),
@@ -159,6 +165,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             .signature_policy()
             .map_err(DaemonError::SignaturePolicy)?,
     );
+    remote_config.providers = config.keyproviders().map_err(DaemonError::KeyProviders)?;
+    remote_config.key_access = Arc::new(config.key_access().map_err(DaemonError::KeyAccess)?);
     remote_config.registry.pull_credentials = Some(pull_credentials.clone());
     let remote = RemoteLayers::new(remote_config, runtime.handle().clone(), memory);
     let node = Arc::new(Node::new(store, remote));

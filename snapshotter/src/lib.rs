@@ -27,7 +27,9 @@
 //! unmounts), [`mount`] (open a sealed layer: unwrap its key, verify its tail, build its fs;
 //! mount an image), [`registry`] with [`credentials`] and [`hosts`], [`snapshot`]
 //! (containerd's snapshot model on overlayfs, state in redb), [`filters`] (containerd's filter
-//! syntax for Walk), [`keys`] (the node's keys), [`remote`] (sealed layers named by
+//! syntax for Walk), [`keys`] (the node's keys) with [`keyprovider`] (layer keys a KMS or an
+//! attestation agent wraps, ocicrypt's protocol) and [`key_access`] (which containerd namespace
+//! and image each key may open layers for, by [`image_scope`]), [`remote`] (sealed layers named by
 //! containerd's labels, mounted as directories of the node's session; their tails fetched
 //! ahead by [`tails_ahead`]), [`node_session`] (that one FUSE session, whose descriptor
 //! [`session_keeper`] holds so that a restarted daemon resumes it and running containers keep
@@ -52,6 +54,9 @@ pub mod fuse;
 pub mod grpc;
 pub mod hardening;
 pub mod hosts;
+pub mod image_scope;
+pub mod key_access;
+pub mod keyprovider;
 pub mod keys;
 pub mod metrics;
 pub mod mount;

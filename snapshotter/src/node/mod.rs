@@ -129,7 +129,7 @@ impl Node {
         }
         let source = Self::parse_source(text)?;
         let mountpoint = self.store.content_dir(snapshot.id);
-        let layer = self
+        let (layer, _) = self
             .remote
             .mount(
                 &source,
@@ -173,7 +173,7 @@ impl Node {
         tracing::debug!(key, ?parent, ?labels, "prepare");
         if let Some(request) = LayerRequest::from_labels(&labels) {
             let target = labels[remote::TARGET_LABEL].clone();
-            match self.prepare_remote(&target, parent, &labels, &request) {
+            match self.prepare_remote(&target, parent, &labels, &request, namespace_of(key)) {
                 Ok(true) => return Err(NodeError::RemoteLayerReady { target }),
                 Ok(false) => {} // not sealed after all: containerd unpacks it
                 Err(error) => {
@@ -316,6 +316,16 @@ impl Node {
         for (_, mut layer) in self.mounted.lock().expect("mounted lock").drain() {
             layer.keep_for_restart();
         }
+    }
+}
+
+/// The containerd namespace of a snapshot key: containerd's metadata store names the keys it
+/// sends a snapshotter `NAMESPACE/ID/KEY`; a key without that shape (a direct gRPC client)
+/// has none.
+fn namespace_of(key: &str) -> &str {
+    match key.split('/').collect::<Vec<_>>().as_slice() {
+        [namespace, id, _, ..] if !namespace.is_empty() && id.parse::<u64>().is_ok() => namespace,
+        _ => "",
     }
 }
 

@@ -14,14 +14,15 @@ use crate::snapshot::SnapshotError;
 use super::Node;
 
 impl Node {
-    /// Mounts the requested sealed layer and records it as `target`. `Ok(false)`: the layer
-    /// is not sealed.
+    /// Mounts the requested sealed layer for containerd namespace `namespace` and records it
+    /// as `target`. `Ok(false)`: the layer is not sealed.
     pub(super) fn prepare_remote(
         &self,
         target: &str,
         parent: Option<&str>,
         labels: &HashMap<String, String>,
         request: &LayerRequest,
+        namespace: &str,
     ) -> Result<bool, RemoteError> {
         let _preparing =
             self.preparing
@@ -31,16 +32,21 @@ impl Node {
                     waited: PREPARE_WAIT,
                 })?;
         if self.store.stat(target).is_ok() {
+            // Mounted already, perhaps for another namespace: containerd links it into the
+            // asking namespace on `AlreadyExists`, so the key access rules are checked here.
+            self.check_shared_access(target, parent, request, namespace)
+                .inspect_err(|_| self.count_failure())?;
             return Ok(true);
         }
         let started = std::time::Instant::now();
-        let Some(source) = self
+        let Some(mut source) = self
             .remote
             .resolve(request)
             .inspect_err(|_| self.count_failure())?
         else {
             return Ok(false);
         };
+        source.namespace = namespace.to_string();
         // Before any key is unwrapped or anything mounted: the snapshot identity containerd
         // asks for must be the one the sealed content has.
         self.check_chain_id(target, parent, request, &source)
@@ -53,7 +59,10 @@ impl Node {
             .remote
             .mount(&source, &mountpoint, id, &self.cache_dir(id))
         {
-            Ok(mounted) => mounted,
+            Ok((mounted, opened_by)) => {
+                source.opened_by = opened_by;
+                mounted
+            }
             Err(error) => {
                 self.count_failure();
                 let _ = std::fs::remove_dir_all(mountpoint.parent().expect("snapshot dir"));
@@ -142,6 +151,57 @@ impl Node {
             });
         }
         Ok(())
+    }
+
+    /// Lets `namespace` have the mounted remote snapshot `target` only if the key that opened
+    /// it may be used for the image the Prepare names, and that image really has the layer
+    /// (its manifest is resolved and the chain id checked, as for a fresh mount): naming an
+    /// allowed image cannot borrow a layer of another.
+    fn check_shared_access(
+        &self,
+        target: &str,
+        parent: Option<&str>,
+        request: &LayerRequest,
+        namespace: &str,
+    ) -> Result<(), RemoteError> {
+        let Some(recorded) = self.remote_source_of(target) else {
+            return Ok(());
+        };
+        let key = recorded.opened_by.as_str();
+        if key.is_empty() || !self.remote.key_restricted(key) {
+            return Ok(());
+        }
+        let Some(source) = self.remote.resolve(request)? else {
+            return Ok(());
+        };
+        self.check_chain_id(target, parent, request, &source)?;
+        let reference = crate::registry::Registry::parse(&source.reference).map_err(|error| {
+            RemoteError::Registry {
+                image: request.image.clone(),
+                layer: request.layer.clone(),
+                source: Box::new(error),
+            }
+        })?;
+        let repository = crate::image_scope::repository_of(&reference);
+        let workload = crate::key_access::Workload {
+            namespace,
+            repository: &repository,
+        };
+        if self.remote.key_allowed(key, workload) {
+            return Ok(());
+        }
+        Err(RemoteError::KeyNotAuthorised {
+            image: request.image.clone(),
+            layer: request.layer.clone(),
+            keys: key.to_string(),
+            workload: workload.to_string(),
+        })
+    }
+
+    /// What remote snapshot `name` was mounted from; `None` if it is not a remote snapshot.
+    fn remote_source_of(&self, name: &str) -> Option<RemoteLayerSource> {
+        let snapshot = self.store.ancestors(Some(name)).ok()?.into_iter().next()?;
+        Self::parse_source(snapshot.remote.as_ref()?).ok()
     }
 
     /// The chain id of committed snapshot `name`: containerd names the layer snapshots it

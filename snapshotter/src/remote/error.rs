@@ -11,6 +11,18 @@ use super::TARGET_LABEL;
 /// Why a remote layer could not be mounted. Messages name the layer and image; never a key.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
+    /// The layer is sealed for keys this workload may not use (`[[key_access]]`).
+    #[error("layer {layer} of {image}: it is sealed for {keys}, which the node's [[key_access]] rules do not allow for {workload}")]
+    KeyNotAuthorised {
+        /// The image.
+        image: String,
+        /// The layer.
+        layer: String,
+        /// The keys (key ids or `provider:NAME`) that would open it.
+        keys: String,
+        /// The containerd namespace and image repository that asked.
+        workload: String,
+    },
     /// The image reference does not parse, or the registry failed.
     #[error("layer {layer} of {image}")]
     Registry {

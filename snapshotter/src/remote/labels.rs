@@ -98,6 +98,13 @@ pub struct RemoteLayerSource {
     pub reference: String,
     /// The layer's descriptor from that manifest (media type, size, sealed annotations).
     pub descriptor: Descriptor,
+    /// The containerd namespace whose Prepare mounted it (empty: none was given); a remount
+    /// is held to the key access rules for it.
+    #[serde(default)]
+    pub namespace: String,
+    /// What unwrapped its key (a key id or `provider:NAME`); empty until it is mounted.
+    #[serde(default)]
+    pub opened_by: String,
 }
 
 impl RemoteLayerSource {

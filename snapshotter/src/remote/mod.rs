@@ -20,7 +20,9 @@ use tokio::runtime::Handle;
 use crate::cache::MemoryCache;
 use crate::fetcher::FetchPool;
 use crate::fs::table::Slot;
-use crate::keys;
+use crate::key_access::{KeyAccess, Workload};
+use crate::keyprovider::KeyProviders;
+use crate::keys::{self, Identities};
 use crate::mount::{self, MountError, MountOptions, MountedLayer};
 use crate::node_session::{NodeSession, SessionKeeping};
 use crate::registry::{Registry, RegistryError, RegistryOptions, RemoteManifest};
@@ -58,6 +60,10 @@ pub struct RemoteConfig {
     pub keeping: Option<SessionKeeping>,
     /// Which images must be signed, by whom.
     pub signatures: Arc<SignaturePolicy>,
+    /// Keyproviders asked when no private key fits.
+    pub providers: KeyProviders,
+    /// Which workloads each key may open layers for.
+    pub key_access: Arc<KeyAccess>,
 }
 
 /// How long an image whose signature verified is taken as verified for its other layers and
@@ -262,6 +268,8 @@ impl RemoteLayers {
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
+            namespace: String::new(),
+            opened_by: String::new(),
         }))
     }
 
@@ -383,15 +391,76 @@ impl RemoteLayers {
         self.tails.schedule(jobs);
     }
 
-    /// Opens the layer with the node's keys and mounts it at `mountpoint`; `cache_key` tells
-    /// its chunks apart in the shared memory cache, `cache_dir` holds its sealed chunks.
+    /// Whether `workload` may use `key` (a key id or `provider:NAME`) under the node's key
+    /// access rules.
+    pub fn key_allowed(&self, key: &str, workload: Workload<'_>) -> bool {
+        self.config.key_access.allows(key, workload)
+    }
+
+    /// Whether key access rules name `key`.
+    pub fn key_restricted(&self, key: &str) -> bool {
+        self.config.key_access.restricts(key)
+    }
+
+    /// The keys `source`'s workload may unwrap its layer key with: the node's private keys,
+    /// then its keyproviders, as far as the key access rules let that workload use them.
+    fn identities_for(&self, source: &RemoteLayerSource) -> Result<Identities, RemoteError> {
+        let all = Identities {
+            keys: keys::load_key_dir(&self.config.keys_dir)?,
+            providers: self.config.providers.all().cloned().collect(),
+        };
+        let reference =
+            Registry::parse(&source.reference).map_err(|error| RemoteError::Registry {
+                image: source.reference.clone(),
+                layer: source.digest(),
+                source: Box::new(error),
+            })?;
+        let repository = crate::image_scope::repository_of(&reference);
+        let workload = Workload {
+            namespace: &source.namespace,
+            repository: &repository,
+        };
+        let (allowed, denied) = self.config.key_access.filter(&all, workload);
+        // A layer only denied keys could open is refused as such, rather than with "no key
+        // opens this layer": the operator must see that a rule, not a missing key, stops it.
+        let facts = SealedLayerAnnotations::read_from(
+            &source.descriptor.annotations().clone().unwrap_or_default(),
+        );
+        if let Ok(facts) = facts {
+            let recipients: Vec<String> =
+                facts.stanzas.iter().map(|s| s.recipient_label()).collect();
+            let opens = |label: &String| recipients.contains(label);
+            let allowed_opens = allowed
+                .as_dyn()
+                .iter()
+                .any(|identity| opens(&identity.label()));
+            let denied_open: Vec<&String> = denied.iter().filter(|label| opens(label)).collect();
+            if !allowed_opens && !denied_open.is_empty() {
+                return Err(RemoteError::KeyNotAuthorised {
+                    image: source.reference.clone(),
+                    layer: source.digest(),
+                    keys: denied_open
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    workload: workload.to_string(),
+                });
+            }
+        }
+        Ok(allowed)
+    }
+
+    /// Opens the layer with the keys its workload may use and mounts it at `mountpoint`;
+    /// `cache_key` tells its chunks apart in the shared memory cache, `cache_dir` holds its
+    /// sealed chunks. Also says what unwrapped the layer key.
     pub fn mount(
         &self,
         source: &RemoteLayerSource,
         mountpoint: &Path,
         cache_key: u64,
         cache_dir: &Path,
-    ) -> Result<MountedLayer, RemoteError> {
+    ) -> Result<(MountedLayer, String), RemoteError> {
         let layer = source.digest();
         let mount_error = |error: MountError| RemoteError::Mount {
             image: source.reference.clone(),
@@ -409,7 +478,7 @@ impl RemoteLayers {
                 source: std::io::Error::other("too many snapshots"),
             })
         })?;
-        let identities = keys::load_key_dir(&self.config.keys_dir)?;
+        let identities = self.identities_for(source)?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
@@ -437,7 +506,9 @@ impl RemoteLayers {
         )
         .map_err(mount_error)?;
         let session = self.session.get_or_mount().map_err(mount_error)?;
-        MountedLayer::add_bound_at(&session, fs, slot, mountpoint).map_err(mount_error)
+        let mounted =
+            MountedLayer::add_bound_at(&session, fs, slot, mountpoint).map_err(mount_error)?;
+        Ok((mounted, opened.opened_by.clone()))
     }
 
     /// The layer's tail: the copy kept beside its disk cache (so a restart reopens the layer

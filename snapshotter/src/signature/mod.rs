@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use oci_client::Reference;
 
+pub use crate::image_scope::repository_of;
+use crate::image_scope::scope_matches;
 use crate::registry::{Registry, RegistryError};
 use cosign::{FoundSignature, Refusal, TrustedKey};
 
@@ -69,12 +71,7 @@ impl SignaturePolicy {
     pub fn for_repository(&self, repository: &str) -> (&str, &Requirement) {
         self.rules
             .iter()
-            .find(|(scope, _)| {
-                repository == scope
-                    || repository
-                        .strip_prefix(scope.as_str())
-                        .is_some_and(|rest| rest.starts_with('/'))
-            })
+            .find(|(scope, _)| scope_matches(scope, repository))
             .map(|(scope, requirement)| (scope.as_str(), requirement))
             .unwrap_or(("default", &self.default))
     }
@@ -90,11 +87,6 @@ pub enum SignatureError {
     /// image is refused, as one without a signature would be.
     #[error("its signature could not be fetched")]
     Registry(#[source] Box<RegistryError>),
-}
-
-/// The repository of `reference` as the policy and cosign's payload name it: `HOST/REPO`.
-pub fn repository_of(reference: &Reference) -> String {
-    format!("{}/{}", reference.registry(), reference.repository())
 }
 
 /// The signatures of the manifest `digest` in the repository of `image`: the payloads and

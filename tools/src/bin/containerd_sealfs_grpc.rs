@@ -82,8 +82,14 @@ fn main() -> ExitCode {
         }
     };
     if cli.print_config {
-        // Keys named by the signature policy are read now, as the daemon would at start.
-        if let Err(error) = config.signature_policy() {
+        // Files the configuration names (signature keys, the keyprovider config) are read
+        // now, and key access rules checked, as the daemon would at start.
+        let checked = config
+            .signature_policy()
+            .map(drop)
+            .and_then(|()| config.keyproviders().map(drop))
+            .and_then(|()| config.key_access().map(drop));
+        if let Err(error) = checked {
             eprintln!("containerd-sealfs-grpc: {error}");
             return ExitCode::from(2);
         }
