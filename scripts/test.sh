@@ -22,7 +22,7 @@ cargo test --workspace
 # version-3 config with the snippet operators install.
 containerd2="$here/target/debian/containerd2/usr/bin"
 echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
-PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test signatures --test cri
+PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test signatures --test cri --test keyproviders
 
 # containerd's own snapshotter conformance suites against containerd-sealfs-grpc, through
 # containerd's proxy snapshotter client (Go in GOPATH mode on Debian's packaged sources, no
@@ -52,7 +52,7 @@ export RUSTC_BOOTSTRAP=1
   seeds=$(mktemp -d)
   printf 'hello\n' > "$seeds/hello"
   tar -C "$seeds" -cf "$seeds/seed.tar" hello
-  for target in tail index seal_tar; do
+  for target in tail index seal_tar stanza; do
     mkdir -p "fuzz/corpus/$target"
     # The sealer starts from a good tar and from every negative vector (tests/vectors).
     [ "$target" = seal_tar ] && cp "$seeds/seed.tar" tests/vectors/*.tar fuzz/corpus/seal_tar/

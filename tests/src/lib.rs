@@ -2,6 +2,7 @@
 //! tests against containerd, the registry and FUSE that will live in `tests/tests/`).
 
 pub mod containerd;
+pub mod keyprovider;
 pub mod log_watch;
 pub mod registry;
 pub mod sealfs;

@@ -52,6 +52,19 @@ impl Node {
         Self::start_with(binary, work, extra_config, Containerd::start_with_sealfs)
     }
 
+    /// [`Node::start`] with a config that names the registry (`HOST:PORT`, known only once
+    /// it runs).
+    pub fn start_naming_registry(work: &Path, extra_config: impl FnOnce(&str) -> String) -> Self {
+        let (keys, registry) = Self::keys_and_registry(work);
+        let daemon = SealfsDaemon::start(DAEMON, work, &keys, &extra_config(&registry.host));
+        let containerd = Containerd::start_with_sealfs(&daemon.socket);
+        Node {
+            containerd,
+            daemon,
+            registry,
+        }
+    }
+
     fn start_with(
         binary: &Path,
         work: &Path,
@@ -69,11 +82,16 @@ impl Node {
     }
 
     pub fn pull(&self, reference: &str) -> std::process::Output {
+        self.pull_in("sealfs-test", reference)
+    }
+
+    /// `sealctl pull` into containerd namespace `namespace`.
+    pub fn pull_in(&self, namespace: &str, reference: &str) -> std::process::Output {
         Command::new(SEALCTL)
             .arg("pull")
             .arg("--address")
             .arg(&self.containerd.socket)
-            .args(["--namespace", "sealfs-test", reference])
+            .args(["--namespace", namespace, reference])
             .output()
             .unwrap()
     }
