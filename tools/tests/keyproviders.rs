@@ -422,6 +422,27 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
         &["keyprovider kms-slow", "no answer within 3s"],
     );
 
+    // A restarted daemon opens its mounted layers again through the provider (the unwrapped
+    // keys were in memory only), and the image runs.
+    let unwraps = |log: &Path| {
+        fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter(|l| *l == "cmd keyunwrap kms=Enabled")
+            .count()
+    };
+    let before = unwraps(&log);
+    let mut node = node;
+    node.daemon.signal("TERM");
+    node.daemon.restart(&node.containerd);
+    assert!(node
+        .run(&over_cmd, "cmd-after-restart", &[])
+        .contains(GREETING));
+    assert!(
+        unwraps(&log) > before,
+        "the restart did not ask the provider"
+    );
+
     // Nothing of a key reached the daemon's log.
     let daemon_log = node.daemon.log();
     assert!(!daemon_log.contains("optsdata"), "{daemon_log}");
