@@ -107,11 +107,22 @@ impl Containerd {
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         let version = if major_version() >= 2 { 3 } else { 2 };
+        // containerd 2.x serves NRI on one fixed socket (/var/run/nri/nri.sock) by default:
+        // two test containerds started at once would fight over it, and the loser's CRI
+        // plugin stops it. Each gets its own.
+        let nri = if version == 3 {
+            format!(
+                "[plugins.\"io.containerd.nri.v1.nri\"]\n  socket_path = \"{}\"\n",
+                dir.path().join("nri.sock").display()
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &config,
             format!(
                 "version = {version}\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{cri}{extra}",
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n{cri}{extra}\n{nri}",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
                 sock = socket.display(),
