@@ -156,6 +156,22 @@ impl DockerRegistry {
     }
 
     /// The requests this registry has answered so far, from its access log (JSON lines).
+    /// How many GETs of URIs `uri` accepts it has refused for want of credentials or a token
+    /// (distribution logs those as an authorization error, not as a completed response).
+    pub fn gets_refused_for_want_of_credentials(&self, uri: impl Fn(&str) -> bool) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| {
+                entry["http.request.method"] == "GET"
+                    && entry["msg"]
+                        .as_str()
+                        .is_some_and(|msg| msg.starts_with("error authorizing context"))
+                    && entry["http.request.uri"].as_str().is_some_and(&uri)
+            })
+            .count()
+    }
+
     fn answered(&self) -> Vec<serde_json::Value> {
         let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
         log.lines()

@@ -33,6 +33,16 @@ pub struct TokenIssuer {
 impl TokenIssuer {
     /// Starts an issuer that accepts `user`/`password`, with its key material in `dir`.
     pub fn start(dir: &Path, user: &str, password: &str) -> Self {
+        Self::start_with(dir, Some((user, password)))
+    }
+
+    /// Starts an issuer that hands tokens to anyone, as Docker Hub does for public
+    /// repositories: a client without credentials is still challenged and must fetch one.
+    pub fn start_anonymous(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    fn start_with(dir: &Path, credentials: Option<(&str, &str)>) -> Self {
         let (key_pem, cert_pem) = (dir.join("token.key"), dir.join("token.crt"));
         let (key_der, cert_der) = (dir.join("token.key.der"), dir.join("token.crt.der"));
         // ring makes the key (it reads back only its own PKCS#8 encoding); openssl makes the
@@ -79,7 +89,9 @@ impl TokenIssuer {
         let x5c = STANDARD.encode(std::fs::read(&cert_der).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let realm = format!("http://{}/token", listener.local_addr().unwrap());
-        let expected = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
+        let expected = credentials.map(|(user, password)| {
+            format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         listener.set_nonblocking(false).unwrap();
@@ -111,7 +123,10 @@ impl TokenIssuer {
                     .nth(1)
                     .unwrap_or_default()
                     .to_string();
-                let response = if authorization.as_deref() != Some(expected.as_str()) {
+                let refused = expected
+                    .as_deref()
+                    .is_some_and(|expected| authorization.as_deref() != Some(expected));
+                let response = if refused {
                     "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nWWW-Authenticate: Basic realm=\"token\"\r\n\r\n".to_string()
                 } else {
                     let token = sign(&key, &rng, &x5c, &target);

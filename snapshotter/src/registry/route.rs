@@ -43,9 +43,9 @@ pub(super) struct Route {
 /// What an endpoint asks of a client with no credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Access {
-    /// Not probed yet (or it refused an unauthenticated read since).
+    /// No read has told yet.
     Unknown,
-    /// No authentication: `GET /v2/` answered without a challenge.
+    /// No authentication: a read without credentials was answered.
     Open,
     /// It challenges; the client's token cache holds what it handed out.
     Guarded,
@@ -121,40 +121,45 @@ impl Route {
         }
     }
 
-    /// The client for a blob read with no credentials: the probe-free one when the endpoint is
-    /// known to ask for none. Probes the endpoint once (one `GET /v2/`, which also caches any
-    /// anonymous token in `client`) to find out.
-    async fn client_for_anonymous_read(&self, client: &Client, target: &Reference) -> Client {
-        let known = *self.access.lock().expect("route lock");
-        let access = match known {
-            Access::Unknown => {
-                match client
-                    .auth(
-                        target,
-                        &RegistryAuth::Anonymous,
-                        oci_client::RegistryOperation::Pull,
-                    )
-                    .await
-                {
-                    Ok(None) => Access::Open,
-                    Ok(Some(_)) => Access::Guarded,
-                    // Not known yet: the request itself will say what is wrong.
-                    Err(_) => Access::Unknown,
-                }
-            }
-            known => known,
-        };
-        *self.access.lock().expect("route lock") = access;
-        match access {
-            Access::Open => self.open_client.clone(),
-            Access::Unknown | Access::Guarded => client.clone(),
-        }
+    /// What the endpoint asks of a client with no credentials, as far as reads have told.
+    fn access(&self) -> Access {
+        *self.access.lock().expect("route lock")
     }
 
-    /// A probe-free read failed: probe again before the next one, in case the endpoint now
-    /// wants authentication.
-    fn forget_access(&self) {
-        *self.access.lock().expect("route lock") = Access::Unknown;
+    fn learn_access(&self, access: Access) {
+        *self.access.lock().expect("route lock") = access;
+    }
+
+    /// A blob read with no credentials. It goes out bare on the probe-free client first, as
+    /// containerd's resolver does: an open registry answers it at once (oci-client's own
+    /// client would first probe `GET /v2/`, a round trip per request on a cold token cache).
+    /// A challenge marks the endpoint guarded, and the read, and later ones, go through the
+    /// authenticating `client`, which fetches and caches the token.
+    async fn anonymous_read<T, F, Fut>(
+        &self,
+        client: Client,
+        auth: RegistryAuth,
+        target: Reference,
+        request: &F,
+    ) -> Result<T, OciDistributionError>
+    where
+        F: Fn(Client, RegistryAuth, Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        if self.access() == Access::Guarded {
+            return request(client, auth, target).await;
+        }
+        match request(self.open_client.clone(), auth.clone(), target.clone()).await {
+            Err(error) if wants_credentials(&error) => {
+                self.learn_access(Access::Guarded);
+                request(client, auth, target).await
+            }
+            Ok(value) => {
+                self.learn_access(Access::Open);
+                Ok(value)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     fn mark_down(&self) {
@@ -305,18 +310,16 @@ impl Registry {
                 && matches!(auth, RegistryAuth::Anonymous);
             let outcome = self.runtime.block_on(async {
                 tokio::time::timeout(self.options.request_timeout, async {
-                    let client = if anonymous_read {
-                        route.client_for_anonymous_read(&client, target).await
+                    if anonymous_read {
+                        route
+                            .anonymous_read(client, auth, target.clone(), request)
+                            .await
                     } else {
-                        client
-                    };
-                    request(client, auth, target.clone()).await
+                        request(client, auth, target.clone()).await
+                    }
                 })
                 .await
             });
-            if anonymous_read && !matches!(outcome, Ok(Ok(_))) {
-                route.forget_access();
-            }
             let error = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(source)) if !retryable(&source) || attempt == retries => {
@@ -377,6 +380,21 @@ fn unreachable(error: &RegistryError) -> bool {
             source: OciDistributionError::RequestError(e),
             ..
         } => e.is_connect() || e.is_timeout(),
+        _ => false,
+    }
+}
+
+/// Whether a request failed because the endpoint wants credentials (or a token) for it.
+fn wants_credentials(error: &OciDistributionError) -> bool {
+    use oci_client::errors::OciErrorCode;
+    match error {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code == 401 || *code == 403,
+        OciDistributionError::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
         _ => false,
     }
 }
