@@ -187,6 +187,7 @@ impl Bench {
         let scratch = tempfile::tempdir()?;
         let sealfs = SealfsDaemon::start(daemon, scratch.path(), &self.keys, &self.daemon_config);
         let containerd = Containerd::start_with_sealfs(&sealfs.socket);
+        sealfs.link_containerd(&containerd);
         let pid = sealfs.pid().context("the daemon is not running")?;
         let idle = ProcessFigures::of(pid)?;
         let reference = format!("{}/layers:n{layers}", self.registry.host);

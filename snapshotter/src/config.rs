@@ -133,7 +133,8 @@ pub struct CriSection {
     /// Where the proxy serves CRI's image service (the kubelet's `--image-service-endpoint`);
     /// empty: no proxy.
     pub image_proxy_socket: PathBuf,
-    /// containerd's socket, where CRI is served, to forward to.
+    /// containerd's socket: where the proxy forwards CRI, and where the daemon reads the
+    /// manifests of images being pulled from containerd's content store (empty: it does not).
     pub containerd_socket: PathBuf,
 }
 
@@ -459,6 +460,8 @@ impl Config {
             signatures: Default::default(),
             providers: Default::default(),
             key_access: Default::default(),
+            // Set by the daemon, which has the runtime its requests run on.
+            content_store: None,
             session_dir: self.session_dir(),
             keeping: Some(SessionKeeping {
                 keeper: crate::session_keeper::Keeper::in_root(&self.root),

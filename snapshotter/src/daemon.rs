@@ -168,6 +168,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     remote_config.providers = config.keyproviders().map_err(DaemonError::KeyProviders)?;
     remote_config.key_access = Arc::new(config.key_access().map_err(DaemonError::KeyAccess)?);
     remote_config.registry.pull_credentials = Some(pull_credentials.clone());
+    if !config.cri.containerd_socket.as_os_str().is_empty() {
+        remote_config.content_store = Some(crate::content_store::ContentStore::new(
+            &config.cri.containerd_socket,
+            runtime.handle().clone(),
+        ));
+    }
     let remote = RemoteLayers::new(remote_config, runtime.handle().clone(), memory);
     let node = Arc::new(Node::new(store, remote));
     let metrics_address = match config.metrics_address.as_str() {

@@ -83,6 +83,11 @@ impl KeyAccess {
         Ok(KeyAccess { rules })
     }
 
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// Whether rules name `key` at all.
     pub fn restricts(&self, key: &str) -> bool {
         self.rules.iter().any(|rule| rule.key == key)

@@ -44,6 +44,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod content_store;
 pub mod credentials;
 pub mod cri_proxy;
 pub mod daemon;

@@ -17,6 +17,9 @@ pub struct SealfsDaemon {
     /// `127.0.0.1:PORT` of its metrics.
     pub metrics: String,
     log: PathBuf,
+    /// Where its config says containerd's socket is (a link made by
+    /// [`SealfsDaemon::link_containerd`]: containerd starts after it).
+    containerd_link: PathBuf,
     binary: PathBuf,
     child: Option<Child>,
     /// The lines of its log, across restarts.
@@ -38,6 +41,7 @@ impl SealfsDaemon {
             socket: dir.join("run/sealfs.sock"),
             metrics: format!("127.0.0.1:{port}"),
             log: dir.join("sealfs.log"),
+            containerd_link: dir.join("containerd-link.sock"),
             binary: binary.as_ref().to_path_buf(),
             child: None,
             watch: None,
@@ -46,17 +50,34 @@ impl SealfsDaemon {
             &daemon.config,
             format!(
                 "root = \"{}\"\nsocket = \"{}\"\nkeys_dir = \"{}\"\nmetrics_address = \"{}\"\n\
-                 log_level = \"info\"\n{extra}",
+                 log_level = \"info\"\n{extra}\n{}",
                 daemon.root.display(),
                 daemon.socket.display(),
                 keys.display(),
                 daemon.metrics,
+                // A config with a [cri] table of its own says where containerd is itself.
+                if extra.contains("[cri]") {
+                    String::new()
+                } else {
+                    format!(
+                        "[cri]\ncontainerd_socket = \"{}\"\n",
+                        daemon.containerd_link.display()
+                    )
+                },
             ),
         )
         .unwrap();
         let mut daemon = daemon;
         daemon.resume();
         daemon
+    }
+
+    /// Points the daemon at `containerd` (it reads manifests a pull put into containerd's
+    /// content store from there; until then it reads them from the registry).
+    pub fn link_containerd(&self, containerd: &crate::containerd::Containerd) {
+        let _ = fs::remove_file(&self.containerd_link);
+        std::os::unix::fs::symlink(&containerd.socket, &self.containerd_link)
+            .expect("linking containerd's socket");
     }
 
     /// Starts the process (again); waits until it serves its socket (it logs so once the

@@ -309,6 +309,7 @@ fn cri_case(pull: CriPull) {
     let daemon = SealfsDaemon::start(DAEMON, &work, &keys, &policy);
     let hosts = hosts_dir(&work, &registry);
     let containerd = Containerd::start_with_sealfs_cri(&daemon.socket, SANDBOX_IMAGE, &hosts, pull);
+    daemon.link_containerd(&containerd);
     if sealfs_e2e::containerd::major_version() >= 2 {
         // containerd says when CRI's settings keep it from the transfer service.
         let local = containerd
@@ -325,6 +326,8 @@ fn cri_case(pull: CriPull) {
     fs::create_dir_all(&logs).unwrap();
     let pod = pod_config("sealed-pod", &logs);
     let served_before = registry.blob_bytes_served();
+    let manifest_gets = || registry.gets(|uri| uri.starts_with("/v2/cri-app/manifests/"));
+    let manifests_before = manifest_gets();
     let image_ref = client
         .pull(&sealed.reference, &pod)
         .unwrap_or_else(|status| {
@@ -340,6 +343,12 @@ fn cri_case(pull: CriPull) {
         sealed.layers,
         "every layer mounted remotely: {}",
         daemon.log()
+    );
+    // containerd fetched the manifest; sealfs read containerd's copy from its content store.
+    assert_eq!(
+        manifest_gets() - manifests_before,
+        1,
+        "manifest GETs of the CRI pull"
     );
 
     let sandbox = client.run_pod(&pod);

@@ -38,6 +38,7 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
     let plain = node.registry.push(&work.join("img"), "v1", "app");
 
     let served_before = node.registry.blob_bytes_served();
+    let manifests_before = node.registry.gets(|uri| uri.contains("/manifests/"));
     let out = node.pull(&sealed);
     assert!(
         out.status.success(),
@@ -49,6 +50,13 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
         stdout.matches("mounted remotely").count(),
         layers,
         "every layer is remote: {stdout}"
+    );
+    // sealctl fetched the manifest; the daemon read the copy sealctl put into containerd's
+    // content store (checked against the digest the Prepare labels name), not the registry's.
+    assert_eq!(
+        node.registry.gets(|uri| uri.contains("/manifests/")) - manifests_before,
+        1,
+        "manifest GETs of one lazy pull"
     );
     assert_eq!(node.daemon.fuse_mounts().len(), layers);
 

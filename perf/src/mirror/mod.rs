@@ -165,6 +165,7 @@ fn run_node(
             );
             let daemon = SealfsDaemon::start(&setup.daemon, &scratch, &setup.keys, &config);
             let containerd = Containerd::start_with_sealfs(&daemon.socket);
+            daemon.link_containerd(&containerd);
             Ok((daemon, containerd))
         },
     ));

@@ -213,7 +213,11 @@ impl Bench {
             .then(|| SealfsDaemon::start(&self.daemon, scratch, &self.keys, daemon_config));
         let containerd = match (&daemon, mode) {
             (_, Mode::Ocicrypt) => None,
-            (Some(daemon), _) => Some(Containerd::start_with_sealfs(&daemon.socket)),
+            (Some(daemon), _) => {
+                let containerd = Containerd::start_with_sealfs(&daemon.socket);
+                daemon.link_containerd(&containerd);
+                Some(containerd)
+            }
             (None, _) => Some(Containerd::start()),
         };
         let bytes_before = self.namespace.bytes_from_registry()?;

@@ -41,7 +41,7 @@ impl Node {
         let started = std::time::Instant::now();
         let Some(mut source) = self
             .remote
-            .resolve(request)
+            .resolve(request, namespace)
             .inspect_err(|_| self.count_failure())?
         else {
             return Ok(false);
@@ -171,7 +171,7 @@ impl Node {
         if key.is_empty() || !self.remote.key_restricted(key) {
             return Ok(());
         }
-        let Some(source) = self.remote.resolve(request)? else {
+        let Some(source) = self.remote.resolve(request, namespace)? else {
             return Ok(());
         };
         self.check_chain_id(target, parent, request, &source)?;

@@ -179,6 +179,32 @@ pub struct RemoteManifest {
     pub raw_manifest: Vec<u8>,
 }
 
+impl RemoteManifest {
+    /// The manifest `bytes` of `reference`'s repository, already checked to hash to `digest`
+    /// (read from containerd's content store rather than the registry); `None` if they are not
+    /// an image manifest (an index is resolved through the registry).
+    pub fn from_pinned_bytes(reference: &Reference, digest: &str, bytes: Vec<u8>) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        if value.get("manifests").is_some() {
+            return None;
+        }
+        let manifest = ImageManifest::from_reader(&bytes[..]).ok()?;
+        let descriptor =
+            crate::oci_layout::descriptor(MediaType::ImageManifest, digest, bytes.len() as u64)
+                .ok()?;
+        Some(RemoteManifest {
+            reference: Reference::with_digest(
+                reference.registry().to_string(),
+                reference.repository().to_string(),
+                digest.to_string(),
+            ),
+            descriptor,
+            manifest,
+            raw_manifest: bytes,
+        })
+    }
+}
+
 /// An image resolved in a registry.
 #[derive(Clone, Debug)]
 pub struct RemoteImage {

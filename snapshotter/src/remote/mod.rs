@@ -1,6 +1,8 @@
 //! Remote layers: from the labels containerd sends with a layer's `Prepare` to a sealed layer
-//! mounted with FUSE. Finds the layer in its image's manifest (the registry's copy, not the
-//! client's labels, is trusted), unwraps its key with the node's keys, verifies its index
+//! mounted with FUSE. Finds the layer in its image's manifest (the registry's copy, or the one
+//! the pull stored in containerd's content store when it hashes to the digest the labels
+//! name; the layer labels themselves are not trusted), unwraps its key with the keys its
+//! workload may use, verifies its index
 //! against the digest the manifest pins and mounts it. What a remote snapshot needs to be
 //! mounted again after a restart is kept as a [`RemoteLayerSource`]: the reference pinned to
 //! the manifest digest and the layer's descriptor, so a remount costs one range read.
@@ -18,6 +20,7 @@ use oci_spec::image::Descriptor;
 use tokio::runtime::Handle;
 
 use crate::cache::MemoryCache;
+use crate::content_store::ContentStore;
 use crate::fetcher::FetchPool;
 use crate::fs::table::Slot;
 use crate::key_access::{KeyAccess, Workload};
@@ -64,6 +67,9 @@ pub struct RemoteConfig {
     pub providers: KeyProviders,
     /// Which workloads each key may open layers for.
     pub key_access: Arc<KeyAccess>,
+    /// containerd's content store, where a pull has put the manifest before it prepares the
+    /// layers; `None`: manifests come from the registry only.
+    pub content_store: Option<ContentStore>,
 }
 
 /// How long an image whose signature verified is taken as verified for its other layers and
@@ -166,14 +172,36 @@ impl RemoteLayers {
         Ok(registry)
     }
 
-    /// The image's manifest, from the cache while fresh.
-    fn manifest(&self, registry: &Registry, asked: &str) -> Result<RemoteManifest, RegistryError> {
+    /// The image's manifest: from the cache while fresh, else from containerd's content store
+    /// when the pull named its digest (`pinned`: the namespace and the digest), else from the
+    /// registry.
+    fn manifest(
+        &self,
+        registry: &Registry,
+        asked: &str,
+        pinned: Option<(&str, &str)>,
+    ) -> Result<RemoteManifest, RegistryError> {
         if let Some((at, image)) = self.manifests.lock().expect("manifests lock").get(asked) {
             if at.elapsed() < MANIFEST_TTL {
                 return Ok(image.clone());
             }
         }
-        let image = registry.resolve_manifest(&Registry::parse(asked)?)?;
+        // Under key access rules the image named must be the registry's: a manifest in the
+        // content store is whatever a client of that namespace wrote there, and could list
+        // another image's layer under a repository the namespace may open.
+        let pinned = pinned.filter(|_| self.config.key_access.is_empty());
+        let local = pinned.and_then(|(namespace, digest)| {
+            let bytes = self
+                .config
+                .content_store
+                .as_ref()?
+                .read_verified(namespace, digest)?;
+            RemoteManifest::from_pinned_bytes(&Registry::parse(asked).ok()?, digest, bytes)
+        });
+        let image = match local {
+            Some(image) => image,
+            None => registry.resolve_manifest(&Registry::parse(asked)?)?,
+        };
         self.manifests
             .lock()
             .expect("manifests lock")
@@ -186,6 +214,7 @@ impl RemoteLayers {
     pub fn resolve(
         &self,
         request: &LayerRequest,
+        namespace: &str,
     ) -> Result<Option<RemoteLayerSource>, RemoteError> {
         let registry_error = |source| RemoteError::Registry {
             image: request.image.clone(),
@@ -210,7 +239,11 @@ impl RemoteLayers {
             let signatures = early.map(|digest| {
                 scope.spawn(|| signature::fetch_signatures(&registry, &reference, digest))
             });
-            let image = self.manifest(&registry, &asked);
+            let pinned = request
+                .manifest
+                .as_deref()
+                .map(|digest| (namespace, digest));
+            let image = self.manifest(&registry, &asked, pinned);
             let fetched = signatures.map(|fetching| {
                 fetching
                     .join()
@@ -292,7 +325,9 @@ impl RemoteLayers {
             return Ok(());
         }
         let registry = self.registry_for(&reference).map_err(registry_error)?;
-        let image = self.manifest(&registry, &asked).map_err(registry_error)?;
+        let image = self
+            .manifest(&registry, &asked, None)
+            .map_err(registry_error)?;
         self.check_signature(&registry, &image, &named.image, None)
     }
 

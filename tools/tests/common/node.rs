@@ -58,6 +58,7 @@ impl Node {
         let (keys, registry) = Self::keys_and_registry(work);
         let daemon = SealfsDaemon::start(DAEMON, work, &keys, &extra_config(&registry.host));
         let containerd = Containerd::start_with_sealfs(&daemon.socket);
+        daemon.link_containerd(&containerd);
         Node {
             containerd,
             daemon,
@@ -74,6 +75,7 @@ impl Node {
         let (keys, registry) = Self::keys_and_registry(work);
         let daemon = SealfsDaemon::start(binary, work, &keys, extra_config);
         let containerd = containerd(&daemon.socket);
+        daemon.link_containerd(&containerd);
         Node {
             containerd,
             daemon,

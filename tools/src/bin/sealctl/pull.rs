@@ -292,7 +292,28 @@ pub fn pull(transport: &Transport, reference: &str, options: &PullOptions) -> Re
     let mut containerd = Containerd::connect(options)?;
     containerd.start_lease()?;
 
-    // Layer snapshots first, bottom up: each one's parent is the one below.
+    // The manifest first, as containerd's own pulls store it before unpacking: the
+    // snapshotter reads it from the content store (checked against the digest the Prepare
+    // labels name) instead of fetching it from the registry once more.
+    let config_digest = manifest.config().digest().to_string();
+    let mut manifest_labels = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        config_digest.clone(),
+    )]);
+    for (index, layer) in layers.iter().enumerate() {
+        manifest_labels.insert(
+            format!("containerd.io/gc.ref.content.l.{index}"),
+            layer.digest().to_string(),
+        );
+    }
+    containerd.write_content(
+        &manifest_digest,
+        image.raw_manifest.len() as u64,
+        std::io::Cursor::new(image.raw_manifest.clone()),
+        manifest_labels,
+    )?;
+
+    // Layer snapshots, bottom up: each one's parent is the one below.
     let mut outcomes = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let parent = index
@@ -320,8 +341,7 @@ pub fn pull(transport: &Transport, reference: &str, options: &PullOptions) -> Re
         outcomes.push(outcome);
     }
 
-    // Config (holding the layer snapshots), manifest (holding the config), image record.
-    let config_digest = manifest.config().digest().to_string();
+    // Config (holding the layer snapshots), then the image record.
     let top = chains.last().cloned().unwrap_or_default();
     let mut config_labels = HashMap::new();
     if !top.is_empty() {
@@ -335,22 +355,6 @@ pub fn pull(transport: &Transport, reference: &str, options: &PullOptions) -> Re
         image.image.config.len() as u64,
         std::io::Cursor::new(image.image.config.clone()),
         config_labels,
-    )?;
-    let mut manifest_labels = HashMap::from([(
-        "containerd.io/gc.ref.content.config".to_string(),
-        config_digest,
-    )]);
-    for (index, layer) in layers.iter().enumerate() {
-        manifest_labels.insert(
-            format!("containerd.io/gc.ref.content.l.{index}"),
-            layer.digest().to_string(),
-        );
-    }
-    containerd.write_content(
-        &manifest_digest,
-        image.raw_manifest.len() as u64,
-        std::io::Cursor::new(image.raw_manifest.clone()),
-        manifest_labels,
     )?;
     let record = Image {
         name: name.clone(),
