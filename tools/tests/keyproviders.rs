@@ -17,6 +17,15 @@ use common::*;
 use sealfs_e2e::keyprovider::{programs, GrpcProvider, Programs};
 use snapshotter::keyprovider::{CallLimits, KeyProviders};
 
+/// The stand-in KMS's wrapping key, made once before any provider runs: `DIR/kek`.
+fn kms_key(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("kek");
+    fs::write(&path, sealfs_e2e::noise(0x6b656b, 32)).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 /// A keyprovider config file (ocicrypt's JSON) with `entries` (`"NAME": {...}` pairs).
 fn provider_config(path: &Path, entries: &[String]) -> PathBuf {
     fs::write(
@@ -93,7 +102,7 @@ fn ocicrypt_and_sealfs_wrap_and_unwrap_through_the_same_provider() {
     };
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
-    let kek = dir.join("kek");
+    let kek = kms_key(dir);
     let log = dir.join("requests.log");
     let kek_args = ["-key", kek.to_str().unwrap(), "-log", log.to_str().unwrap()];
     let grpc = GrpcProvider::start(programs, &dir.join("kms.sock"), &kek_args);
@@ -164,7 +173,7 @@ fn sealctl_seals_unseals_and_rewraps_through_a_keyprovider() {
         return;
     };
     keygen(&work, "bob");
-    let kek = work.join("kek");
+    let kek = kms_key(&work);
     let config = provider_config(
         &work.join("providers.json"),
         &[cmd_entry("kms", programs, &["-key", kek.to_str().unwrap()])],
@@ -338,7 +347,7 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
     let Some((_temp, work)) = app_image() else {
         return;
     };
-    let kek = work.join("kek");
+    let kek = kms_key(&work);
     let log = work.join("requests.log");
     let refuse = work.join("refuse");
     let kek_args = ["-key", kek.to_str().unwrap(), "-log", log.to_str().unwrap()];
@@ -456,7 +465,7 @@ fn key_access_rules_open_an_image_in_its_namespace_only() {
     let Some((_temp, work)) = app_image() else {
         return;
     };
-    let kek = work.join("kek");
+    let kek = kms_key(&work);
     let config = provider_config(
         &work.join("providers.json"),
         &[cmd_entry("kms", programs, &["-key", kek.to_str().unwrap()])],

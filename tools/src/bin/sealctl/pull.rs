@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
+use containerd_client::services::v1::{AddResourceRequest, Resource};
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, DeleteRequest as DeleteLeaseRequest, Image, InfoRequest,
     UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
@@ -143,6 +144,20 @@ impl Containerd {
         labels: HashMap<String, String>,
     ) -> Result<()> {
         if self.has_content(digest)? {
+            // Content already there (say, left by a pull that failed) is held by this pull's
+            // lease as well: otherwise the garbage collector may take it before the image
+            // record refers to it.
+            if let Some(lease) = &self.lease {
+                let request = self.request(AddResourceRequest {
+                    id: lease.clone(),
+                    resource: Some(Resource {
+                        id: digest.to_string(),
+                        r#type: "content".to_string(),
+                    }),
+                })?;
+                self.block(self.client.leases().add_resource(request))
+                    .with_context(|| format!("holding content {digest} in the pull's lease"))?;
+            }
             if labels.is_empty() {
                 return Ok(());
             }

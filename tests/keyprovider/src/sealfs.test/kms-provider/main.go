@@ -31,7 +31,7 @@ import (
 )
 
 var (
-	keyFile     = flag.String("key", "", "file holding the 32-byte wrapping key (created if missing)")
+	keyFile     = flag.String("key", "", "file holding the 32-byte wrapping key")
 	grpcAddress = flag.String("grpc", "", "serve gRPC on this address (HOST:PORT or unix:///PATH) instead of one cmd request")
 	delay       = flag.Duration("delay", 0, "answer this late")
 	refuseWhile = flag.String("refuse-while", "", "refuse every request while this file exists")
@@ -48,16 +48,11 @@ type wrapped struct {
 const keyID = "sealfs-test-kms/1"
 
 func wrappingKey() (cipher.AEAD, error) {
+	// The test makes the key before any provider runs: several run at once (sealctl wraps
+	// layers in parallel), and one making it while another reads it would leave layers
+	// wrapped under a key that is then replaced.
 	key, err := os.ReadFile(*keyFile)
-	if errors.Is(err, os.ErrNotExist) {
-		key = make([]byte, 32)
-		if _, err := rand.Read(key); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(*keyFile, key, 0o600); err != nil {
-			return nil, err
-		}
-	} else if err != nil {
+	if err != nil {
 		return nil, err
 	}
 	if len(key) != 32 {
