@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::fetcher::LATENCY_BUCKETS;
+use crate::keyprovider::ProviderStats;
 use crate::node::Node;
 
 /// Reads a [`Node`]'s counters on each scrape.
@@ -201,6 +202,25 @@ impl Collector for NodeCollector {
             "Decrypted chunks held in the memory cache.",
             node.remote().memory().bytes() as i64,
         )?;
+        for (name, help, count) in [
+            (
+                "sealfs_keyprovider_unwraps",
+                "Layer keys a keyprovider unwrapped, by provider.",
+                (|p| &p.unwrapped) as fn(&ProviderStats) -> &AtomicU64,
+            ),
+            (
+                "sealfs_keyprovider_failures",
+                "Keyprovider calls that failed (unreachable, too slow, refused, no key), by provider.",
+                |p| &p.failed,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for provider in node.remote().providers().all() {
+                let labels = [("provider", provider.name())];
+                ConstCounter::new(count(&provider.stats).load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
         type Field = fn(&LayerProgress) -> u64;
         let per_layer: [(&str, &str, Field); 4] = [
             (

@@ -431,6 +431,17 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
         &["keyprovider kms-slow", "no answer within 3s"],
     );
 
+    // Operators see each provider's calls: the layers it opened and the calls that failed.
+    let metric = |name: &str, provider: &str| {
+        node.daemon
+            .metric(&format!("{name}_total{{provider=\"{provider}\"}}"))
+    };
+    assert!(metric("sealfs_keyprovider_unwraps", "kms-grpc") >= 2);
+    assert!(metric("sealfs_keyprovider_failures", "kms-grpc") >= 1);
+    assert!(metric("sealfs_keyprovider_failures", "kms") >= 1);
+    assert!(metric("sealfs_keyprovider_failures", "kms-slow") >= 1);
+    assert_eq!(metric("sealfs_keyprovider_unwraps", "kms-slow"), 0);
+
     // A restarted daemon opens its mounted layers again through the provider (the unwrapped
     // keys were in memory only), and the image runs.
     let unwraps = |log: &Path| {

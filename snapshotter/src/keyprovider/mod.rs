@@ -61,12 +61,23 @@ impl Default for CallLimits {
     }
 }
 
+/// Counts of a provider's calls, for metrics.
+#[derive(Debug, Default)]
+pub struct ProviderStats {
+    /// Keys it unwrapped.
+    pub unwrapped: std::sync::atomic::AtomicU64,
+    /// Calls that failed: unreachable, too slow, refused, or an answer that is not a key.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
 /// One configured keyprovider.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Provider {
     name: String,
     invocation: Invocation,
     limits: CallLimits,
+    /// Its calls so far.
+    pub stats: ProviderStats,
 }
 
 /// Why the keyprovider configuration could not be used.
@@ -171,6 +182,7 @@ impl KeyProviders {
                     name,
                     invocation,
                     limits,
+                    stats: ProviderStats::default(),
                 }),
             );
         }
@@ -236,6 +248,7 @@ impl Provider {
             name: name.to_string(),
             invocation,
             limits,
+            stats: ProviderStats::default(),
         })
     }
 
@@ -297,7 +310,8 @@ impl Identity for Provider {
         if name != self.name {
             return None;
         }
-        Some(self.unwrap_bytes(wrapped).and_then(|key| {
+        use std::sync::atomic::Ordering;
+        let unwrapped = self.unwrap_bytes(wrapped).and_then(|key| {
             let bytes: [u8; 32] = key.as_slice().try_into().map_err(|_| {
                 self.failed(format!(
                     "it unwrapped {} bytes, not a 32-byte sealfs layer key (was this stanza wrapped by another provider of that name?)",
@@ -305,7 +319,13 @@ impl Identity for Provider {
                 ))
             })?;
             Ok(LayerKey::from_bytes(bytes))
-        }))
+        });
+        let counter = match &unwrapped {
+            Ok(_) => &self.stats.unwrapped,
+            Err(_) => &self.stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Some(unwrapped)
     }
 }
 

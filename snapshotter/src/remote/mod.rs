@@ -115,6 +115,11 @@ impl RemoteLayers {
         &self.config.registry.mirror_stats
     }
 
+    /// The configured keyproviders (their call counts, for metrics).
+    pub fn providers(&self) -> &KeyProviders {
+        &self.config.providers
+    }
+
     /// How long Prepare waits for a mounted layer's startup profile.
     pub fn profile_wait(&self) -> Duration {
         self.config.profile_wait
