@@ -20,7 +20,8 @@ fn resume(node: &Node) -> std::io::Result<()> {
         Ok(failed) => tracing::error!(
             failed,
             "layers of the resumed FUSE session could not be opened again (see the warnings above); \
-             containers running on them fail to read their files until they can be"
+             containers running on them fail to read their files until they can be, which is \
+             tried again after 5 s, then at most every minute"
         ),
         Err(error) => {
             tracing::error!(%error, "reading remote snapshots to put back in the resumed session")
@@ -28,6 +29,12 @@ fn resume(node: &Node) -> std::io::Result<()> {
     }
     node.remote().session().start_resumed()
 }
+
+/// How soon a remote layer that could not be mounted is tried again, and the longest wait
+/// between tries (doubling in between): a keyprovider back after an outage is used within a
+/// minute, and one that stays down is asked at most once a minute per layer.
+const REMOUNT_FIRST_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+const REMOUNT_LAST_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often the daemon checks that its session keeper still holds the node's FUSE session
 /// (one request on a unix socket); a keeper that died is replaced within this.
@@ -203,6 +210,32 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 }
             });
         }
+        // Layers that could not be opened at start (a keyprovider down, a key not delivered
+        // yet) are tried again until they open, so containers running on them read again
+        // without anything else happening on the node.
+        let remounting = node.clone();
+        tokio::spawn(async move {
+            let mut wait = REMOUNT_FIRST_RETRY;
+            loop {
+                tokio::time::sleep(wait).await;
+                let node = remounting.clone();
+                match tokio::task::spawn_blocking(move || node.remount_missing()).await {
+                    Ok(Ok((mounted, 0))) => {
+                        if mounted > 0 {
+                            tracing::info!(mounted, "every remote layer is mounted again");
+                        }
+                    }
+                    Ok(Ok((_, missing))) => {
+                        wait = (wait * 2).min(REMOUNT_LAST_RETRY);
+                        tracing::info!(missing, retry_in = ?wait, "remote layers still cannot be mounted");
+                        continue;
+                    }
+                    Ok(Err(error)) => tracing::error!(%error, "reading remote snapshots to remount"),
+                    Err(_) => {}
+                }
+                wait = REMOUNT_FIRST_RETRY;
+            }
+        });
         let watched = node.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(KEEPER_CHECK);

@@ -244,6 +244,14 @@ impl SealfsDaemon {
         }
     }
 
+    /// Waits until the running process logs a line containing `text`; false if it ended or
+    /// `timeout` passed first.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> bool {
+        self.watch
+            .as_ref()
+            .is_some_and(|watch| watch.wait_for(text, 0, timeout))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -452,8 +452,11 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
             .count()
     };
     let before = unwraps(&log);
+    let layers_mounted = node.daemon.metric("sealfs_layers_mounted");
     let mut node = node;
     node.daemon.signal("TERM");
+    // The gRPC provider is down (since the refusal above) while the daemon starts: the
+    // layers it opened cannot be opened again yet.
     node.daemon.restart(&node.containerd);
     assert!(node
         .run(&over_cmd, "cmd-after-restart", &[])
@@ -462,6 +465,19 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
         unwraps(&log) > before,
         "the restart did not ask the provider"
     );
+    assert!(node.daemon.metric("sealfs_layers_mounted") < layers_mounted);
+    // Once the provider is back, the daemon mounts them again by itself: containers running
+    // on them would read again without anything else happening on the node.
+    let _grpc = GrpcProvider::start(programs, &socket, &kek_args);
+    assert!(
+        node.daemon.wait_for_log(
+            "every remote layer is mounted again",
+            std::time::Duration::from_secs(90)
+        ),
+        "{}",
+        node.daemon.log()
+    );
+    assert_eq!(node.daemon.metric("sealfs_layers_mounted"), layers_mounted);
 
     // Nothing of a key reached the daemon's log.
     let daemon_log = node.daemon.log();

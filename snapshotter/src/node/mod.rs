@@ -114,6 +114,35 @@ impl Node {
         Ok(failed)
     }
 
+    /// Tries again to mount the remote snapshots that are not mounted (a restart could not
+    /// open them: a keyprovider down, a key not delivered yet): how many it mounted now, and
+    /// how many still are not. Each one mounted now is logged; failures were logged when they
+    /// first happened.
+    pub fn remount_missing(&self) -> Result<(usize, usize), SnapshotError> {
+        let (mut mounted, mut missing) = (0, 0);
+        for snapshot in self.store.remote_snapshots()? {
+            if self
+                .mounted
+                .lock()
+                .expect("mounted lock")
+                .contains_key(&snapshot.id)
+            {
+                continue;
+            }
+            match self.ensure_mounted(&snapshot) {
+                Ok(()) => {
+                    mounted += 1;
+                    tracing::info!(snapshot = %snapshot.name, "remote layer mounted again after failing at start");
+                }
+                Err(error) => {
+                    missing += 1;
+                    tracing::debug!(snapshot = %snapshot.name, error = %crate::error_chain(&error), "remote layer still cannot be mounted");
+                }
+            }
+        }
+        Ok((mounted, missing))
+    }
+
     fn parse_source(text: &str) -> Result<RemoteLayerSource, RemoteError> {
         serde_json::from_str(text).map_err(|e| RemoteError::Record(e.to_string()))
     }
