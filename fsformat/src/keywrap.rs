@@ -367,6 +367,8 @@ pub fn check_provider_name(name: &str) -> Result<()> {
 pub trait Recipient {
     /// Wraps `key` for this recipient.
     fn wrap(&self, key: &LayerKey) -> Result<Vec<Stanza>>;
+    /// Whom its stanzas are for, as [`Stanza::recipient_label`] shows them.
+    fn label(&self) -> String;
 }
 
 /// Something that can unwrap layer keys.
@@ -392,6 +394,10 @@ fn wrap_aad(key_id: KeyId) -> Vec<u8> {
 }
 
 impl Recipient for PublicKey {
+    fn label(&self) -> String {
+        self.key_id().to_string()
+    }
+
     fn wrap(&self, key: &LayerKey) -> Result<Vec<Stanza>> {
         let ephemeral = PrivateKey::generate()?;
         let ephemeral_public = ephemeral.public();

@@ -68,8 +68,18 @@ pub type AnyRecipient = Box<dyn fsformat::Recipient + Send + Sync>;
 
 const PROVIDER_PREFIX: &str = "provider:";
 
-/// The keyproviders of `$OCICRYPT_KEYPROVIDER_CONFIG`, read once and only if a spec names one.
-fn providers() -> Result<snapshotter::keyprovider::KeyProviders> {
+/// The keyproviders of `$OCICRYPT_KEYPROVIDER_CONFIG`, read into `configured` the first time a
+/// spec names one.
+fn providers(
+    configured: &mut Option<snapshotter::keyprovider::KeyProviders>,
+) -> Result<&snapshotter::keyprovider::KeyProviders> {
+    if configured.is_none() {
+        *configured = Some(read_providers()?);
+    }
+    Ok(configured.as_ref().expect("read above"))
+}
+
+fn read_providers() -> Result<snapshotter::keyprovider::KeyProviders> {
     use snapshotter::keyprovider::{CallLimits, KeyProviders, CONFIG_ENV};
     if std::env::var_os(CONFIG_ENV).is_none_or(|v| v.is_empty()) {
         bail!(
@@ -87,11 +97,7 @@ pub fn load_recipients(specs: &[String]) -> Result<Vec<AnyRecipient>> {
         .iter()
         .map(|spec| match spec.strip_prefix(PROVIDER_PREFIX) {
             Some(provider) => {
-                if configured.is_none() {
-                    configured = Some(providers()?);
-                }
-                let providers = configured.as_ref().expect("loaded above");
-                Ok(Box::new(providers.recipient(provider)?) as AnyRecipient)
+                Ok(Box::new(providers(&mut configured)?.recipient(provider)?) as AnyRecipient)
             }
             None => Ok(Box::new(load_public(Path::new(spec))?) as AnyRecipient),
         })
@@ -105,26 +111,11 @@ pub fn load_identities(specs: &[String]) -> Result<snapshotter::keys::Identities
     let mut configured = None;
     for spec in specs {
         match spec.strip_prefix(PROVIDER_PREFIX) {
-            Some(name) => {
-                if configured.is_none() {
-                    configured = Some(providers()?);
-                }
-                let providers = configured.as_ref().expect("loaded above");
-                identities.providers.push(providers.get(name)?);
-            }
+            Some(name) => identities
+                .providers
+                .push(providers(&mut configured)?.get(name)?),
             None => identities.keys.push(load_private(Path::new(spec))?),
         }
     }
     Ok(identities)
-}
-
-/// How `--recipient` values read to a person: a key id or `provider:NAME`.
-pub fn recipient_label(spec: &str) -> Result<String> {
-    match spec.strip_prefix(PROVIDER_PREFIX) {
-        Some(provider) => Ok(format!(
-            "provider:{}",
-            provider.split(':').next().unwrap_or_default()
-        )),
-        None => Ok(load_public(Path::new(spec))?.key_id().to_string()),
-    }
 }

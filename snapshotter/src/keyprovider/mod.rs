@@ -344,6 +344,10 @@ impl ProviderRecipient {
 }
 
 impl Recipient for ProviderRecipient {
+    fn label(&self) -> String {
+        self.provider.label()
+    }
+
     fn wrap(&self, key: &LayerKey) -> fsformat::Result<Vec<Stanza>> {
         let wrapped = self
             .provider

@@ -67,6 +67,9 @@ pub struct Node {
     pub stats: ServiceStats,
     /// Fetch counters of layers removed since the start, so totals never go down.
     retired: Mutex<FetchTotals>,
+    /// Whether remote snapshots failed to mount at start and have not all been mounted since:
+    /// [`Node::remount_missing`] has work only then.
+    remount_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -77,6 +80,7 @@ impl Node {
             remote,
             mounted: Mutex::new(HashMap::new()),
             unrecorded_remote: RwLock::new(()),
+            remount_pending: std::sync::atomic::AtomicBool::new(false),
             preparing: InFlightTargets::default(),
             stats: ServiceStats::default(),
             retired: Mutex::new(FetchTotals::default()),
@@ -111,6 +115,8 @@ impl Node {
                 tracing::warn!(snapshot = %snapshot.name, error = %crate::error_chain(&error), "remote layer not mounted; will retry on use");
             }
         }
+        self.remount_pending
+            .store(failed > 0, std::sync::atomic::Ordering::Relaxed);
         Ok(failed)
     }
 
@@ -119,7 +125,11 @@ impl Node {
     /// how many still are not. Each one mounted now is logged; failures were logged when they
     /// first happened.
     pub fn remount_missing(&self) -> Result<(usize, usize), SnapshotError> {
+        use std::sync::atomic::Ordering;
         let (mut mounted, mut missing) = (0, 0);
+        if !self.remount_pending.load(Ordering::Relaxed) {
+            return Ok((mounted, missing));
+        }
         for snapshot in self.store.remote_snapshots()? {
             if self
                 .mounted
@@ -140,6 +150,7 @@ impl Node {
                 }
             }
         }
+        self.remount_pending.store(missing > 0, Ordering::Relaxed);
         Ok((mounted, missing))
     }
 

@@ -168,34 +168,14 @@ impl Node {
             return Ok(());
         };
         let key = recorded.opened_by.as_str();
-        if key.is_empty() || !self.remote.key_restricted(key) {
+        if key.is_empty() || !self.remote.key_access().restricts(key) {
             return Ok(());
         }
-        let Some(source) = self.remote.resolve(request, namespace)? else {
+        let Some(source) = self.remote.resolve_mounted(request, namespace)? else {
             return Ok(());
         };
         self.check_chain_id(target, parent, request, &source)?;
-        let reference = crate::registry::Registry::parse(&source.reference).map_err(|error| {
-            RemoteError::Registry {
-                image: request.image.clone(),
-                layer: request.layer.clone(),
-                source: Box::new(error),
-            }
-        })?;
-        let repository = crate::image_scope::repository_of(&reference);
-        let workload = crate::key_access::Workload {
-            namespace,
-            repository: &repository,
-        };
-        if self.remote.key_allowed(key, workload) {
-            return Ok(());
-        }
-        Err(RemoteError::KeyNotAuthorised {
-            image: request.image.clone(),
-            layer: request.layer.clone(),
-            keys: key.to_string(),
-            workload: workload.to_string(),
-        })
+        self.remote.check_key_access(key, namespace, &source)
     }
 
     /// What remote snapshot `name` was mounted from; `None` if it is not a remote snapshot.

@@ -19,9 +19,10 @@ pub struct MirrorStats {
 /// What a mirror is known to do with range reads of one blob.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum BlobState {
-    /// One read is asking it (since then). Other reads of the blob go to the next endpoint
-    /// meanwhile: a mirror still fetching the blob streams a whole copy from upstream for every
-    /// request, so it gets one per node at a time, not one per read in flight.
+    /// One read is asking it (since then). Other reads of the blob wait for the answer (see
+    /// [`MirrorBlobs::wait_to_read`]): a mirror still fetching the blob streams a whole copy
+    /// from upstream for every request, so it gets one per node at a time, not one per read in
+    /// flight.
     Asking {
         since: std::time::Instant,
         history: History,

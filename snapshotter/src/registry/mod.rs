@@ -12,10 +12,10 @@
 //! tokio runtime through its `Handle`, never from a runtime thread.
 //!
 //! Here: the client, its options and errors, resolving references. `route`: how a request
-//! reaches an endpoint (retries, deadlines, mirrors, credentials, the auth probe).
-//! `mirror_fill`: pull-through mirrors that do not hold a blob yet (one read asks, the others
-//! wait for it or go to the next endpoint). `blob`: range reads of one blob. `push`: what
-//! `sealctl` pushes.
+//! reaches an endpoint (retries, deadlines, mirrors, credentials; reads without credentials
+//! that learn when an endpoint wants a token). `mirror_fill`: pull-through mirrors that do not
+//! hold a blob yet (one read asks, the others wait for it or go to the next endpoint). `blob`:
+//! range reads of one blob. `push`: what `sealctl` pushes.
 
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ mod route;
 
 pub use blob::RegistryBlob;
 pub use mirror_fill::MirrorStats;
-use route::{client_config, Access, RequestKind, Route, NODE_CREDENTIALS, NO_CREDENTIALS};
+use route::{client_config, RequestKind, Route, NODE_CREDENTIALS, NO_CREDENTIALS};
 
 /// Manifest media types we ask for.
 const MANIFEST_TYPES: [&str; 4] = [
@@ -283,7 +283,7 @@ impl Registry {
             routes.push(Route {
                 client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
                 open_client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
-                access: std::sync::Mutex::new(Access::Unknown),
+                guarded: std::sync::atomic::AtomicBool::new(false),
                 ca_pem,
                 pulled: std::sync::Mutex::new(None),
                 auth,

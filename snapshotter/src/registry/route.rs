@@ -27,28 +27,17 @@ pub(super) struct Route {
     pub(super) auth_source: &'static str,
     /// While set and in the future, this mirror is skipped: it could not be reached lately.
     pub(super) down_until: std::sync::Mutex<Option<std::time::Instant>>,
-    /// What a probe found about this endpoint's authentication, for requests with no
-    /// credentials.
-    pub(super) access: std::sync::Mutex<Access>,
-    /// A client that is never given credentials, for blob reads from an endpoint found
-    /// [`Access::Open`]. oci-client probes `GET /v2/` before every request of a client that
-    /// holds credentials (anonymous ones too) but got no token from them, which is every
+    /// Whether a read without credentials was challenged here: such reads then go through
+    /// the authenticating client (which fetches and caches a token) from the start.
+    pub(super) guarded: std::sync::atomic::AtomicBool,
+    /// A client that is never given credentials, for blob reads without credentials until the
+    /// endpoint challenges one. oci-client probes `GET /v2/` before every request of a client
+    /// that holds credentials (anonymous ones too) but got no token from them, which is every
     /// request to a registry that asks for none: a second round trip per range read. A client
     /// that holds none sends the request alone.
     pub(super) open_client: Client,
     /// What this mirror does with range reads of the blobs read lately.
     pub(super) blobs: MirrorBlobs,
-}
-
-/// What an endpoint asks of a client with no credentials.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Access {
-    /// No read has told yet.
-    Unknown,
-    /// No authentication: a read without credentials was answered.
-    Open,
-    /// It challenges; the client's token cache holds what it handed out.
-    Guarded,
 }
 
 /// What a request does with the client's credentials.
@@ -121,15 +110,6 @@ impl Route {
         }
     }
 
-    /// What the endpoint asks of a client with no credentials, as far as reads have told.
-    fn access(&self) -> Access {
-        *self.access.lock().expect("route lock")
-    }
-
-    fn learn_access(&self, access: Access) {
-        *self.access.lock().expect("route lock") = access;
-    }
-
     /// A blob read with no credentials. It goes out bare on the probe-free client first, as
     /// containerd's resolver does: an open registry answers it at once (oci-client's own
     /// client would first probe `GET /v2/`, a round trip per request on a cold token cache).
@@ -146,19 +126,16 @@ impl Route {
         F: Fn(Client, RegistryAuth, Reference) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
-        if self.access() == Access::Guarded {
+        use std::sync::atomic::Ordering;
+        if self.guarded.load(Ordering::Relaxed) {
             return request(client, auth, target).await;
         }
         match request(self.open_client.clone(), auth.clone(), target.clone()).await {
             Err(error) if wants_credentials(&error) => {
-                self.learn_access(Access::Guarded);
+                self.guarded.store(true, Ordering::Relaxed);
                 request(client, auth, target).await
             }
-            Ok(value) => {
-                self.learn_access(Access::Open);
-                Ok(value)
-            }
-            Err(error) => Err(error),
+            answer => answer,
         }
     }
 

@@ -214,12 +214,33 @@ impl RemoteLayers {
         Ok(image)
     }
 
-    /// Finds the requested layer in its image's manifest. `None`: the manifest says the layer
-    /// is not sealed, so containerd should unpack it.
+    /// Finds the requested layer in its image's manifest, for a Prepare that mounts it: the
+    /// tails of the image's following layers are fetched meanwhile. `None`: the manifest says
+    /// the layer is not sealed, so containerd should unpack it.
     pub fn resolve(
         &self,
         request: &LayerRequest,
         namespace: &str,
+    ) -> Result<Option<RemoteLayerSource>, RemoteError> {
+        self.find_layer(request, namespace, true)
+    }
+
+    /// Finds the requested layer in its image's manifest, to check a Prepare of a layer that
+    /// is mounted already (so are the image's other layers, most likely: nothing is fetched
+    /// ahead).
+    pub fn resolve_mounted(
+        &self,
+        request: &LayerRequest,
+        namespace: &str,
+    ) -> Result<Option<RemoteLayerSource>, RemoteError> {
+        self.find_layer(request, namespace, false)
+    }
+
+    fn find_layer(
+        &self,
+        request: &LayerRequest,
+        namespace: &str,
+        fetch_ahead: bool,
     ) -> Result<Option<RemoteLayerSource>, RemoteError> {
         let registry_error = |source| RemoteError::Registry {
             image: request.image.clone(),
@@ -302,7 +323,9 @@ impl RemoteLayers {
             });
         }
         self.check_signature(&registry, &image, &request.image, fetched)?;
-        self.fetch_tails_after(&registry, &image, &descriptor);
+        if fetch_ahead {
+            self.fetch_tails_after(&registry, &image, &descriptor);
+        }
         Ok(Some(RemoteLayerSource {
             reference: image.reference.whole(),
             descriptor,
@@ -431,24 +454,19 @@ impl RemoteLayers {
         self.tails.schedule(jobs);
     }
 
-    /// Whether `workload` may use `key` (a key id or `provider:NAME`) under the node's key
-    /// access rules.
-    pub fn key_allowed(&self, key: &str, workload: Workload<'_>) -> bool {
-        self.config.key_access.allows(key, workload)
+    /// The node's key access rules.
+    pub fn key_access(&self) -> &KeyAccess {
+        &self.config.key_access
     }
 
-    /// Whether key access rules name `key`.
-    pub fn key_restricted(&self, key: &str) -> bool {
-        self.config.key_access.restricts(key)
-    }
-
-    /// The keys `source`'s workload may unwrap its layer key with: the node's private keys,
-    /// then its keyproviders, as far as the key access rules let that workload use them.
-    fn identities_for(&self, source: &RemoteLayerSource) -> Result<Identities, RemoteError> {
-        let all = Identities {
-            keys: keys::load_key_dir(&self.config.keys_dir)?,
-            providers: self.config.providers.all().cloned().collect(),
-        };
+    /// Refuses `source` (the image it names, its layer) to containerd namespace `namespace` if
+    /// the key access rules do not let it use `key`, which opened the layer.
+    pub fn check_key_access(
+        &self,
+        key: &str,
+        namespace: &str,
+        source: &RemoteLayerSource,
+    ) -> Result<(), RemoteError> {
         let reference =
             Registry::parse(&source.reference).map_err(|error| RemoteError::Registry {
                 image: source.reference.clone(),
@@ -456,6 +474,34 @@ impl RemoteLayers {
                 source: Box::new(error),
             })?;
         let repository = crate::image_scope::repository_of(&reference);
+        let workload = Workload {
+            namespace,
+            repository: &repository,
+        };
+        if self.config.key_access.allows(key, workload) {
+            return Ok(());
+        }
+        Err(RemoteError::KeyNotAuthorised {
+            image: source.reference.clone(),
+            layer: source.digest(),
+            keys: key.to_string(),
+            workload: workload.to_string(),
+        })
+    }
+
+    /// The keys `source`'s workload may unwrap its layer key with (`reference`: its parsed
+    /// reference): the node's private keys, then its keyproviders, as far as the key access
+    /// rules let that workload use them.
+    fn identities_for(
+        &self,
+        source: &RemoteLayerSource,
+        reference: &Reference,
+    ) -> Result<Identities, RemoteError> {
+        let all = Identities {
+            keys: keys::load_key_dir(&self.config.keys_dir)?,
+            providers: self.config.providers.all().cloned().collect(),
+        };
+        let repository = crate::image_scope::repository_of(reference);
         let workload = Workload {
             namespace: &source.namespace,
             repository: &repository,
@@ -518,8 +564,8 @@ impl RemoteLayers {
                 source: std::io::Error::other("too many snapshots"),
             })
         })?;
-        let identities = self.identities_for(source)?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
+        let identities = self.identities_for(source, &reference)?;
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
         let tail = self

@@ -678,10 +678,7 @@ pub fn rewrap(
 ) -> Result<()> {
     let identities = sealfs_tools::keyfiles::load_identities(key_specs)?;
     let added = sealfs_tools::keyfiles::load_recipients(add_specs)?;
-    let added_labels: Vec<String> = add_specs
-        .iter()
-        .map(|spec| sealfs_tools::keyfiles::recipient_label(spec))
-        .collect::<Result<_>>()?;
+    let added_labels: Vec<String> = added.iter().map(|recipient| recipient.label()).collect();
     // Recipients are compared as `sealctl inspect` shows them: key ids, provider:NAME.
     let removed: Vec<String> = remove
         .iter()
