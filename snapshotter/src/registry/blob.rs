@@ -4,11 +4,10 @@ use futures_util::StreamExt;
 use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
 use super::mirror_fill::RangeIgnored;
-use super::route::RequestKind;
+use super::route::{Attempt, RequestKind};
 use oci_spec::image::Descriptor;
 
 use super::{Registry, RegistryError, RemoteImage};
@@ -74,14 +73,7 @@ impl RegistryBlob {
             },
             &self.reference,
             &what,
-            |client, auth, target| async move {
-                // A client made for new pull credentials may not hold them yet (anonymous
-                // reads are the probe's business: see `client_for_anonymous_read`).
-                if !matches!(auth, RegistryAuth::Anonymous) {
-                    client
-                        .store_auth_if_needed(target.resolve_registry(), &auth)
-                        .await;
-                }
+            |Attempt { client, target, .. }| async move {
                 let response = client
                     .pull_blob_stream_partial(&target, descriptor, offset, Some(len as u64))
                     .await?;
@@ -122,6 +114,36 @@ impl RegistryBlob {
             },
         )
     }
+}
+
+/// Blob `digest` (`size` bytes) whole, through oci-client (a document read that cannot go
+/// out bare); more bytes than `size` are refused while they arrive.
+pub(super) async fn read_whole(
+    attempt: Attempt,
+    digest: &str,
+    size: u64,
+) -> Result<Vec<u8>, OciDistributionError> {
+    let descriptor = OciDescriptor {
+        digest: digest.to_string(),
+        size: size as i64,
+        ..OciDescriptor::default()
+    };
+    let mut stream = attempt
+        .client
+        .pull_blob_stream(&attempt.target, &descriptor)
+        .await?
+        .stream;
+    let mut out = Vec::with_capacity(size as usize);
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if (out.len() + piece.len()) as u64 > size {
+            return Err(OciDistributionError::SpecViolationError(format!(
+                "blob {digest} has more than the {size} bytes its descriptor gives"
+            )));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
 }
 
 impl ChunkSource for RegistryBlob {

@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 use crate::hosts::{self, Capability, Endpoint};
 use crate::oci_layout::{host_platform, platform_manifest, ResolvedImage};
 
+mod bare;
 mod blob;
 mod mirror_fill;
 mod push;
@@ -283,6 +284,8 @@ impl Registry {
             routes.push(Route {
                 client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
                 open_client: Client::new(client_config(&endpoint, &options, ca_pem.as_deref())),
+                bare: bare::BareClient::new(&endpoint, &options, ca_pem.as_deref())
+                    .map_err(config_error)?,
                 guarded: std::sync::atomic::AtomicBool::new(false),
                 ca_pem,
                 pulled: std::sync::Mutex::new(None),
@@ -366,13 +369,18 @@ impl Registry {
             };
             let (bytes, digest) = self.call(
                 capability,
-                RequestKind::Authenticating,
+                RequestKind::Document,
                 &reference,
                 &format!("manifest of {reference}"),
-                |client, auth, target| async move {
-                    client
-                        .pull_manifest_raw(&target, &auth, &MANIFEST_TYPES)
-                        .await
+                |attempt| async move {
+                    match attempt.bare {
+                        Some(bare) => bare.manifest(&attempt.target, &MANIFEST_TYPES).await,
+                        None => attempt
+                            .client
+                            .pull_manifest_raw(&attempt.target, &attempt.auth, &MANIFEST_TYPES)
+                            .await
+                            .map(|(bytes, digest)| (bytes.to_vec(), digest)),
+                    }
                 },
             )?;
             let value: serde_json::Value = serde_json::from_slice(&bytes)
@@ -412,7 +420,7 @@ impl Registry {
                 reference: pinned,
                 descriptor,
                 manifest,
-                raw_manifest: bytes.to_vec(),
+                raw_manifest: bytes,
             });
         }
         Err(invalid("image indexes nested too deep".into()))
@@ -444,8 +452,18 @@ impl Registry {
                 what: format!("blob {digest} has {size} bytes, more than the {limit} expected"),
             });
         }
-        let blob = self.blob(reference, digest, size);
-        let bytes = blob.read(0, size as usize)?;
+        let bytes = self.call(
+            Capability::Pull,
+            RequestKind::Document,
+            reference,
+            &format!("blob {digest}"),
+            |attempt| async move {
+                match attempt.bare {
+                    Some(bare) => bare.blob(&attempt.target, digest, size).await,
+                    None => blob::read_whole(attempt, digest, size).await,
+                }
+            },
+        )?;
         let actual = fsformat::digest::digest_of(&bytes);
         if actual != digest {
             return Err(RegistryError::Invalid {

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use oci_client::errors::OciDistributionError;
 use oci_client::Reference;
 
-use super::route::RequestKind;
+use super::route::{Attempt, RequestKind};
 use super::{Registry, RegistryError};
 use crate::hosts::Capability;
 
@@ -23,7 +23,12 @@ impl Registry {
             RequestKind::Authenticating,
             reference,
             &format!("checking blob {digest}"),
-            |client, auth, target| async move {
+            |Attempt {
+                 client,
+                 auth,
+                 target,
+                 ..
+             }| async move {
                 client
                     .store_auth_if_needed(target.resolve_registry(), &auth)
                     .await;
@@ -47,7 +52,12 @@ impl Registry {
             RequestKind::Authenticating,
             reference,
             &format!("pushing blob {digest}"),
-            |client, auth, target| {
+            |Attempt {
+                 client,
+                 auth,
+                 target,
+                 ..
+             }| {
                 let progress = progress.clone();
                 async move {
                     client
@@ -96,7 +106,12 @@ impl Registry {
             RequestKind::Authenticating,
             reference,
             &format!("pushing blob {digest}"),
-            |client, auth, target| async move {
+            |Attempt {
+                 client,
+                 auth,
+                 target,
+                 ..
+             }| async move {
                 client
                     .auth(&target, &auth, oci_client::RegistryOperation::Push)
                     .await?;
@@ -121,7 +136,12 @@ impl Registry {
             RequestKind::Authenticating,
             reference,
             &format!("pushing the manifest of {reference}"),
-            |client, auth, target| {
+            |Attempt {
+                 client,
+                 auth,
+                 target,
+                 ..
+             }| {
                 let content_type = content_type.clone();
                 async move {
                     client

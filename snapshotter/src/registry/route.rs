@@ -10,6 +10,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use super::bare::BareClient;
 use super::mirror_fill::{MirrorBlobs, RangeIgnored};
 use super::{Registry, RegistryError, RegistryOptions};
 use crate::hosts::{Capability, Endpoint};
@@ -30,12 +31,15 @@ pub(super) struct Route {
     /// Whether a read without credentials was challenged here: such reads then go through
     /// the authenticating client (which fetches and caches a token) from the start.
     pub(super) guarded: std::sync::atomic::AtomicBool,
-    /// A client that is never given credentials, for blob reads without credentials until the
-    /// endpoint challenges one. oci-client probes `GET /v2/` before every request of a client
-    /// that holds credentials (anonymous ones too) but got no token from them, which is every
-    /// request to a registry that asks for none: a second round trip per range read. A client
-    /// that holds none sends the request alone.
+    /// A client that is never given credentials, for range reads without credentials until
+    /// the endpoint challenges one. oci-client probes `GET /v2/` before every request of a
+    /// client that holds credentials (anonymous ones too) but got no token from them, which is
+    /// every request to a registry that asks for none: a second round trip per range read. A
+    /// client that holds none sends the request alone.
     pub(super) open_client: Client,
+    /// The same for whole documents (manifests, configs), which oci-client cannot read without
+    /// storing credentials (see `bare.rs`).
+    pub(super) bare: BareClient,
     /// What this mirror does with range reads of the blobs read lately.
     pub(super) blobs: MirrorBlobs,
 }
@@ -43,12 +47,27 @@ pub(super) struct Route {
 /// What a request does with the client's credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum RequestKind<'a> {
-    /// Hands credentials to the client (manifests, pushes): oci-client stores them.
+    /// Hands credentials to the client (pushes): oci-client stores them.
     Authenticating,
     /// A range read of the blob with this digest, which only uses what the client holds: on an
     /// open endpoint it may use a client that holds nothing, and skip the probe. A mirror may
     /// answer it with [`RangeIgnored`].
     BlobRead { digest: &'a str },
+    /// A whole manifest or small blob: without credentials, on an endpoint that never
+    /// challenged one, it goes out bare on [`Attempt::bare`].
+    Document,
+}
+
+/// One try of a request on one endpoint.
+pub(super) struct Attempt {
+    /// The client to send it with.
+    pub(super) client: Client,
+    /// The credentials the request may hand `client`.
+    pub(super) auth: RegistryAuth,
+    /// What the request names, as the endpoint knows it.
+    pub(super) target: Reference,
+    /// Set when a [`RequestKind::Document`] read goes out bare: send it on this client.
+    pub(super) bare: Option<BareClient>,
 }
 
 /// How a client for `endpoint` talks: plain HTTP or TLS (with its CA, maybe no verification),
@@ -110,33 +129,43 @@ impl Route {
         }
     }
 
-    /// A blob read with no credentials. It goes out bare on the probe-free client first, as
-    /// containerd's resolver does: an open registry answers it at once (oci-client's own
-    /// client would first probe `GET /v2/`, a round trip per request on a cold token cache).
-    /// A challenge marks the endpoint guarded, and the read, and later ones, go through the
-    /// authenticating `client`, which fetches and caches the token.
-    async fn anonymous_read<T, F, Fut>(
+    /// A read (of a range or a whole document). Without credentials it goes out bare first,
+    /// on a client that holds nothing, as containerd's resolver sends it: an open registry
+    /// answers it at once (oci-client's own client would first probe `GET /v2/`, a round trip
+    /// per request on a cold token cache). A challenge marks the endpoint guarded, and the
+    /// read, and later ones, go through the authenticating client of `attempt`, which is given
+    /// the credentials (anonymous ones too) so that it fetches and caches a token.
+    async fn read<T, F, Fut>(
         &self,
-        client: Client,
-        auth: RegistryAuth,
-        target: Reference,
+        kind: RequestKind<'_>,
+        attempt: Attempt,
         request: &F,
     ) -> Result<T, OciDistributionError>
     where
-        F: Fn(Client, RegistryAuth, Reference) -> Fut,
+        F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
         use std::sync::atomic::Ordering;
-        if self.guarded.load(Ordering::Relaxed) {
-            return request(client, auth, target).await;
-        }
-        match request(self.open_client.clone(), auth.clone(), target.clone()).await {
-            Err(error) if wants_credentials(&error) => {
-                self.guarded.store(true, Ordering::Relaxed);
-                request(client, auth, target).await
+        if matches!(attempt.auth, RegistryAuth::Anonymous) && !self.guarded.load(Ordering::Relaxed)
+        {
+            let bare = Attempt {
+                client: self.open_client.clone(),
+                auth: RegistryAuth::Anonymous,
+                target: attempt.target.clone(),
+                bare: (kind == RequestKind::Document).then(|| self.bare.clone()),
+            };
+            match request(bare).await {
+                Err(error) if wants_credentials(&error) => {
+                    self.guarded.store(true, Ordering::Relaxed);
+                }
+                answer => return answer,
             }
-            answer => answer,
         }
+        attempt
+            .client
+            .store_auth_if_needed(attempt.target.resolve_registry(), &attempt.auth)
+            .await;
+        request(attempt).await
     }
 
     fn mark_down(&self) {
@@ -159,7 +188,7 @@ impl Registry {
         request: F,
     ) -> Result<T, RegistryError>
     where
-        F: Fn(Client, RegistryAuth, Reference) -> Fut,
+        F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
         let capable: Vec<&Route> = self
@@ -169,7 +198,7 @@ impl Registry {
             .collect();
         let blob = match kind {
             RequestKind::BlobRead { digest } => Some(digest),
-            RequestKind::Authenticating => None,
+            RequestKind::Authenticating | RequestKind::Document => None,
         };
         // A mirror that could not be reached lately is skipped (a circuit breaker), so a dead
         // mirror costs one timeout per 30 s instead of one per request. The last endpoint is
@@ -262,7 +291,7 @@ impl Registry {
         request: &F,
     ) -> Result<T, RegistryError>
     where
-        F: Fn(Client, RegistryAuth, Reference) -> Fut,
+        F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
     {
         let host = route.endpoint.host.as_str();
@@ -283,16 +312,18 @@ impl Registry {
                 ),
                 None => (route.client.clone(), route.auth.clone(), route.auth_source),
             };
-            let anonymous_read = matches!(kind, RequestKind::BlobRead { .. })
-                && matches!(auth, RegistryAuth::Anonymous);
+            let this_try = Attempt {
+                client,
+                auth,
+                target: target.clone(),
+                bare: None,
+            };
             let outcome = self.runtime.block_on(async {
                 tokio::time::timeout(self.options.request_timeout, async {
-                    if anonymous_read {
-                        route
-                            .anonymous_read(client, auth, target.clone(), request)
-                            .await
+                    if kind == RequestKind::Authenticating {
+                        request(this_try).await
                     } else {
-                        request(client, auth, target.clone()).await
+                        route.read(kind, this_try, request).await
                     }
                 })
                 .await
