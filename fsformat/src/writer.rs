@@ -39,10 +39,12 @@ pub const MAX_FILE_SIZE: u64 = 1 << 40;
 const PENDING_PACK: [u32; 2] = [u32::MAX, u32::MAX - 1];
 /// The pack of files the prefetch list names.
 const PRIORITY: usize = 1;
-/// Default largest pack: 256 KiB. A start-up reads small files scattered over many packs;
-/// with 1 MiB packs (the chunk size) each read of one small file also fetched about a
-/// megabyte of its neighbours (`docs/benchmarks.md`).
-pub const DEFAULT_PACK_SIZE_LOG2: u8 = 18;
+/// Default largest pack: 128 KiB. A start-up reads small files scattered over many packs, and
+/// each read of one small file fetches its whole pack: with 1 MiB packs (the chunk size) about
+/// a megabyte of neighbours; on the python benchmark 128 KiB packs read 2.7 MB less before the
+/// container is ready than 256 KiB ones, and 64 KiB packs cost more round trips than they
+/// save bytes (`docs/benchmarks.md`).
+pub const DEFAULT_PACK_SIZE_LOG2: u8 = 17;
 const OCI_WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OCI_OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 

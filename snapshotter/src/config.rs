@@ -169,7 +169,8 @@ pub struct FetchSection {
     pub fuse_threads: usize,
     /// Background range requests in flight at once, node-wide.
     pub background_streams: usize,
-    /// Plaintext read ahead with a missed chunk, in the same range read (KiB); 0: off.
+    /// Plaintext read ahead with a chunk missed right after a present one, in the same range
+    /// read (KiB); 0: off.
     pub readahead_kib: u64,
     /// How long the background fetch waits after a layer is mounted, for the container that
     /// mounted it to start reading (milliseconds).

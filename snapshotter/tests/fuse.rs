@@ -361,7 +361,7 @@ fn reading_one_small_file_fetches_one_chunk() {
 }
 
 #[test]
-fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
+fn a_miss_in_a_walk_through_the_layer_brings_the_next_packs_in_the_same_range_read() {
     if !prerequisites() {
         return;
     }
@@ -396,7 +396,7 @@ fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
         );
     };
 
-    // 100 KiB of readahead: the missed chunk and the next two (40 + 40 KiB) in one read.
+    // 100 KiB of readahead (the next two 40 KiB packs), once reads walk the layer in order.
     let (mounted, faults, _mp) = sealed.mount(
         FetchConfig {
             readahead_bytes: 100 << 10,
@@ -404,30 +404,37 @@ fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
         },
         None,
     );
+    let stats = mounted.fs.fetcher().stats().clone();
+    // The first read has no chunk before it: nothing says the next one is read next.
     read(&mounted, 0);
     assert_eq!(faults.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.readahead_chunks.load(Ordering::SeqCst), 0);
+    // A miss right after a present chunk: the two after it come in the same range read.
     read(&mounted, 1);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 2);
     read(&mounted, 2);
+    read(&mounted, 3);
     assert_eq!(
         faults.reads.load(Ordering::SeqCst),
-        1,
-        "read ahead with chunk 0"
+        2,
+        "read ahead with chunk 1"
     );
-    // Counted once the reads of chunks 1 and 2 have returned: each chunk is counted before
-    // its waiters wake, and the read of chunk 0 may return before the rest of its run is.
-    let stats = mounted.fs.fetcher().stats();
+    // Counted once the reads of chunks 2 and 3 have returned: each chunk is counted before
+    // its waiters wake, and the read of chunk 1 may return before the rest of its run is.
     assert_eq!(
         stats.urgent_chunks.load(Ordering::SeqCst),
-        1,
-        "the chunk read waits for"
+        2,
+        "the chunks reads waited for"
     );
     assert_eq!(
         stats.readahead_chunks.load(Ordering::SeqCst),
         2,
-        "the two after it"
+        "the two after chunk 1"
     );
-    read(&mounted, 3);
-    assert_eq!(faults.reads.load(Ordering::SeqCst), 2, "past the readahead");
+    // A read that jumps (chunk 4 is not present) fetches its chunk alone.
+    read(&mounted, 5);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 3, "past the readahead");
+    assert_eq!(stats.readahead_chunks.load(Ordering::SeqCst), 2);
     drop(mounted);
 
     // Off: one range read per chunk.
@@ -440,7 +447,8 @@ fn a_missed_read_brings_the_next_packs_in_the_same_range_read() {
     );
     read(&mounted, 0);
     read(&mounted, 1);
-    assert_eq!(faults.reads.load(Ordering::SeqCst), 2);
+    read(&mounted, 2);
+    assert_eq!(faults.reads.load(Ordering::SeqCst), 3);
 }
 
 #[test]

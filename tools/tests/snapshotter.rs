@@ -39,6 +39,8 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
 
     let served_before = node.registry.blob_bytes_served();
     let manifests_before = node.registry.gets(|uri| uri.contains("/manifests/"));
+    let probes_before = node.registry.gets(|uri| uri == "/v2/");
+    let gets_before = node.registry.gets(|_| true);
     let out = node.pull(&sealed);
     assert!(
         out.status.success(),
@@ -57,6 +59,18 @@ fn lazy_pull_runs_containers_that_see_the_plain_files_and_gc_frees_everything() 
         node.registry.gets(|uri| uri.contains("/manifests/")) - manifests_before,
         1,
         "manifest GETs of one lazy pull"
+    );
+    // A lazy pull's round trips to an open registry: the manifest, the config, and the
+    // layers' tails (read at once), with no auth probe before any of them.
+    assert_eq!(
+        node.registry.gets(|uri| uri == "/v2/") - probes_before,
+        0,
+        "auth probes of one lazy pull"
+    );
+    assert_eq!(
+        node.registry.gets(|_| true) - gets_before,
+        2 + layers,
+        "GETs of one lazy pull of {layers} layers"
     );
     assert_eq!(node.daemon.fuse_mounts().len(), layers);
 

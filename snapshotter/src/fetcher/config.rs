@@ -64,9 +64,10 @@ pub struct FetchConfig {
     pub profile: bool,
     /// Range reads of this layer's profile in flight at once.
     pub profile_streams: usize,
-    /// When a read misses, the chunks right after it are fetched in the same range read, up
-    /// to this many plaintext bytes: a start-up reads files in directory order, and the next
-    /// pack of small files is likely next. 0: off. A chunk bigger than this is never read ahead.
+    /// When a read misses right after the chunk before it (reads walk the layer in order),
+    /// the chunks after it are fetched in the same range read, up to this many plaintext
+    /// bytes: the next pack of small files is then likely read next. 0: off. A chunk bigger
+    /// than this is never read ahead; the default is one default pack.
     pub readahead_bytes: u64,
 }
 
@@ -78,7 +79,7 @@ impl Default for FetchConfig {
             merge_bytes: 4 << 20,
             profile: true,
             profile_streams: 4,
-            readahead_bytes: 256 << 10,
+            readahead_bytes: 128 << 10,
         }
     }
 }

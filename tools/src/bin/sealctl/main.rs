@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, value_name = "N", default_value = "1M", value_parser = image::parse_size)]
         chunk_size: u64,
         /// Largest pack of small files in bytes: a power of two from 64K to the chunk size
-        /// [default: 256K, or the chunk size if smaller]. Smaller packs mean a read of one
+        /// [default: 128K, or the chunk size if smaller]. Smaller packs mean a read of one
         /// small file fetches fewer of its neighbours, at the cost of more requests.
         #[arg(long, value_name = "N", value_parser = image::parse_size)]
         pack_size: Option<u64>,
