@@ -321,10 +321,13 @@ pub struct Released {
     pub mounts: usize,
     /// Whether a kept FUSE session was ended.
     pub session: bool,
+    /// Whether layer keys kept for keyprovider layers were let go.
+    pub keys: bool,
 }
 
 /// The deliberate shutdown a daemon restart does not do: unmounts every sealed layer a
-/// stopped daemon left mounted, ends their FUSE session and lets the session keeper exit.
+/// stopped daemon left mounted, ends their FUSE session, drops the layer keys kept for
+/// keyprovider layers and lets the session keeper exit.
 /// Containers still running on those layers fail every later read of them. Refuses while a
 /// daemon serves `config`'s socket (stop it first).
 pub fn release(config: &Config) -> Result<Released, DaemonError> {
@@ -342,6 +345,8 @@ pub fn release(config: &Config) -> Result<Released, DaemonError> {
         crate::mount_table::abort_fuse_connection(id);
     }
     let keeper = crate::session_keeper::Keeper::in_root(&config.root);
+    // The keys first: a keeper left holding nothing after a release exits.
+    released.keys = keeper.release(crate::kept_keys::KEPT_KEYS).unwrap_or(false);
     released.session = keeper
         .release(crate::session_keeper::NODE_SESSION)
         .unwrap_or(false);

@@ -56,6 +56,7 @@ pub mod grpc;
 pub mod hardening;
 pub mod hosts;
 pub mod image_scope;
+pub mod kept_keys;
 pub mod key_access;
 pub mod keyprovider;
 pub mod keys;

@@ -244,13 +244,36 @@ pub fn open_sealed_layer_with_tail(
     fetched: Option<UnverifiedTail>,
 ) -> Result<OpenedLayer, MountError> {
     let (facts, key, opened_by) = unwrap_layer_by(descriptor, identities)?;
+    open_unwrapped(
+        descriptor,
+        &facts,
+        &key,
+        opened_by,
+        source,
+        max_index_bytes,
+        fetched,
+    )
+}
+
+/// Opens a sealed layer whose key is unwrapped already (`opened_by` says by what; `facts` are
+/// the descriptor's), with the tail in `fetched` or read now: the index is authenticated
+/// with the key, so a wrong key fails here.
+pub fn open_unwrapped(
+    descriptor: &Descriptor,
+    facts: &SealedLayerAnnotations,
+    key: &LayerKey,
+    opened_by: String,
+    source: Arc<dyn ChunkSource>,
+    max_index_bytes: u64,
+    fetched: Option<UnverifiedTail>,
+) -> Result<OpenedLayer, MountError> {
     let tail = match fetched {
         Some(tail) => tail,
-        None => read_tail(descriptor, &facts, &*source, max_index_bytes)?,
+        None => read_tail(descriptor, facts, &*source, max_index_bytes)?,
     };
     let digest = descriptor.digest().to_string();
     let layer = tail
-        .open(&key, &facts.index_digest)
+        .open(key, &facts.index_digest)
         .map_err(|source| MountError::Layer {
             digest: digest.clone(),
             source,

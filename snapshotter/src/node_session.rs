@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use fsformat::LayerKey;
+
 use crate::fuse::session::FuseSession;
+use crate::kept_keys::{self, KeptKeys, KEPT_KEYS};
 use crate::mount::{self, MountError, MountOptions};
 use crate::session_keeper::{Keeper, NODE_SESSION};
 
@@ -44,6 +47,10 @@ pub struct NodeSession {
     /// The keeper this daemon started, reaped when it is replaced after dying (else it stays
     /// a zombie while this daemon runs). A keeper an earlier daemon started is not a child.
     spawned: Mutex<Option<std::process::Child>>,
+    /// Layer keys keyproviders unwrapped for mounted layers, kept with the session
+    /// ([`crate::kept_keys`]); and the file the keeper was last handed, wiped when replaced.
+    keys: KeptKeys,
+    keys_file: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl NodeSession {
@@ -58,6 +65,8 @@ impl NodeSession {
             kept: AtomicBool::new(false),
             checking: Mutex::new(()),
             spawned: Mutex::new(None),
+            keys: KeptKeys::new(),
+            keys_file: Mutex::new(None),
         }
     }
 
@@ -107,6 +116,9 @@ impl NodeSession {
             keeping.keeper.store(NODE_SESSION, session.device())
         })();
         self.kept.store(kept.is_ok(), Ordering::Relaxed);
+        if kept.is_ok() && !self.keys.is_empty() {
+            self.hand_keys(keeping);
+        }
         match kept {
             Ok(()) => {
                 tracing::info!(keeper = %keeping.keeper.socket().display(), "FUSE session kept for restarts")
@@ -135,6 +147,9 @@ impl NodeSession {
                 return false;
             }
         };
+        // Taken whether or not the session is still mounted: either way the layers are
+        // opened again now, and these keys open the ones keyproviders opened.
+        self.take_kept_keys(keeping);
         if !crate::mount_table::is_mounted(dir) {
             // Unmounted by hand: the kept connection serves nothing any more.
             tracing::warn!(dir = %dir.display(), "the kept FUSE session is no longer mounted; releasing it");
@@ -223,7 +238,92 @@ impl NodeSession {
     pub fn end(&self) {
         if self.session.lock().expect("session lock").take().is_some() {
             if let Some(keeping) = &self.keeping {
+                let _ = keeping.keeper.release(KEPT_KEYS);
                 let _ = keeping.keeper.release(NODE_SESSION);
+            }
+        }
+        if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
+            kept_keys::wipe(&file);
+        }
+    }
+
+    /// The layer key kept for snapshot `id` if it opens layer `digest`, and what unwrapped it
+    /// (a restart reopens a provider's layer with it, see [`crate::kept_keys`]).
+    pub fn kept_key(&self, id: u64, digest: &str) -> Option<(LayerKey, String)> {
+        self.keys.get(id, digest)
+    }
+
+    /// Keeps the key a keyprovider (`opened_by`) unwrapped for snapshot `id`'s layer `digest`,
+    /// with the keeper, for the next daemon.
+    pub fn keep_key(&self, id: u64, digest: &str, opened_by: &str, key: &LayerKey) {
+        if self.keys.insert(id, digest, opened_by, key) {
+            if let Some(keeping) = self.keeping.as_ref().filter(|_| self.kept_now()) {
+                self.hand_keys(keeping);
+            }
+        }
+    }
+
+    /// Drops the key kept for snapshot `id` (removed), with the keeper too.
+    pub fn forget_key(&self, id: u64) {
+        if !self.keys.remove(id) {
+            return;
+        }
+        if let Some(keeping) = &self.keeping {
+            if self.keys.is_empty() {
+                let _ = keeping.keeper.release(KEPT_KEYS);
+                if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
+                    kept_keys::wipe(&file);
+                }
+            } else if self.kept_now() {
+                self.hand_keys(keeping);
+            }
+        }
+    }
+
+    /// Hands the keeper a new file of every kept key (replacing the one it held, which is
+    /// wiped). A failure leaves provider layers to their providers at the next restart: said
+    /// as a warning.
+    fn hand_keys(&self, keeping: &SessionKeeping) {
+        let mut current = self.keys_file.lock().expect("keys file lock");
+        let handed = self.keys.to_file().and_then(|file| {
+            keeping
+                .keeper
+                .store(KEPT_KEYS, std::os::fd::AsFd::as_fd(&file))?;
+            Ok(file)
+        });
+        match handed {
+            Ok(file) => {
+                if let Some(old) = current.replace(file) {
+                    kept_keys::wipe(&old);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "layer keys from keyproviders are not kept: after a restart their layers need the providers again")
+            }
+        }
+    }
+
+    /// Takes the layer keys an earlier daemon kept with the session.
+    fn take_kept_keys(&self, keeping: &SessionKeeping) {
+        match keeping.keeper.take(KEPT_KEYS) {
+            Ok(Some(file)) => match KeptKeys::read(&file) {
+                Ok(keys) => {
+                    tracing::info!(
+                        layers = keys.len(),
+                        "layer keys from keyproviders kept across the restart"
+                    );
+                    // The same file the keeper holds: replaced (and wiped) at the next change.
+                    *self.keys_file.lock().expect("keys file lock") = Some(file);
+                    // `keys` is a fresh map: move its entries in.
+                    self.keys.replace_with(keys);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the kept layer keys cannot be read; layers opened by keyproviders ask them again")
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the kept layer keys cannot be taken from the session keeper")
             }
         }
     }

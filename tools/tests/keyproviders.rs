@@ -442,32 +442,59 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
     assert!(metric("sealfs_keyprovider_failures", "kms-slow") >= 1);
     assert_eq!(metric("sealfs_keyprovider_unwraps", "kms-slow"), 0);
 
-    // A restarted daemon opens its mounted layers again through the provider (the unwrapped
-    // keys were in memory only), and the image runs.
+    // A restarted daemon reopens the layers keyproviders opened with the keys it kept with
+    // the FUSE session (see `kept_keys`): the gRPC provider is down (since the refusal above)
+    // while it starts, yet every layer is mounted again at once, no provider is asked, and
+    // containers run on the layers either provider opened.
     let unwraps = |log: &Path| {
         fs::read_to_string(log)
             .unwrap()
             .lines()
-            .filter(|l| *l == "cmd keyunwrap kms=Enabled")
+            .filter(|l| l.contains(" keyunwrap "))
             .count()
     };
     let before = unwraps(&log);
     let layers_mounted = node.daemon.metric("sealfs_layers_mounted");
     let mut node = node;
     node.daemon.signal("TERM");
-    // The gRPC provider is down (since the refusal above) while the daemon starts: the
-    // layers it opened cannot be opened again yet.
     node.daemon.restart(&node.containerd);
+    assert_eq!(
+        node.daemon.metric("sealfs_layers_mounted"),
+        layers_mounted,
+        "{}",
+        node.daemon.log()
+    );
+    assert!(node
+        .run(&over_grpc, "grpc-after-restart", &[])
+        .contains(GREETING));
     assert!(node
         .run(&over_cmd, "cmd-after-restart", &[])
         .contains(GREETING));
+    assert_eq!(unwraps(&log), before, "the restart asked a provider");
+    assert!(node
+        .daemon
+        .log()
+        .contains("layer keys from keyproviders kept across the restart"));
+
+    // A deliberate shutdown lets the kept keys go with the session. The next start needs the
+    // providers: the layers the gRPC one opened cannot be opened while it is down, and once
+    // it is back the daemon mounts them again by itself (containers running on them would
+    // read again without anything else happening on the node).
+    node.daemon.signal("TERM");
+    let released = node.daemon.release();
+    assert!(
+        String::from_utf8_lossy(&released.stdout).contains("dropped the layer keys"),
+        "{released:?}"
+    );
+    node.daemon.restart(&node.containerd);
+    assert!(node
+        .run(&over_cmd, "cmd-after-release", &[])
+        .contains(GREETING));
     assert!(
         unwraps(&log) > before,
-        "the restart did not ask the provider"
+        "the start after a release did not ask the provider"
     );
     assert!(node.daemon.metric("sealfs_layers_mounted") < layers_mounted);
-    // Once the provider is back, the daemon mounts them again by itself: containers running
-    // on them would read again without anything else happening on the node.
     let _grpc = GrpcProvider::start(programs, &socket, &kek_args);
     assert!(
         node.daemon.wait_for_log(

@@ -134,6 +134,10 @@ struct CommandEntry {
     args: Vec<String>,
 }
 
+/// How a provider is named where keys are (`provider:NAME`): in recipients, errors, key access
+/// rules and what opened a layer.
+pub const LABEL_PREFIX: &str = "provider:";
+
 /// The providers of one configuration file, by name.
 #[derive(Clone, Debug, Default)]
 pub struct KeyProviders {
@@ -302,7 +306,7 @@ impl Provider {
 
 impl Identity for Provider {
     fn label(&self) -> String {
-        format!("provider:{}", self.name)
+        format!("{LABEL_PREFIX}{}", self.name)
     }
 
     fn unwrap(&self, stanza: &Stanza) -> Option<fsformat::Result<LayerKey>> {

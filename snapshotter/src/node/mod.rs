@@ -276,6 +276,7 @@ impl Node {
                     drop(layer); // unmounts
                 }
                 self.remote.memory().forget_layer(removed.id);
+                self.remote.session().forget_key(removed.id);
                 tracing::info!(snapshot = %removed.name, "remote layer unmounted");
             }
         })?)

@@ -565,16 +565,35 @@ impl RemoteLayers {
             })
         })?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
-        let identities = self.identities_for(source, &reference)?;
+        let (facts, key, opened_by) = match self.kept_key(source, cache_key) {
+            Some((key, opened_by)) => {
+                let facts = SealedLayerAnnotations::read_from(
+                    &source.descriptor.annotations().clone().unwrap_or_default(),
+                )
+                .map_err(|error| {
+                    mount_error(MountError::Layer {
+                        digest: layer.clone(),
+                        source: error,
+                    })
+                })?;
+                (facts, key, opened_by)
+            }
+            None => {
+                let identities = self.identities_for(source, &reference)?;
+                mount::unwrap_layer_by(&source.descriptor, &identities).map_err(mount_error)?
+            }
+        };
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
         let tail = self
             .layer_tail(source, &blob, cache_dir)
             .map_err(mount_error)?;
-        let opened = mount::open_sealed_layer_with_tail(
+        let opened = mount::open_unwrapped(
             &source.descriptor,
+            &facts,
+            &key,
+            opened_by,
             blob,
-            &identities,
             self.config.mount.max_index_bytes,
             Some(tail),
         )
@@ -594,7 +613,35 @@ impl RemoteLayers {
         let session = self.session.get_or_mount().map_err(mount_error)?;
         let mounted =
             MountedLayer::add_bound_at(&session, fs, slot, mountpoint).map_err(mount_error)?;
+        if opened
+            .opened_by
+            .starts_with(crate::keyprovider::LABEL_PREFIX)
+        {
+            self.session
+                .keep_key(cache_key, &layer, &opened.opened_by, &key);
+        }
         Ok((mounted, opened.opened_by.clone()))
+    }
+
+    /// The key kept across a restart for snapshot `id`'s layer (see [`crate::kept_keys`]), as
+    /// long as the provider that unwrapped it is still configured and the key access rules
+    /// still let the snapshot's workload use it; otherwise the layer is opened as at first.
+    fn kept_key(
+        &self,
+        source: &RemoteLayerSource,
+        id: u64,
+    ) -> Option<(fsformat::LayerKey, String)> {
+        use fsformat::Identity;
+        let (key, opened_by) = self.session.kept_key(id, &source.digest())?;
+        let configured = self
+            .config
+            .providers
+            .all()
+            .any(|provider| provider.label() == opened_by);
+        let allowed = self
+            .check_key_access(&opened_by, &source.namespace, source)
+            .is_ok();
+        (configured && allowed).then_some((key, opened_by))
     }
 
     /// The layer's tail: the copy kept beside its disk cache (so a restart reopens the layer

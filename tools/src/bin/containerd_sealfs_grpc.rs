@@ -106,12 +106,17 @@ fn main() -> ExitCode {
         return match snapshotter::daemon::release(&config) {
             Ok(released) => {
                 println!(
-                    "released {} sealed-layer mount(s){}",
+                    "released {} sealed-layer mount(s){}{}",
                     released.mounts,
                     if released.session {
                         " and the kept FUSE session"
                     } else {
                         "; no FUSE session was kept"
+                    },
+                    if released.keys {
+                        "; dropped the layer keys kept for keyprovider layers"
+                    } else {
+                        ""
                     }
                 );
                 ExitCode::SUCCESS
