@@ -121,9 +121,12 @@ impl KeptKeys {
         self.len() == 0
     }
 
-    /// A new memory file holding every kept key, for the keeper.
-    pub fn to_file(&self) -> io::Result<OwnedFd> {
-        let bytes = serialize(&self.keys.lock().expect("kept keys lock"));
+    /// A new memory file holding every kept key, for the keeper, and how many it holds.
+    pub fn to_file(&self) -> io::Result<(OwnedFd, usize)> {
+        let (bytes, count) = {
+            let keys = self.keys.lock().expect("kept keys lock");
+            (serialize(&keys), keys.len())
+        };
         let name = c"sealfs-kept-layer-keys";
         // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -133,7 +136,7 @@ impl KeptKeys {
         // SAFETY: the descriptor was just created and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         std::fs::File::from(fd.try_clone()?).write_all_at(&bytes, 0)?;
-        Ok(fd)
+        Ok((fd, count))
     }
 }
 
@@ -229,7 +232,7 @@ mod tests {
         assert!(kept.insert(7, "sha256:aa", "provider:kms", &key(1)));
         assert!(!kept.insert(7, "sha256:aa", "provider:kms", &key(1)));
         assert!(kept.insert(9, "sha256:bb", "provider:attestation", &key(2)));
-        let file = kept.to_file().unwrap();
+        let (file, _) = kept.to_file().unwrap();
         let back = KeptKeys::read(&file).unwrap();
         assert_eq!(back.len(), 2);
         let (found, by) = back.get(7, "sha256:aa").unwrap();
@@ -239,7 +242,7 @@ mod tests {
         assert!(back.get(8, "sha256:aa").is_none(), "another snapshot");
         assert!(back.remove(9));
         assert!(!back.remove(9));
-        assert_eq!(KeptKeys::read(&back.to_file().unwrap()).unwrap().len(), 1);
+        assert_eq!(KeptKeys::read(&back.to_file().unwrap().0).unwrap().len(), 1);
 
         wipe(&file);
         assert!(KeptKeys::read(&file).is_err(), "a wiped file holds nothing");
@@ -249,7 +252,7 @@ mod tests {
     fn damaged_files_are_refused() {
         let kept = KeptKeys::new();
         kept.insert(1, "sha256:aa", "provider:kms", &key(3));
-        let file = kept.to_file().unwrap();
+        let (file, _) = kept.to_file().unwrap();
         let whole = {
             let file = std::fs::File::from(file.try_clone().unwrap());
             let mut bytes = vec![0u8; file.metadata().unwrap().len() as usize];

@@ -160,6 +160,12 @@ impl Collector for NodeCollector {
         )?;
         gauge(
             &mut encoder,
+            "sealfs_kept_layer_keys",
+            "Layer keys that keyproviders gave for mounted layers and the session keeper holds, so a restart reopens those layers without the providers.",
+            node.remote().session().keys_kept() as i64,
+        )?;
+        gauge(
+            &mut encoder,
             "sealfs_reads_waiting",
             "Reads waiting now for a chunk being fetched (from a registry, or a fetch in flight).",
             totals.reads_waiting as i64,

@@ -51,6 +51,8 @@ pub struct NodeSession {
     /// ([`crate::kept_keys`]); and the file the keeper was last handed, wiped when replaced.
     keys: KeptKeys,
     keys_file: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// How many keys the file the keeper holds has.
+    keys_kept: std::sync::atomic::AtomicUsize,
 }
 
 impl NodeSession {
@@ -67,6 +69,7 @@ impl NodeSession {
             spawned: Mutex::new(None),
             keys: KeptKeys::new(),
             keys_file: Mutex::new(None),
+            keys_kept: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -245,6 +248,12 @@ impl NodeSession {
         if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
             kept_keys::wipe(&file);
         }
+        self.keys_kept.store(0, Ordering::Relaxed);
+    }
+
+    /// How many layer keys of keyprovider layers the session keeper holds for the next daemon.
+    pub fn keys_kept(&self) -> usize {
+        self.keys_kept.load(Ordering::Relaxed)
     }
 
     /// The layer key kept for snapshot `id` if it opens layer `digest`, and what unwrapped it
@@ -274,6 +283,7 @@ impl NodeSession {
                 if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
                     kept_keys::wipe(&file);
                 }
+                self.keys_kept.store(0, Ordering::Relaxed);
             } else if self.kept_now() {
                 self.hand_keys(keeping);
             }
@@ -285,14 +295,15 @@ impl NodeSession {
     /// as a warning.
     fn hand_keys(&self, keeping: &SessionKeeping) {
         let mut current = self.keys_file.lock().expect("keys file lock");
-        let handed = self.keys.to_file().and_then(|file| {
+        let handed = self.keys.to_file().and_then(|(file, count)| {
             keeping
                 .keeper
                 .store(KEPT_KEYS, std::os::fd::AsFd::as_fd(&file))?;
-            Ok(file)
+            Ok((file, count))
         });
         match handed {
-            Ok(file) => {
+            Ok((file, count)) => {
+                self.keys_kept.store(count, Ordering::Relaxed);
                 if let Some(old) = current.replace(file) {
                     kept_keys::wipe(&old);
                 }
@@ -314,6 +325,7 @@ impl NodeSession {
                     );
                     // The same file the keeper holds: replaced (and wiped) at the next change.
                     *self.keys_file.lock().expect("keys file lock") = Some(file);
+                    self.keys_kept.store(keys.len(), Ordering::Relaxed);
                     // `keys` is a fresh map: move its entries in.
                     self.keys.replace_with(keys);
                 }

@@ -455,6 +455,8 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
     };
     let before = unwraps(&log);
     let layers_mounted = node.daemon.metric("sealfs_layers_mounted");
+    // Every layer here was opened by a provider: each one's key is with the keeper.
+    assert_eq!(node.daemon.metric("sealfs_kept_layer_keys"), layers_mounted);
     let mut node = node;
     node.daemon.signal("TERM");
     node.daemon.restart(&node.containerd);
@@ -471,6 +473,7 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
         .run(&over_cmd, "cmd-after-restart", &[])
         .contains(GREETING));
     assert_eq!(unwraps(&log), before, "the restart asked a provider");
+    assert_eq!(node.daemon.metric("sealfs_kept_layer_keys"), layers_mounted);
     assert!(node
         .daemon
         .log()
