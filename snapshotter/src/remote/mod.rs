@@ -565,7 +565,9 @@ impl RemoteLayers {
             })
         })?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
-        let (facts, key, opened_by) = match self.kept_key(source, cache_key) {
+        let kept = self.kept_key(source, cache_key);
+        let from_kept = kept.is_some();
+        let (facts, key, opened_by) = match kept {
             Some((key, opened_by)) => {
                 let facts = SealedLayerAnnotations::read_from(
                     &source.descriptor.annotations().clone().unwrap_or_default(),
@@ -597,6 +599,13 @@ impl RemoteLayers {
             self.config.mount.max_index_bytes,
             Some(tail),
         )
+        .inspect_err(|_| {
+            // A kept key that does not open its layer (damaged) is not tried again: the
+            // next attempt asks the provider.
+            if from_kept {
+                self.session.forget_key(cache_key);
+            }
+        })
         .map_err(mount_error)?;
         let options = MountOptions {
             cache_dir: Some(cache_dir.to_path_buf()),
