@@ -57,7 +57,7 @@ impl KeyAccess {
             let is_key_id = rule.key.len() == 16 && rule.key.bytes().all(|b| b.is_ascii_hexdigit());
             let is_provider = rule
                 .key
-                .strip_prefix("provider:")
+                .strip_prefix(crate::keyprovider::LABEL_PREFIX)
                 .is_some_and(|name| fsformat::keywrap::check_provider_name(name).is_ok());
             if !is_key_id && !is_provider {
                 return Err(format!(
@@ -65,10 +65,9 @@ impl KeyAccess {
                     rule.key
                 ));
             }
-            rule.key.make_ascii_lowercase();
-            if is_provider {
-                // Provider names are case-sensitive; only the key id form is normalised.
-                rule.key = format!("provider:{}", &rule.key["provider:".len()..]);
+            // Key ids are hex and match in any case; provider names are case-sensitive.
+            if is_key_id {
+                rule.key.make_ascii_lowercase();
             }
             if rule.namespaces.is_empty() || rule.namespaces.iter().any(String::is_empty) {
                 return Err(format!(
@@ -178,6 +177,15 @@ mod tests {
         // Key ids are matched case-insensitively, "*" is any namespace.
         assert!(access.allows("00112233aabbccdd", at("anything", "reg.io/public/x")));
         assert!(!access.allows("00112233aabbccdd", at("anything", "reg.io/private")));
+        // Provider names keep their case, as providers are named in the config.
+        let upper = KeyAccess::new(vec![rule(
+            "provider:KMS-East",
+            &["team-a"],
+            &["reg.io/team-a/"],
+        )])
+        .unwrap();
+        assert!(upper.allows("provider:KMS-East", at("team-a", "reg.io/team-a/app")));
+        assert!(!upper.allows("provider:KMS-East", at("team-b", "reg.io/team-a/app")));
         // Keys no rule names are not restricted.
         assert!(!access.restricts("provider:vault"));
         assert!(access.allows("provider:vault", at("", "reg.io/x")));
