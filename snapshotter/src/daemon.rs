@@ -345,7 +345,11 @@ pub fn release(config: &Config) -> Result<Released, DaemonError> {
         crate::mount_table::abort_fuse_connection(id);
     }
     let keeper = crate::session_keeper::Keeper::in_root(&config.root);
-    // The keys first: a keeper left holding nothing after a release exits.
+    // The keys first: a keeper left holding nothing after a release exits. They are wiped
+    // before the keeper closes them, as a running daemon wipes the files it replaces.
+    if let Ok(Some(file)) = keeper.take(crate::kept_keys::KEPT_KEYS) {
+        crate::kept_keys::wipe(&file);
+    }
     released.keys = keeper.release(crate::kept_keys::KEPT_KEYS).unwrap_or(false);
     released.session = keeper
         .release(crate::session_keeper::NODE_SESSION)

@@ -14,7 +14,9 @@
 //! deliberate shutdown (`containerd-sealfs-grpc release`) lets it go. A key read back is only
 //! used for the snapshot and layer it was kept for, and every layer's index is authenticated
 //! with its key (key commitment), so a wrong or damaged entry fails to open, never opens
-//! wrongly; it is then dropped, and the next attempt asks the provider. Cost: about 150 bytes per provider-opened layer.
+//! wrongly; it is then dropped, and the next attempt asks the provider. Cost: about 150 bytes
+//! per provider-opened layer, and the file is rewritten whole at each change (a mount or
+//! removal of a provider-opened layer), which is linear in those layers.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -52,9 +54,10 @@ impl KeptKeys {
         KeptKeys::default()
     }
 
-    /// The keys in a file an earlier daemon kept. A file that does not parse is reported: its
-    /// layers are then opened as if nothing had been kept.
-    pub fn read(file: &OwnedFd) -> io::Result<Self> {
+    /// Replaces these keys with those in a file an earlier daemon kept; how many it holds. A
+    /// file that does not parse is reported and changes nothing: its layers are then opened
+    /// as if nothing had been kept.
+    pub fn load(&self, file: &OwnedFd) -> io::Result<usize> {
         let file = std::fs::File::from(file.try_clone()?);
         let len = file.metadata()?.len();
         if len > MAX_FILE {
@@ -63,9 +66,9 @@ impl KeptKeys {
         let mut bytes = Zeroizing::new(vec![0u8; len as usize]);
         file.read_exact_at(&mut bytes, 0)?;
         let keys = parse(&bytes)?;
-        Ok(KeptKeys {
-            keys: Mutex::new(keys),
-        })
+        let count = keys.len();
+        *self.keys.lock().expect("kept keys lock") = keys;
+        Ok(count)
     }
 
     /// The key kept for snapshot `id` if it opens layer `digest`, and what unwrapped it.
@@ -103,12 +106,6 @@ impl KeptKeys {
             .expect("kept keys lock")
             .remove(&id)
             .is_some()
-    }
-
-    /// Takes the keys of `other` in place of these.
-    pub fn replace_with(&self, other: KeptKeys) {
-        let keys = other.keys.into_inner().expect("kept keys lock");
-        *self.keys.lock().expect("kept keys lock") = keys;
     }
 
     /// How many keys are kept.
@@ -233,7 +230,8 @@ mod tests {
         assert!(!kept.insert(7, "sha256:aa", "provider:kms", &key(1)));
         assert!(kept.insert(9, "sha256:bb", "provider:attestation", &key(2)));
         let (file, _) = kept.to_file().unwrap();
-        let back = KeptKeys::read(&file).unwrap();
+        let back = KeptKeys::new();
+        assert_eq!(back.load(&file).unwrap(), 2);
         assert_eq!(back.len(), 2);
         let (found, by) = back.get(7, "sha256:aa").unwrap();
         assert_eq!(found.expose_bytes(), key(1).expose_bytes());
@@ -242,10 +240,13 @@ mod tests {
         assert!(back.get(8, "sha256:aa").is_none(), "another snapshot");
         assert!(back.remove(9));
         assert!(!back.remove(9));
-        assert_eq!(KeptKeys::read(&back.to_file().unwrap().0).unwrap().len(), 1);
+        assert_eq!(KeptKeys::new().load(&back.to_file().unwrap().0).unwrap(), 1);
 
         wipe(&file);
-        assert!(KeptKeys::read(&file).is_err(), "a wiped file holds nothing");
+        assert!(
+            KeptKeys::new().load(&file).is_err(),
+            "a wiped file holds nothing"
+        );
     }
 
     #[test]

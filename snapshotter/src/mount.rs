@@ -157,6 +157,14 @@ pub fn unwrap_layer_by(
     descriptor: &Descriptor,
     identities: &Identities,
 ) -> Result<(SealedLayerAnnotations, LayerKey, String), MountError> {
+    let facts = layer_facts(descriptor)?;
+    let (key, opened_by) = unwrap_key(descriptor, &facts, identities)?;
+    Ok((facts, key, opened_by))
+}
+
+/// A sealed layer descriptor's facts (its annotations: recipients, index size and digest); a
+/// layer that is not sealed is refused.
+pub fn layer_facts(descriptor: &Descriptor) -> Result<SealedLayerAnnotations, MountError> {
     let digest = descriptor.digest().to_string();
     if descriptor.media_type().to_string() != MEDIA_TYPE_SEALED_LAYER {
         return Err(MountError::NotSealed {
@@ -164,15 +172,22 @@ pub fn unwrap_layer_by(
             media_type: descriptor.media_type().to_string(),
         });
     }
-    let layer_error = |source| MountError::Layer {
-        digest: digest.clone(),
-        source,
-    };
     let annotations = descriptor.annotations().clone().unwrap_or_default();
-    let facts = SealedLayerAnnotations::read_from(&annotations).map_err(layer_error)?;
-    let (key, opened_by) =
-        unwrap_layer_key_by(&identities.as_dyn(), &facts.stanzas).map_err(layer_error)?;
-    Ok((facts, key, opened_by))
+    SealedLayerAnnotations::read_from(&annotations)
+        .map_err(|source| MountError::Layer { digest, source })
+}
+
+/// The layer key of `descriptor` (whose facts are `facts`), unwrapped with the first identity
+/// that can, and what unwrapped it.
+pub fn unwrap_key(
+    descriptor: &Descriptor,
+    facts: &SealedLayerAnnotations,
+    identities: &Identities,
+) -> Result<(LayerKey, String), MountError> {
+    unwrap_layer_key_by(&identities.as_dyn(), &facts.stanzas).map_err(|source| MountError::Layer {
+        digest: descriptor.digest().to_string(),
+        source,
+    })
 }
 
 /// Fetches a sealed layer's tail (index and footer) with one range read and checks it against

@@ -240,10 +240,18 @@ impl NodeSession {
     /// let it go.
     pub fn end(&self) {
         if self.session.lock().expect("session lock").take().is_some() {
+            // The keys first: a keeper left holding nothing after a release exits.
+            self.let_keys_go();
             if let Some(keeping) = &self.keeping {
-                let _ = keeping.keeper.release(KEPT_KEYS);
                 let _ = keeping.keeper.release(NODE_SESSION);
             }
+        }
+    }
+
+    /// Takes the kept-keys file back from the keeper and wipes it.
+    fn let_keys_go(&self) {
+        if let Some(keeping) = &self.keeping {
+            let _ = keeping.keeper.release(KEPT_KEYS);
         }
         if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
             kept_keys::wipe(&file);
@@ -277,16 +285,10 @@ impl NodeSession {
         if !self.keys.remove(id) {
             return;
         }
-        if let Some(keeping) = &self.keeping {
-            if self.keys.is_empty() {
-                let _ = keeping.keeper.release(KEPT_KEYS);
-                if let Some(file) = self.keys_file.lock().expect("keys file lock").take() {
-                    kept_keys::wipe(&file);
-                }
-                self.keys_kept.store(0, Ordering::Relaxed);
-            } else if self.kept_now() {
-                self.hand_keys(keeping);
-            }
+        if self.keys.is_empty() {
+            self.let_keys_go();
+        } else if let Some(keeping) = self.keeping.as_ref().filter(|_| self.kept_now()) {
+            self.hand_keys(keeping);
         }
     }
 
@@ -317,17 +319,15 @@ impl NodeSession {
     /// Takes the layer keys an earlier daemon kept with the session.
     fn take_kept_keys(&self, keeping: &SessionKeeping) {
         match keeping.keeper.take(KEPT_KEYS) {
-            Ok(Some(file)) => match KeptKeys::read(&file) {
-                Ok(keys) => {
+            Ok(Some(file)) => match self.keys.load(&file) {
+                Ok(count) => {
                     tracing::info!(
-                        layers = keys.len(),
+                        layers = count,
                         "layer keys from keyproviders kept across the restart"
                     );
                     // The same file the keeper holds: replaced (and wiped) at the next change.
                     *self.keys_file.lock().expect("keys file lock") = Some(file);
-                    self.keys_kept.store(keys.len(), Ordering::Relaxed);
-                    // `keys` is a fresh map: move its entries in.
-                    self.keys.replace_with(keys);
+                    self.keys_kept.store(count, Ordering::Relaxed);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the kept layer keys cannot be read; layers opened by keyproviders ask them again")

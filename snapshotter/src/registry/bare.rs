@@ -23,7 +23,7 @@ use super::RegistryOptions;
 
 /// The largest manifest read: the distribution spec asks registries to take manifests of at
 /// least 4 MiB, and containerd refuses larger ones too.
-pub(super) const MANIFEST_LIMIT: u64 = 4 << 20;
+const MANIFEST_LIMIT: u64 = 4 << 20;
 
 /// Header registries put the manifest digest in.
 const CONTENT_DIGEST: &str = "docker-content-digest";

@@ -489,12 +489,13 @@ impl RemoteLayers {
         })
     }
 
-    /// The keys `source`'s workload may unwrap its layer key with (`reference`: its parsed
-    /// reference): the node's private keys, then its keyproviders, as far as the key access
+    /// The keys `source`'s workload may unwrap its layer key with (`facts`: its descriptor's,
+    /// `reference`: its parsed reference): the node's private keys, then its keyproviders, as far as the key access
     /// rules let that workload use them.
     fn identities_for(
         &self,
         source: &RemoteLayerSource,
+        facts: &SealedLayerAnnotations,
         reference: &Reference,
     ) -> Result<Identities, RemoteError> {
         let all = Identities {
@@ -509,30 +510,24 @@ impl RemoteLayers {
         let (allowed, denied) = self.config.key_access.filter(&all, workload);
         // A layer only denied keys could open is refused as such, rather than with "no key
         // opens this layer": the operator must see that a rule, not a missing key, stops it.
-        let facts = SealedLayerAnnotations::read_from(
-            &source.descriptor.annotations().clone().unwrap_or_default(),
-        );
-        if let Ok(facts) = facts {
-            let recipients: Vec<String> =
-                facts.stanzas.iter().map(|s| s.recipient_label()).collect();
-            let opens = |label: &String| recipients.contains(label);
-            let allowed_opens = allowed
-                .as_dyn()
-                .iter()
-                .any(|identity| opens(&identity.label()));
-            let denied_open: Vec<&String> = denied.iter().filter(|label| opens(label)).collect();
-            if !allowed_opens && !denied_open.is_empty() {
-                return Err(RemoteError::KeyNotAuthorised {
-                    image: source.reference.clone(),
-                    layer: source.digest(),
-                    keys: denied_open
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    workload: workload.to_string(),
-                });
-            }
+        let recipients: Vec<String> = facts.stanzas.iter().map(|s| s.recipient_label()).collect();
+        let opens = |label: &String| recipients.contains(label);
+        let allowed_opens = allowed
+            .as_dyn()
+            .iter()
+            .any(|identity| opens(&identity.label()));
+        let denied_open: Vec<&String> = denied.iter().filter(|label| opens(label)).collect();
+        if !allowed_opens && !denied_open.is_empty() {
+            return Err(RemoteError::KeyNotAuthorised {
+                image: source.reference.clone(),
+                layer: source.digest(),
+                keys: denied_open
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                workload: workload.to_string(),
+            });
         }
         Ok(allowed)
     }
@@ -565,30 +560,20 @@ impl RemoteLayers {
             })
         })?;
         let reference = Registry::parse(&source.reference).map_err(registry_error)?;
+        let facts = mount::layer_facts(&source.descriptor).map_err(mount_error)?;
         let kept = self.kept_key(source, cache_key);
         let from_kept = kept.is_some();
-        let (facts, key, opened_by) = match kept {
-            Some((key, opened_by)) => {
-                let facts = SealedLayerAnnotations::read_from(
-                    &source.descriptor.annotations().clone().unwrap_or_default(),
-                )
-                .map_err(|error| {
-                    mount_error(MountError::Layer {
-                        digest: layer.clone(),
-                        source: error,
-                    })
-                })?;
-                (facts, key, opened_by)
-            }
+        let (key, opened_by) = match kept {
+            Some(kept) => kept,
             None => {
-                let identities = self.identities_for(source, &reference)?;
-                mount::unwrap_layer_by(&source.descriptor, &identities).map_err(mount_error)?
+                let identities = self.identities_for(source, &facts, &reference)?;
+                mount::unwrap_key(&source.descriptor, &facts, &identities).map_err(mount_error)?
             }
         };
         let registry = self.registry_for(&reference).map_err(registry_error)?;
         let blob = Arc::new(registry.blob(&reference, &layer, source.descriptor.size()));
         let tail = self
-            .layer_tail(source, &blob, cache_dir)
+            .layer_tail(source, &facts, &blob, cache_dir)
             .map_err(mount_error)?;
         let opened = mount::open_unwrapped(
             &source.descriptor,
@@ -660,17 +645,11 @@ impl RemoteLayers {
     fn layer_tail(
         &self,
         source: &RemoteLayerSource,
+        facts: &SealedLayerAnnotations,
         blob: &Arc<crate::registry::RegistryBlob>,
         cache_dir: &Path,
     ) -> Result<UnverifiedTail, MountError> {
         let descriptor = &source.descriptor;
-        let facts = SealedLayerAnnotations::read_from(
-            &descriptor.annotations().clone().unwrap_or_default(),
-        )
-        .map_err(|error| MountError::Layer {
-            digest: source.digest(),
-            source: error,
-        })?;
         let kept_at = cache_dir.join(KEPT_TAIL);
         if let Ok(bytes) = std::fs::read(&kept_at) {
             match UnverifiedTail::from_pinned(descriptor.size(), bytes, &facts.index_digest) {
@@ -688,7 +667,7 @@ impl RemoteLayers {
             Some(tail) => tail,
             None => mount::read_tail(
                 descriptor,
-                &facts,
+                facts,
                 &**blob,
                 self.config.mount.max_index_bytes,
             )?,
