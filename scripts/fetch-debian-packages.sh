@@ -11,9 +11,9 @@
 #
 # The archive is the one in /etc/apt/sources.list(.d) (or $SEALFS_DEBIAN_MIRROR); apt checks
 # the suite's signed Release file with the system's Debian keyring, and each .deb is checked
-# against the SHA-256 the signed package index gives before it is unpacked. Downloads are
-# cached under target/debian/SUITE (the project's scratch dir); a package whose version is
-# already unpacked in DEST is not unpacked again.
+# against the SHA-256 the signed package index gives before it is unpacked. Downloads go to
+# target/debian/SUITE (the project's scratch dir) and are deleted once unpacked; a stamp in
+# DEST remembers each NAME=VERSION unpacked, which is not fetched again.
 set -euo pipefail
 
 closure=""
@@ -110,6 +110,7 @@ while read -r filename sha256; do
     exit 1
   fi
   dpkg-deb -x "$deb" "$dest"
+  rm -f "$deb"
 done <<<"$records"
 for entry in "${missing[@]}"; do
   touch "$dest/.sealfs-stamps/${entry//\//_}"

@@ -62,14 +62,29 @@ export RUSTC_BOOTSTRAP=1
 )
 unset RUSTC_BOOTSTRAP
 
+# Each smoke test's work directory (images, registries, node state: up to ~1 GB) is deleted once
+# it passed, so repeated runs do not fill the disk; --one-file-system leaves anything still
+# mounted alone (and says so).
+remove_work() {
+  rm -rf --one-file-system "$1" 2>/dev/null || echo "note: $1 not fully removed: something is still mounted in it" >&2
+}
+smoke() {
+  local work
+  work=$(mktemp -d "/var/tmp/sealfs-$1.XXXXXX")
+  shift
+  "$@" --work "$work"
+  remove_work "$work"
+}
 echo "==> start-up benchmark smoke test (perf startup --quick: the harness works; no timing asserted)"
 cargo build --quiet -p perf -p sealfs-tools
-target/debug/perf startup --quick --work "$(mktemp -d /var/tmp/sealfs-perf-quick.XXXXXX)"
+smoke perf-quick target/debug/perf startup --quick
 echo "==> layer-scale benchmark smoke test (perf layers --quick)"
-target/debug/perf layers --quick --work "$(mktemp -d /var/tmp/sealfs-perf-layers.XXXXXX)"
+smoke perf-layers target/debug/perf layers --quick
 echo "==> fleet mirror benchmark smoke test (perf mirror --quick: 3 nodes, origin and pull-through mirror)"
-target/debug/perf mirror --quick --work "$(mktemp -d /var/tmp/sealfs-perf-mirror.XXXXXX)"
+smoke perf-mirror target/debug/perf mirror --quick
 
 echo "==> demo (the README's main job)"
-SEALFS_SKIP_DEPS=1 bash scripts/demo.sh "$(mktemp -d /tmp/sealfs-demo.XXXXXX)"
+demo=$(mktemp -d /tmp/sealfs-demo.XXXXXX)
+SEALFS_SKIP_DEPS=1 bash scripts/demo.sh "$demo"
+remove_work "$demo"
 echo "all tests passed"
