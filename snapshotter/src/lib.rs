@@ -60,6 +60,7 @@ pub mod kept_keys;
 pub mod key_access;
 pub mod keyprovider;
 pub mod keys;
+pub mod latency;
 pub mod metrics;
 pub mod mount;
 pub mod mount_table;

@@ -7,15 +7,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::fetcher::LATENCY_BUCKETS;
 use crate::keyprovider::ProviderStats;
+use crate::latency::LATENCY_BUCKETS;
 use crate::node::Node;
+
+/// A [`LatencyHistogram`](crate::latency::LatencyHistogram)'s per-bucket counts as the encoder
+/// wants them (upper bound and count of each bucket; it writes them cumulatively), and the
+/// number of observations.
+fn histogram_buckets(counts: [u64; LATENCY_BUCKETS.len() + 1]) -> (Vec<(f64, u64)>, u64) {
+    let buckets = LATENCY_BUCKETS
+        .iter()
+        .copied()
+        .chain([f64::INFINITY])
+        .zip(counts)
+        .collect();
+    (buckets, counts.iter().sum())
+}
 
 /// Reads a [`Node`]'s counters on each scrape.
 #[derive(Debug)]
@@ -117,29 +130,15 @@ impl Collector for NodeCollector {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        {
-            // Per-bucket counts, as the encoder wants them (it writes them cumulatively).
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
-                .iter()
-                .copied()
-                .chain([f64::INFINITY])
-                .zip(totals.latency_counts)
-                .collect();
-            let count = totals.latency_counts.iter().sum();
-            encoder
-                .encode_descriptor(
-                    "sealfs_fetch_latency_seconds",
-                    "Duration of range requests to registries.",
-                    None,
-                    MetricType::Histogram,
-                )?
-                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    totals.latency_sum,
-                    count,
-                    &buckets,
-                    None,
-                )?;
-        }
+        let (buckets, count) = histogram_buckets(totals.latency_counts);
+        encoder
+            .encode_descriptor(
+                "sealfs_fetch_latency_seconds",
+                "Duration of range requests to registries.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(totals.latency_sum, count, &buckets, None)?;
         counter(
             &mut encoder,
             "sealfs_verification_failures",
@@ -225,6 +224,22 @@ impl Collector for NodeCollector {
                 let labels = [("provider", provider.name())];
                 ConstCounter::new(count(&provider.stats).load(Ordering::Relaxed))
                     .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "sealfs_keyprovider_unwrap_seconds",
+                "Duration of keyprovider unwrap calls, failed ones included, by provider.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for provider in node.remote().providers().all() {
+                let labels = [("provider", provider.name())];
+                let (counts, sum) = provider.stats.unwrap_latency.snapshot();
+                let (buckets, count) = histogram_buckets(counts);
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
         type Field = fn(&LayerProgress) -> u64;

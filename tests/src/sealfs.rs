@@ -316,14 +316,26 @@ impl SealfsDaemon {
             .sum()
     }
 
+    /// The value of the series `name` (with its labels, if any), a count.
     pub fn metric(&self, name: &str) -> u64 {
+        self.metric_as(name)
+    }
+
+    /// The value of the series `name`, a measure (a histogram's `_sum`, say).
+    pub fn metric_f64(&self, name: &str) -> f64 {
+        self.metric_as(name)
+    }
+
+    fn metric_as<T: std::str::FromStr>(&self, name: &str) -> T {
         let text = self.metrics();
-        text.lines()
+        let value = text
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .trim()
+            .trim();
+        value
             .parse()
-            .unwrap()
+            .unwrap_or_else(|_| panic!("{name} is {value}, not a number"))
     }
 }
 

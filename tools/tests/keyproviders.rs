@@ -441,6 +441,17 @@ fn a_node_without_key_files_runs_images_through_keyproviders_and_survives_their_
     assert!(metric("sealfs_keyprovider_failures", "kms") >= 1);
     assert!(metric("sealfs_keyprovider_failures", "kms-slow") >= 1);
     assert_eq!(metric("sealfs_keyprovider_unwraps", "kms-slow"), 0);
+    // Every unwrap call is timed, failed ones included: the slow provider's call shows the
+    // whole wait the daemon gave it.
+    let histogram = |series: &str, provider: &str| {
+        format!("sealfs_keyprovider_unwrap_seconds_{series}{{provider=\"{provider}\"}}")
+    };
+    assert_eq!(
+        node.daemon.metric(&histogram("count", "kms-grpc")),
+        metric("sealfs_keyprovider_unwraps", "kms-grpc")
+            + metric("sealfs_keyprovider_failures", "kms-grpc")
+    );
+    assert!(node.daemon.metric_f64(&histogram("sum", "kms-slow")) >= 3.0);
 
     // A restarted daemon reopens the layers keyproviders opened with the keys it kept with
     // the FUSE session (see `kept_keys`): the gRPC provider is down (since the refusal above)

@@ -44,7 +44,7 @@ pub use config::{ChunkResult, FetchConfig, FetchError};
 use inflight::{Claim, InFlight, Joined};
 use job::{FetchJob, LayerFeed};
 pub use pool::{FetchPool, PoolConfig};
-pub use stats::{FetchProgress, FetchStats, FetchTotals, LatencyHistogram, LATENCY_BUCKETS};
+pub use stats::{FetchProgress, FetchStats, FetchTotals};
 
 /// Why a run of chunks is fetched (which counter it goes to).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,8 @@ use fsformat::keywrap::check_provider_name;
 use fsformat::{FormatError, Identity, LayerKey, Recipient, Stanza};
 use serde::Deserialize;
 
+use crate::latency::LatencyHistogram;
+
 /// The environment variable ocicrypt reads its keyprovider configuration from.
 pub const CONFIG_ENV: &str = "OCICRYPT_KEYPROVIDER_CONFIG";
 
@@ -68,6 +70,9 @@ pub struct ProviderStats {
     pub unwrapped: std::sync::atomic::AtomicU64,
     /// Calls that failed: unreachable, too slow, refused, or an answer that is not a key.
     pub failed: std::sync::atomic::AtomicU64,
+    /// How long its unwrap calls took, failed ones included (a KMS slowing down shows here
+    /// before its calls start to fail).
+    pub unwrap_latency: LatencyHistogram,
 }
 
 /// One configured keyprovider.
@@ -315,6 +320,7 @@ impl Identity for Provider {
             return None;
         }
         use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
         let unwrapped = self.unwrap_bytes(wrapped).and_then(|key| {
             let bytes: [u8; 32] = key.as_slice().try_into().map_err(|_| {
                 self.failed(format!(
@@ -329,6 +335,7 @@ impl Identity for Provider {
             Err(_) => &self.stats.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.stats.unwrap_latency.observe(started.elapsed());
         Some(unwrapped)
     }
 }
