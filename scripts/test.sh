@@ -14,15 +14,27 @@ bash scripts/install-deps.sh
 # cosign (unpacked privately by install-deps.sh) for the signature tests.
 export PATH="$here/target/debian/cosign/usr/bin:$PATH"
 
+# A test that hangs (a FUSE read no daemon will answer, say) must fail the run with its name,
+# not hold CI until its own limit: each test run has a time limit far above its usual time.
+bounded() {
+  local minutes=$1 status=0
+  shift
+  timeout --kill-after=60 "${minutes}m" "$@" || status=$?
+  if [ "$status" -eq 124 ]; then
+    echo "error: '$*' ran past $minutes minutes: a test hangs (the last 'has been running for over 60 seconds' line above names it)" >&2
+  fi
+  return "$status"
+}
+
 echo "==> cargo test --workspace (containerd $(containerd --version | awk '{print $3}'))"
-cargo test --workspace
+bounded 45 cargo test --workspace
 
 # The end-to-end tests through containerd again, against containerd 2.x (unpacked by
 # install-deps.sh): its containerd, ctr and shim come first on PATH, and the harness writes a
 # version-3 config with the snippet operators install.
 containerd2="$here/target/debian/containerd2/usr/bin"
 echo "==> end-to-end tests against containerd $("$containerd2/containerd" --version | awk '{print $3}')"
-PATH="$containerd2:$PATH" cargo test -p sealfs-tools --test snapshotter --test restart --test signatures --test cri --test keyproviders
+PATH="$containerd2:$PATH" bounded 20 cargo test -p sealfs-tools --test snapshotter --test restart --test signatures --test cri --test keyproviders
 
 # containerd's own snapshotter conformance suites against containerd-sealfs-grpc, through
 # containerd's proxy snapshotter client (Go in GOPATH mode on Debian's packaged sources, no
