@@ -167,6 +167,10 @@ pub struct FetchSection {
     pub threads: usize,
     /// FUSE request threads of the node, shared by every layer.
     pub fuse_threads: usize,
+    /// Whether a restarted daemon has the kernel resend the requests the stopped one had read
+    /// (`FUSE_NOTIFY_RESEND`, where the kernel has it); off, they fail (`ECONNABORTED`), and
+    /// the kernel itself repeats only page-cache reads.
+    pub fuse_resend: bool,
     /// Background range requests in flight at once, node-wide.
     pub background_streams: usize,
     /// Plaintext read ahead with a chunk missed right after a present one, in the same range
@@ -248,6 +252,7 @@ impl Default for FetchSection {
             background: fetch.background,
             threads: pool.threads,
             fuse_threads: MountOptions::default().fuse_threads,
+            fuse_resend: MountOptions::default().fuse_resend,
             background_streams: pool.background_streams,
             background_after_mount_ms: pool.after_mount.as_millis() as u64,
             readahead_kib: fetch.readahead_bytes >> 10,
@@ -450,6 +455,7 @@ impl Config {
                     ..PoolConfig::default()
                 },
                 fuse_threads: fetch.fuse_threads,
+                fuse_resend: fetch.fuse_resend,
                 cache_dir: None,
                 disk_cache_bytes: self.cache.disk_per_layer_mib << 20,
                 max_index_bytes: fetch.max_index_mib << 20,

@@ -85,6 +85,9 @@ pub struct MountOptions {
     pub pool: PoolConfig,
     /// FUSE request threads of a session (the node's, an image's, or a lone layer's).
     pub fuse_threads: usize,
+    /// Serve so that a restarted daemon gets the requests the stopped one had read, where the
+    /// kernel can resend them (see [`crate::fuse::session`]).
+    pub fuse_resend: bool,
     /// Where sealed chunks are cached on disk (per layer subdirectory); `None`: memory only.
     pub cache_dir: Option<PathBuf>,
     /// Disk cache bound per layer.
@@ -104,6 +107,7 @@ impl Default for MountOptions {
             fetch: FetchConfig::default(),
             pool: PoolConfig::default(),
             fuse_threads: 8,
+            fuse_resend: true,
             cache_dir: None,
             disk_cache_bytes: 10 << 30,
             max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
@@ -409,6 +413,7 @@ pub fn mount_session(
 pub fn session_config(options: &MountOptions, name: &str) -> SessionConfig {
     SessionConfig {
         threads: options.fuse_threads,
+        resend: options.fuse_resend,
         fs_name: format!("sealfs:{name}"),
         restrictions: options.restrictions,
     }

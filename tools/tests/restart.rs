@@ -168,7 +168,6 @@ fn pull_app(node: &Node, work: &Path) -> (String, usize, PathBuf) {
     (reference, layers, out)
 }
 
-/// `(chunks present in a cache, chunks)` summed over the mounted layers.
 /// Kills the session keeper `keeper` and waits until the daemon has started another that holds
 /// the session; returns the new keeper.
 fn kill_and_replace_keeper(node: &Node, keeper: u32) -> u32 {
@@ -188,6 +187,7 @@ fn kill_and_replace_keeper(node: &Node, keeper: u32) -> u32 {
     node.daemon.keeper_pid().expect("a keeper runs")
 }
 
+/// `(chunks present in a cache, chunks)` summed over the mounted layers.
 fn background_progress(daemon: &SealfsDaemon) -> (u64, u64) {
     (
         daemon.metric_sum("sealfs_layer_chunks_present"),
@@ -346,25 +346,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
         &out,
         &["/bin/busybox", "sleep", "3600"],
     );
-
-    // Every page of busybox read (so the programs below need nothing more from the
-    // registry); then the registry hangs, and a read of a file never read before waits on it.
-    container.exec("warm", &["/bin/busybox", "sha256sum", "/bin/busybox"]);
-    node.registry.freeze();
-    let mut reader = node.containerd.ctr_command();
-    reader.args(["task", "exec", "--exec-id", "stalled", &container.id]);
-    reader.args(["/bin/busybox", "sha256sum", "/data/blobs/blob-3"]);
-    let reader = reader
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until(
-        "the read waits in the daemon for its chunk",
-        Duration::from_secs(60),
-        || node.daemon.log(),
-        || node.daemon.metric("sealfs_reads_waiting") > 0,
-    );
+    let reader = stalled_read(&node, &container);
     // Restarted while the request hangs; the registry answers once the new daemon serves.
     node.daemon.signal("TERM");
     assert!(
@@ -381,13 +363,9 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
         String::from_utf8_lossy(&read.stderr),
         node.daemon.log()
     );
-    let want = run(Command::new("sha256sum")
-        .current_dir(work.join("bundle/rootfs"))
-        .arg("data/blobs/blob-3"))
-    .stdout;
     assert_eq!(
-        String::from_utf8_lossy(&read.stdout).split(' ').next(),
-        String::from_utf8_lossy(&want).split(' ').next(),
+        checksum(&read.stdout),
+        checksum(&stalled_file_checksum(&work)),
         "the read's bytes after the restart"
     );
 
@@ -439,5 +417,113 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
         node.daemon.metric("sealfs_remote_mount_failures_total"),
         layers as u64
     );
+    drop(container);
+}
+
+/// The file [`stalled_read`] reads, never read before it.
+const STALLED_FILE: &str = "data/blobs/blob-3";
+
+/// Reads every page of busybox in `container` (so the programs below need nothing more from
+/// the registry), hangs the registry, and starts a read of a file never read before; returns
+/// once that read waits in the daemon for its chunk.
+fn stalled_read(node: &Node, container: &Detached) -> std::process::Child {
+    container.exec("warm", &["/bin/busybox", "sha256sum", "/bin/busybox"]);
+    node.registry.freeze();
+    let mut reader = node.containerd.ctr_command();
+    reader.args(["task", "exec", "--exec-id", "stalled", &container.id]);
+    reader.args(["/bin/busybox", "sha256sum", &format!("/{STALLED_FILE}")]);
+    let reader = reader
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the read waits in the daemon for its chunk",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || node.daemon.metric("sealfs_reads_waiting") > 0,
+    );
+    reader
+}
+
+/// `sha256sum`'s output for [`STALLED_FILE`] of the plain image.
+fn stalled_file_checksum(work: &Path) -> Vec<u8> {
+    run(Command::new("sha256sum")
+        .current_dir(work.join("bundle/rootfs"))
+        .arg(STALLED_FILE))
+    .stdout
+}
+
+/// The checksum in a line of `sha256sum`'s output.
+fn checksum(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    text.split(' ').next().unwrap_or_default().to_string()
+}
+
+/// Kernels before 6.9 cannot resend the requests a stopped daemon had read: there the session
+/// threads read clones of the connection, and the kernel fails the requests a dead daemon's
+/// clones held. This kernel (6.18) can, so `fuse_resend = false` makes the daemon serve as it
+/// does on those kernels; the path is otherwise the same. A read through the page cache still
+/// does not fail: the request the kernel failed was its readahead, and it reads the page again
+/// with a new request, which waits for the next daemon.
+#[test]
+fn without_resend_a_read_in_flight_at_a_kill_is_read_again_and_answered_by_the_next_daemon() {
+    let Some((_temp, work)) = app_image() else {
+        return;
+    };
+    let mut node = Node::start(&work, "[fetch]\nbackground = false\nfuse_resend = false\n");
+    let (reference, layers, out) = pull_app(&node, &work);
+    // (The session is mounted with the first layer.)
+    assert!(
+        node.daemon.log().contains("serving=Cloned"),
+        "{}",
+        node.daemon.log()
+    );
+    let container = run_detached(
+        &node.containerd,
+        &reference,
+        "sleeper",
+        &out,
+        &["/bin/busybox", "sleep", "3600"],
+    );
+    let mut reader = stalled_read(&node, &container);
+
+    // Killed while it holds the read; the next daemon takes the session over, serving the same
+    // way, and answers the read the kernel asked again once the registry does.
+    node.daemon.signal("KILL");
+    node.daemon.restart(&node.containerd);
+    node.registry.thaw();
+    assert!(
+        node.daemon.log().contains("resuming the FUSE session")
+            && !node.daemon.log().contains("serving=Shared"),
+        "{}",
+        node.daemon.log()
+    );
+    wait_until(
+        "the read in flight at the kill completes",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || reader.try_wait().unwrap().is_some(),
+    );
+    let read = reader.wait_with_output().unwrap();
+    assert!(
+        read.status.success(),
+        "the read in flight at the kill: {}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert_eq!(
+        checksum(&read.stdout),
+        checksum(&stalled_file_checksum(&work)),
+        "the bytes of the read in flight at the kill"
+    );
+    drop_caches();
+    assert_eq!(
+        container.exec("greet", &["/bin/busybox", "cat", "/etc/greeting"]),
+        format!("{GREETING}\n")
+    );
+    // One session, the same mounts, one descriptor in the keeper.
+    let keeper = node.daemon.keeper_pid().expect("a session keeper runs");
+    assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
     drop(container);
 }

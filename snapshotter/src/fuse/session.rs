@@ -40,6 +40,10 @@ use crate::mount_table::{self, MountRestrictions};
 pub struct SessionConfig {
     /// Request threads for every layer of the session.
     pub threads: usize,
+    /// Serve [`Serving::Shared`] where the kernel can resend requests; `false`: always
+    /// [`Serving::Cloned`] (as on kernels before 6.9, or to work around one whose resend
+    /// misbehaves).
+    pub resend: bool,
     /// Shown as the mount's source in /proc/mounts.
     pub fs_name: String,
     /// Mount flags (nosuid, nodev, noexec).
@@ -85,7 +89,7 @@ impl FuseSession {
         let device = open_dev_fuse()?;
         mount_fuse(&device, mountpoint, config)?;
         // Nothing has been read yet, so asking for a resend only tells whether it works.
-        let serving = probe_serving(device.as_fd());
+        let serving = choose_serving(device.as_fd(), config);
         let handshake = device.try_clone().and_then(|fuser_fd| {
             fuser::Session::from_fd(
                 FuseAdapter::new(table.clone()),
@@ -136,7 +140,7 @@ impl FuseSession {
         mountpoint: &Path,
         config: &SessionConfig,
     ) -> io::Result<Self> {
-        let serving = probe_serving(device.as_fd());
+        let serving = choose_serving(device.as_fd(), config);
         let (replay, fuser_end) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -257,6 +261,15 @@ fn fuser_options(config: &SessionConfig, serving: Serving) -> fuser::Config {
     options.n_threads = Some(config.threads.max(1));
     options.clone_fd = serving == Serving::Cloned;
     options
+}
+
+/// [`Serving::Shared`] if `config` wants resends and the kernel has them.
+fn choose_serving(device: BorrowedFd<'_>, config: &SessionConfig) -> Serving {
+    if config.resend {
+        probe_serving(device)
+    } else {
+        Serving::Cloned
+    }
 }
 
 /// `FUSE_NOTIFY_RESEND`: the kernel queues again every request read from the connection and
