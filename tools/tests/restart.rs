@@ -187,6 +187,24 @@ fn kill_and_replace_keeper(node: &Node, keeper: u32) -> u32 {
     node.daemon.keeper_pid().expect("a keeper runs")
 }
 
+/// The container reads its greeting (`exec_id` names the `ctr task exec`).
+fn assert_greets(container: &Detached, exec_id: &str) {
+    assert_eq!(
+        container.exec(exec_id, &["/bin/busybox", "cat", "/etc/greeting"]),
+        format!("{GREETING}\n"),
+        "the greeting read by {exec_id}"
+    );
+}
+
+/// One session on the node: a keeper holding one `/dev/fuse` descriptor, and one mount per
+/// layer (`layers`), nothing doubled or left over. Returns the keeper.
+fn assert_one_kept_session(node: &Node, layers: usize) -> u32 {
+    let keeper = node.daemon.keeper_pid().expect("a session keeper runs");
+    assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
+    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    keeper
+}
+
 /// `(chunks present in a cache, chunks)` summed over the mounted layers.
 fn background_progress(daemon: &SealfsDaemon) -> (u64, u64) {
     (
@@ -235,13 +253,7 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
         drop_caches();
         node.daemon.restart(&node.containerd);
         checks.two_more_passes(&node, when);
-        assert_eq!(
-            container.exec(
-                &format!("greet-{signal}"),
-                &["/bin/busybox", "cat", "/etc/greeting"]
-            ),
-            format!("{GREETING}\n")
-        );
+        assert_greets(&container, &format!("greet-{signal}"));
     }
 
     // Three restarts in a row while the background fetch has work left.
@@ -260,13 +272,7 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
         }
     }
     checks.two_more_passes(&node, "after three restarts during the background fetch");
-    assert_eq!(
-        container.exec(
-            "greet-after-three",
-            &["/bin/busybox", "cat", "/etc/greeting"]
-        ),
-        format!("{GREETING}\n")
-    );
+    assert_greets(&container, "greet-after-three");
     // The background fetch goes on where it was, to the end.
     wait_until(
         "the background fetch ends",
@@ -303,16 +309,11 @@ fn running_containers_keep_reading_across_stops_kills_upgrades_and_background_fe
     drop_caches();
     node.daemon.restart(&node.containerd);
     checks.two_more_passes(&node, "after an upgrade of the binary");
-    assert_eq!(
-        container.exec("greet-upgraded", &["/bin/busybox", "cat", "/etc/greeting"]),
-        format!("{GREETING}\n")
-    );
+    assert_greets(&container, "greet-upgraded");
 
     // A keeper started by the stopping daemon, holding the one session; no mount left over
     // or doubled.
-    let keeper = node.daemon.keeper_pid().expect("a keeper runs");
-    assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
-    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    assert_one_kept_session(&node, layers);
     assert!(node.daemon.fuse_session_mounted());
     assert!(
         !node.daemon.log().contains("detached a dead FUSE session"),
@@ -380,9 +381,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
             node.daemon.restart(&node.containerd);
         }
     }
-    assert_eq!(node.daemon.keeper_pid(), Some(keeper));
-    assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
-    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    assert_eq!(assert_one_kept_session(&node, layers), keeper);
     let sessions = fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
@@ -396,10 +395,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
         "the session and one bind mount per layer"
     );
     drop_caches();
-    assert_eq!(
-        container.exec("greet", &["/bin/busybox", "cat", "/etc/greeting"]),
-        format!("{GREETING}\n")
-    );
+    assert_greets(&container, "greet");
 
     // The node's key removed: a restart cannot open the layers again, and says so.
     fs::remove_file(work.join("node-keys/alice.key")).unwrap();
@@ -517,13 +513,8 @@ fn without_resend_a_read_in_flight_at_a_kill_is_read_again_and_answered_by_the_n
         "the bytes of the read in flight at the kill"
     );
     drop_caches();
-    assert_eq!(
-        container.exec("greet", &["/bin/busybox", "cat", "/etc/greeting"]),
-        format!("{GREETING}\n")
-    );
+    assert_greets(&container, "greet");
     // One session, the same mounts, one descriptor in the keeper.
-    let keeper = node.daemon.keeper_pid().expect("a session keeper runs");
-    assert_eq!(SealfsDaemon::fuse_descriptors_of(keeper), 1);
-    assert_eq!(node.daemon.fuse_mounts().len(), layers);
+    assert_one_kept_session(&node, layers);
     drop(container);
 }
