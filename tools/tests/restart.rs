@@ -86,6 +86,17 @@ fn run_detached<'a>(
     Detached { containerd, id }
 }
 
+/// A container of `image` that only sleeps, for `ctr task exec` to read its files.
+fn run_sleeper<'a>(containerd: &'a Containerd, image: &str, out: &Path) -> Detached<'a> {
+    run_detached(
+        containerd,
+        image,
+        "sleeper",
+        out,
+        &["/bin/busybox", "sleep", "3600"],
+    )
+}
+
 /// Waits up to `timeout` for `check`, looking every 20 ms; fails the test with `what` and
 /// `context()` if it never holds.
 fn wait_until(
@@ -340,13 +351,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
     // No background fetch: the read below is the first of its chunks.
     let mut node = Node::start(&work, "[fetch]\nbackground = false\n");
     let (reference, layers, out) = pull_app(&node, &work);
-    let container = run_detached(
-        &node.containerd,
-        &reference,
-        "sleeper",
-        &out,
-        &["/bin/busybox", "sleep", "3600"],
-    );
+    let container = run_sleeper(&node.containerd, &reference, &out);
     let reader = stalled_read(&node, &container);
     // Restarted while the request hangs; the registry answers once the new daemon serves.
     node.daemon.signal("TERM");
@@ -475,13 +480,7 @@ fn without_resend_a_read_in_flight_at_a_kill_is_read_again_and_answered_by_the_n
         "{}",
         node.daemon.log()
     );
-    let container = run_detached(
-        &node.containerd,
-        &reference,
-        "sleeper",
-        &out,
-        &["/bin/busybox", "sleep", "3600"],
-    );
+    let container = run_sleeper(&node.containerd, &reference, &out);
     let mut reader = stalled_read(&node, &container);
 
     // Killed while it holds the read; the next daemon takes the session over, serving the same
