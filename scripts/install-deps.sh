@@ -30,7 +30,9 @@ fetch_go() {
     golang-1.27-go golang-github-containerd-containerd-dev golang-github-containers-ocicrypt-dev
 }
 # The directories of every package the Go test programs compile (their files and embedded
-# files), outside Go's own tree; fails when one of them is missing.
+# files), outside Go's own tree; fails when one of them is missing. Every program under
+# tests/keyprovider is listed; of tests/conformance only the 2.x suite builds against sid's
+# sources (the 1.6 suite uses the system's).
 go_packages_needed() (
   local go="$go2/usr/lib/go-1.27/bin/go" format
   format='{{if not .Goroot}}{{.Dir}}{{range .EmbedFiles}}{{"\n"}}{{$.Dir}}/{{.}}{{end}}{{end}}'
@@ -38,7 +40,7 @@ go_packages_needed() (
   (cd "$here/tests/conformance" && GOPATH="$PWD:$go2/usr/share/gocode" \
     "$go" list -deps -test -f "$format" sealfs.test/conformance2) &&
   (cd "$here/tests/keyprovider" && GOPATH="$PWD:$go2/usr/share/gocode" \
-    "$go" list -deps -test -f "$format" sealfs.test/kms-provider sealfs.test/ocicrypt-keyprovider)
+    "$go" list -deps -test -f "$format" sealfs.test/...)
 )
 fetch_go
 # sid's containerd sources pull in ~2.5 GB of Go sources (Kubernetes, Google Cloud, ...), of

@@ -362,18 +362,7 @@ fn a_read_waiting_on_a_stalled_registry_completes_after_a_restart_and_twenty_res
     );
     node.daemon.restart(&node.containerd);
     node.registry.thaw();
-    let read = reader.wait_with_output().unwrap();
-    assert!(
-        read.status.success(),
-        "the stalled read failed: {}\n--- daemon log ---\n{}",
-        String::from_utf8_lossy(&read.stderr),
-        node.daemon.log()
-    );
-    assert_eq!(
-        checksum(&read.stdout),
-        checksum(&stalled_file_checksum(&work)),
-        "the read's bytes after the restart"
-    );
+    assert_stalled_read_completes(&node, reader, &work);
 
     // Twenty restarts, killed and stopped in turn: still one session, one descriptor, the
     // same mounts.
@@ -447,18 +436,36 @@ fn stalled_read(node: &Node, container: &Detached) -> std::process::Child {
     reader
 }
 
-/// `sha256sum`'s output for [`STALLED_FILE`] of the plain image.
-fn stalled_file_checksum(work: &Path) -> Vec<u8> {
-    run(Command::new("sha256sum")
+/// Waits (at most a minute) for the read [`stalled_read`] started to end, and checks that it
+/// succeeded with the bytes of [`STALLED_FILE`] in the plain image.
+fn assert_stalled_read_completes(node: &Node, mut reader: std::process::Child, work: &Path) {
+    wait_until(
+        "the stalled read completes",
+        Duration::from_secs(60),
+        || node.daemon.log(),
+        || reader.try_wait().unwrap().is_some(),
+    );
+    let read = reader.wait_with_output().unwrap();
+    assert!(
+        read.status.success(),
+        "the stalled read failed: {}\n--- daemon log ---\n{}",
+        String::from_utf8_lossy(&read.stderr),
+        node.daemon.log()
+    );
+    let want = run(Command::new("sha256sum")
         .current_dir(work.join("bundle/rootfs"))
         .arg(STALLED_FILE))
-    .stdout
-}
-
-/// The checksum in a line of `sha256sum`'s output.
-fn checksum(output: &[u8]) -> String {
-    let text = String::from_utf8_lossy(output);
-    text.split(' ').next().unwrap_or_default().to_string()
+    .stdout;
+    // The checksum alone: sha256sum names the file differently inside the container.
+    let checksum = |output: &[u8]| {
+        let text = String::from_utf8_lossy(output);
+        text.split(' ').next().unwrap_or_default().to_string()
+    };
+    assert_eq!(
+        checksum(&read.stdout),
+        checksum(&want),
+        "the stalled read's bytes"
+    );
 }
 
 /// Kernels before 6.9 cannot resend the requests a stopped daemon had read: there the session
@@ -481,7 +488,7 @@ fn without_resend_a_read_in_flight_at_a_kill_is_read_again_and_answered_by_the_n
         node.daemon.log()
     );
     let container = run_sleeper(&node.containerd, &reference, &out);
-    let mut reader = stalled_read(&node, &container);
+    let reader = stalled_read(&node, &container);
 
     // Killed while it holds the read; the next daemon takes the session over, serving the same
     // way, and answers the read the kernel asked again once the registry does.
@@ -494,23 +501,7 @@ fn without_resend_a_read_in_flight_at_a_kill_is_read_again_and_answered_by_the_n
         "{}",
         node.daemon.log()
     );
-    wait_until(
-        "the read in flight at the kill completes",
-        Duration::from_secs(60),
-        || node.daemon.log(),
-        || reader.try_wait().unwrap().is_some(),
-    );
-    let read = reader.wait_with_output().unwrap();
-    assert!(
-        read.status.success(),
-        "the read in flight at the kill: {}",
-        String::from_utf8_lossy(&read.stderr)
-    );
-    assert_eq!(
-        checksum(&read.stdout),
-        checksum(&stalled_file_checksum(&work)),
-        "the bytes of the read in flight at the kill"
-    );
+    assert_stalled_read_completes(&node, reader, &work);
     drop_caches();
     assert_greets(&container, "greet");
     // One session, the same mounts, one descriptor in the keeper.
